@@ -1,0 +1,264 @@
+"""The HTTP gateway: validates, enqueues, and answers from Redis.
+
+It holds no job state in memory, so any number of replicas can serve the same
+Redis. Errors of every kind leave through one handler as one body shape:
+`{"error": {"code", "message", "field", "retryable"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
+
+from service import http_metrics
+from service.errors import GcrError, NotFound, QueueFull
+from service.gateway_state import GatewayState
+from service.protocol import (
+    Critique,
+    CritiqueRequest,
+    ErrorBody,
+    ErrorResponse,
+    JobDocument,
+    SubmitResponse,
+)
+from service.settings import Settings
+from service.submit import parse_generate_body, prepare_job
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 422, 429, 502, 503, 504)
+}
+SSE_BLOCK_MS = 15_000
+RETRY_AFTER_S = 5
+
+
+def _error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(), headers=headers)
+
+
+def _validation_field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GcrError)
+    async def gcr_error(_request: Request, exc: GcrError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status_code in (429, 503) else None
+        body = ErrorBody(code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable)
+        return _error_response(exc.status_code, body, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _validation_field(tuple(first.get("loc", ())))
+        message = "; ".join(
+            f"{_validation_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors
+        )
+        return _error_response(422, ErrorBody(code="invalid_input", message=message, field=field or None))
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gcr
+    return state
+
+
+State = Annotated[GatewayState, Depends(get_state)]
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway app; its lifespan opens the Redis pool and the critic client."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = GatewayState(settings)
+        app.state.gcr = state
+        try:
+            yield
+        finally:
+            await state.aclose()
+
+    app = FastAPI(
+        title="gcr",
+        version="0.1.0",
+        summary="Generate-Critique-Refine: better images per prompt at test time.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    http_metrics.install(app)
+
+    @app.post(
+        "/generate",
+        status_code=202,
+        response_model=SubmitResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["request"],
+                            "properties": {
+                                "request": {"type": "string", "description": "GenerateRequest as JSON"},
+                                "source_image": {"type": "string", "format": "binary"},
+                            },
+                        }
+                    },
+                },
+            }
+        },
+    )
+    async def generate(
+        request: Request,
+        state: State,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> JSONResponse:
+        """Queue a job. JSON body, or multipart with a `request` JSON field and a `source_image` file.
+
+        Answers 202 with the job id and links; 429 with Retry-After when the queue is full.
+        The same `Idempotency-Key` with the same body returns the same job."""
+        spec, source = await parse_generate_body(request, settings)
+        if idempotency_key is not None:
+            existing = await state.idempotent_job(idempotency_key, spec)
+            if existing is not None:
+                doc = await state.store.get(existing)
+                return _submitted(request, settings, doc, status=200)
+        if await state.queue.queued_count() >= settings.queue_max:
+            raise QueueFull(f"the queue holds {settings.queue_max} jobs; retry later")
+        doc, source_png = await prepare_job(spec, source, settings)
+        if idempotency_key is not None and not await state.claim_idempotency(idempotency_key, spec, doc.id):
+            existing = await state.idempotent_job(idempotency_key, spec)
+            if existing is not None:
+                return _submitted(request, settings, await state.store.get(existing), status=200)
+        await state.store.create(doc, source_png)
+        return _submitted(request, settings, doc, status=202)
+
+    @app.get("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
+    async def get_job(job_id: str, request: Request, state: State) -> JobDocument:
+        """The job: status, effective spec, every round with scores and images, the best candidate."""
+        return _render(request, settings, await state.store.get(job_id))
+
+    @app.delete("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
+    async def cancel_job(job_id: str, request: Request, state: State) -> JobDocument:
+        """Cancel: a queued job never runs; a running one stops at its next stage boundary."""
+        outcome = await state.store.cancel(job_id)
+        if outcome == "missing":
+            raise NotFound(f"no job {job_id!r}", field="id")
+        return _render(request, settings, await state.store.get(job_id))
+
+    @app.get("/jobs/{job_id}/events", responses=ERROR_RESPONSES)
+    async def job_events(
+        job_id: str,
+        state: State,
+        last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+    ) -> EventSourceResponse:
+        """Server-Sent Events: `status`, `stage`, `progress`, `round`, then `end` when the job ends.
+
+        Reconnect with `Last-Event-ID` to resume after the last event received."""
+        if not await state.store.exists(job_id):
+            raise NotFound(f"no job {job_id!r}", field="id")
+        return EventSourceResponse(_event_stream(state, job_id, last_event_id or "0-0"), ping=10)
+
+    @app.get(
+        "/jobs/{job_id}/images/{round_index}/{candidate}",
+        responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
+        response_class=Response,
+    )
+    async def job_image(job_id: str, round_index: int, candidate: int, state: State) -> Response:
+        """PNG bytes of one candidate image."""
+        png = await state.store.get_image(job_id, round_index, candidate)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get(
+        "/jobs/{job_id}/source",
+        responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
+        response_class=Response,
+    )
+    async def job_source(job_id: str, state: State) -> Response:
+        """PNG bytes of an edit job's source image."""
+        return Response(await state.store.get_source_image(job_id), media_type="image/png")
+
+    @app.post("/critique", response_model=Critique, responses=ERROR_RESPONSES)
+    async def critique(body: CritiqueRequest, state: State) -> Critique:
+        """Judge one client-supplied image with the reward model, synchronously."""
+        return await state.critique(body)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"description": "not ready"}})
+    async def readyz(state: State) -> JSONResponse:
+        """Readiness: Redis answers and at least one worker heartbeat is recent."""
+        report = await state.readiness()
+        return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus metrics of this gateway replica."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _base_url(request: Request, settings: Settings) -> str:
+    return (settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def _links(base: str, job_id: str) -> dict[str, str]:
+    return {"self": f"{base}/jobs/{job_id}", "events": f"{base}/jobs/{job_id}/events"}
+
+
+def _render(request: Request, settings: Settings, doc: JobDocument) -> JobDocument:
+    """Absolute URLs for images and links."""
+    base = _base_url(request, settings)
+    doc.links = _links(base, doc.id)
+    if doc.spec.mode == "edit":
+        doc.links["source_image"] = f"{base}/jobs/{doc.id}/source"
+    for round_ in doc.rounds:
+        for candidate in round_.candidates:
+            if candidate.image_url and candidate.image_url.startswith("/"):
+                candidate.image_url = base + candidate.image_url
+    if doc.best and doc.best.image_url and doc.best.image_url.startswith("/"):
+        doc.best.image_url = base + doc.best.image_url
+        doc.links["best_image"] = doc.best.image_url
+    return doc
+
+
+def _submitted(request: Request, settings: Settings, doc: JobDocument, status: int) -> JSONResponse:
+    links = _links(_base_url(request, settings), doc.id)
+    body = SubmitResponse(id=doc.id, status=doc.status, links=links)
+    return JSONResponse(body.model_dump(), status_code=status, headers={"Location": links["self"]})
+
+
+async def _event_stream(state: GatewayState, job_id: str, after: str) -> AsyncIterator[dict[str, str]]:
+    try:
+        while True:
+            events = await state.store.read_events(job_id, after=after, block_ms=SSE_BLOCK_MS)
+            for entry_id, event in events:
+                after = entry_id
+                yield {"event": event.type, "id": entry_id, "data": event.model_dump_json()}
+                if event.type == "end":
+                    return
+            if not events and not await state.store.exists(job_id):
+                yield {"event": "end", "data": json.dumps({"job_id": job_id, "status": "expired"})}
+                return
+    except GcrError as exc:
+        # The status line is already sent: the error becomes an event, then the end marker.
+        yield {"event": "error", "data": json.dumps({"code": exc.code, "message": exc.message})}
+        yield {"event": "end", "data": json.dumps({"job_id": job_id, "status": "unknown"})}
+    except asyncio.CancelledError:
+        raise

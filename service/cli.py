@@ -1,0 +1,235 @@
+"""The `gcr` command: serve, worker, generate, critique, up, dev tools.
+
+Every command builds one `Settings` from `GCR_*` variables; options given on the
+command line override them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from service.errors import GcrError
+from service.protocol import Mode
+from service.settings import Settings
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except Exception as exc:  # pydantic's ValidationError: one line per bad variable is enough
+        raise click.ClickException(f"invalid configuration: {exc}") from exc
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """gcr: Generate-Critique-Refine image generation as a service."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (GCR_HOST).")
+@click.option("--port", type=int, default=None, help="Port (GCR_PORT).")
+def serve(host: str | None, port: int | None) -> None:
+    """Run the HTTP gateway."""
+    import uvicorn
+
+    from service.api import create_app
+
+    _logging()
+    settings = _settings(host=host, port=port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@main.command()
+def worker() -> None:
+    """Run a GPU worker: load the generator, then claim and run jobs until SIGTERM."""
+    _logging()
+    settings = _settings()
+    try:
+        asyncio.run(run_worker(settings))
+    except GcrError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Build the worker's backends and run it; SIGTERM/SIGINT drain it."""
+    from workers.critics.client import OpenAICritic
+    from workers.generators import load_generator
+    from workers.worker import Worker
+
+    generator = await asyncio.to_thread(load_generator, settings)
+    logging.getLogger("gcr.worker").info(
+        "loaded generator %s (modes %s)", generator.name, sorted(generator.modes)
+    )
+    if settings.worker_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.worker_metrics_port)
+    critic = OpenAICritic(settings)
+    worker = Worker(settings, generator, critic)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, worker.stop)
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
+    if ready is not None:
+        ready.set()
+    try:
+        await worker.run()
+    finally:
+        await critic.aclose()
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Gateway base URL.")
+@click.option(
+    "--mode", type=click.Choice(["t2i", "edit"]), default=None, help="Default: edit with --source-image."
+)
+@click.option("--source-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--max-rounds", type=int, default=None)
+@click.option("--threshold", type=float, default=None)
+@click.option("--candidates", type=int, default=None, help="Candidates per round.")
+@click.option("--seed", type=int, default=None)
+@click.option("--steps", type=int, default=None)
+@click.option("--size", default=None, help="WIDTHxHEIGHT, e.g. 1024x1024.")
+@click.option("--wait/--no-wait", default=False, help="Follow the job to its end and save the best image.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.png"), show_default=True
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final job document as JSON.")
+def generate(
+    prompt: str,
+    url: str,
+    mode: str | None,
+    source_image: Path | None,
+    max_rounds: int | None,
+    threshold: float | None,
+    candidates: int | None,
+    seed: int | None,
+    steps: int | None,
+    size: str | None,
+    wait: bool,
+    out: Path,
+    as_json: bool,
+) -> None:
+    """Submit PROMPT to a running gateway; with --wait, show progress and save the best image."""
+    from service.console import build_request, submit_and_follow
+
+    body = build_request(prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size)
+    code = asyncio.run(submit_and_follow(url, body, wait=wait, out=out, as_json=as_json))
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--instruction", required=True)
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--source-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--mode", type=click.Choice(["t2i", "edit"]), default=None)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the whole Critique as JSON (default: a summary)."
+)
+def critique(
+    instruction: str, image: Path, source_image: Path | None, mode: str | None, as_json: bool
+) -> None:
+    """Critique one image with the configured critic (GCR_CRITIC_*); prints the Critique.
+
+    Exits non-zero with a one-line reason when the critic is unreachable or its answer unparseable."""
+    from workers.critics.client import OpenAICritic
+
+    settings = _settings()
+    chosen: Mode = "edit" if mode == "edit" or (mode is None and source_image) else "t2i"
+
+    async def run() -> Any:
+        critic = OpenAICritic(settings)
+        try:
+            return await critic.critique(
+                instruction,
+                image.read_bytes(),
+                source_image.read_bytes() if source_image else None,
+                mode=chosen,
+            )
+        finally:
+            await critic.aclose()
+
+    try:
+        result = asyncio.run(run())
+    except GcrError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+        return
+    click.echo(f"overall {result.overall:.3f}  ({result.model})")
+    for name, dim in result.dimensions.items():
+        click.echo(f"  {name:20s} {'N/A' if dim.score is None else f'{dim.score:.2f}'}")
+    click.echo(f"refined request: {result.refined_request}")
+
+
+@main.command()
+@click.option("--dev", is_flag=True, required=True, help="Offline stack: tiny pipeline and stand-in critic.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--generator", default="tiny:sd", show_default=True, help="GCR_GENERATOR for the worker.")
+@click.option("--demo", is_flag=True, help="Submit one demo job, print it when done, and exit.")
+def up(dev: bool, port: int, generator: str, demo: bool) -> None:
+    """Run the whole stack on this machine: Redis (if none answers), gateway, worker, stand-in critic."""
+    from service.devstack import run_dev_stack
+
+    _logging()
+    sys.exit(asyncio.run(run_dev_stack(port=port, generator=generator, demo=demo)))
+
+
+@main.group()
+def dev() -> None:
+    """Developer tools: tiny test pipelines, the stand-in critic."""
+
+
+@dev.command("build-tiny-pipeline")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--kind", type=click.Choice(["sd", "flux", "kontext"]), default="sd", show_default=True)
+def build_tiny_pipeline(directory: Path, kind: str) -> None:
+    """Build a tiny random-weight diffusers pipeline into DIRECTORY (for tests; its images are noise)."""
+    from workers.generators.tiny import build_tiny_pipeline as build
+
+    path = build(kind, directory)
+    click.echo(f"built tiny {kind} pipeline in {path}; serve it with GCR_GENERATOR={path}")
+
+
+@dev.command("standin-critic")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8001, show_default=True)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="StandinConfig as JSON (scores, schedules, latency, faults).",
+)
+def standin_critic(host: str, port: int, config_path: Path | None) -> None:
+    """Run the stand-in critic: OpenAI-compatible, deterministic scores, NOT a real judgment."""
+    from workers.critics.standin import serve_standin
+    from workers.critics.standin_config import StandinConfig
+
+    config = (
+        StandinConfig.model_validate(json.loads(config_path.read_text())) if config_path else StandinConfig()
+    )
+    serve_standin(config, host, port)
+
+
+if __name__ == "__main__":
+    main()

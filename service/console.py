@@ -1,0 +1,109 @@
+"""Terminal side of `gcr generate`: build the request, follow the job, print its trajectory."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.client import GatewayError, GcrClient
+from service.protocol import JobDocument
+
+console = Console(stderr=True)
+
+
+def build_request(
+    prompt: str,
+    mode: str | None,
+    source_image: Path | None,
+    max_rounds: int | None,
+    threshold: float | None,
+    candidates: int | None,
+    seed: int | None,
+    steps: int | None,
+    size: str | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, "mode": mode or ("edit" if source_image else "t2i")}
+    if source_image is not None:
+        body["source_image"] = base64.b64encode(source_image.read_bytes()).decode()
+    generation: dict[str, Any] = {"seed": seed, "steps": steps}
+    if size:
+        width, _, height = size.lower().partition("x")
+        generation.update(width=int(width), height=int(height))
+    loop = {"max_rounds": max_rounds, "threshold": threshold, "candidates_per_round": candidates}
+    body["generation"] = {k: v for k, v in generation.items() if v is not None}
+    body["loop"] = {k: v for k, v in loop.items() if v is not None}
+    return body
+
+
+def rounds_table(doc: JobDocument) -> Table:
+    table = Table(title=f"job {doc.id}: {doc.status} ({doc.stop_reason})")
+    for column in ("round", "prompt", "candidates (overall)", "chosen", "delta", "gen s", "critic s"):
+        table.add_column(column)
+    for r in doc.rounds:
+        scores = ", ".join("err" if c.overall is None else f"{c.overall:.3f}" for c in r.candidates)
+        table.add_row(
+            str(r.index),
+            r.prompt[:60] + ("…" if len(r.prompt) > 60 else ""),
+            scores,
+            str(r.chosen),
+            "" if r.delta is None else f"{r.delta:+.3f}",
+            f"{r.timings.generate_ms / 1000:.2f}",
+            f"{r.timings.critique_ms / 1000:.2f}",
+        )
+    return table
+
+
+async def follow(client: GcrClient, job_id: str) -> JobDocument:
+    """Show stage and step progress until the job ends."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("queued", total=None)
+        async for event in client.events(job_id):
+            data = event.data
+            if event.type == "stage":
+                progress.update(task, description=f"round {data['round'] + 1}: {data['stage']}", completed=0)
+            elif event.type == "progress":
+                progress.update(task, completed=data["step"], total=data["total"])
+            elif event.type == "round":
+                overall = data["round"].get("overall")
+                if overall is not None:
+                    console.print(f"round {data['round']['index'] + 1}: overall {overall:.3f}")
+    return await client.job(job_id)
+
+
+async def submit_and_follow(url: str, body: dict[str, Any], *, wait: bool, out: Path, as_json: bool) -> int:
+    async with GcrClient(url) as client:
+        try:
+            job_id = await client.submit(body)
+            if not wait:
+                print(job_id)
+                return 0
+            doc = await follow(client, job_id)
+            if doc.best and doc.best.image_url:
+                out.write_bytes(await client.image(doc.best.image_url))
+        except GatewayError as exc:
+            console.print(f"[red]error[/red] {exc}")
+            return 2
+    if as_json:
+        print(doc.model_dump_json(indent=2))
+    else:
+        console.print(rounds_table(doc))
+        if doc.best:
+            console.print(
+                f"best: round {doc.best.round} candidate {doc.best.candidate}, "
+                f"overall {doc.best.overall:.3f} -> saved {out}"
+            )
+        if doc.error:
+            console.print(f"[red]{doc.error.code}[/red]: {doc.error.message}")
+    return 0 if doc.status == "succeeded" else 1

@@ -1,0 +1,172 @@
+"""`gcr up --dev`: the whole stack in one process, offline.
+
+Redis (started here only if none answers), the gateway, one worker on a tiny
+random-weight diffusers pipeline, and the STAND-IN critic, which answers in the
+RationalRewards format with scripted scores: it is not a real judgment, and
+every critique it writes says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import redis as redis_sync
+import uvicorn
+
+from service.api import create_app
+from service.client import GatewayError, GcrClient
+from service.console import console, follow, rounds_table
+from service.settings import Settings
+
+log = logging.getLogger("gcr.up")
+
+DEMO_PROMPT = "a red bicycle leaning against a blue wall, morning light"
+# The stand-in's scripted scores for the demo: the critic is unhappy at first, then
+# the refined prompts "improve" the image until it crosses the default threshold.
+DEMO_SCHEDULE = [0.42, 0.61, 0.83]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis_sync.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis_sync.RedisError:
+        return False
+
+
+@contextlib.contextmanager
+def local_redis(url: str) -> Iterator[str]:
+    """Yield `url` if a Redis answers there; else start a throwaway redis-server."""
+    if redis_answers(url):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(f"no Redis answers at {url} and redis-server is not installed")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="gcr-redis-") as folder:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                folder,
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        started = f"redis://127.0.0.1:{port}/0"
+        try:
+            deadline = time.monotonic() + 10
+            while not redis_answers(started):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            log.info("started redis-server on port %d", port)
+            yield started
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+async def _serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError(f"server on port {port} did not start")
+        await asyncio.sleep(0.05)
+    return server, task
+
+
+async def run_dev_stack(port: int, generator: str, demo: bool) -> int:
+    from service.cli import run_worker
+    from workers.critics.standin_config import StandinConfig, StandinRule
+    from workers.critics.standin import create_app as create_standin
+
+    base = Settings()
+    with local_redis(base.redis_url) as redis_url:
+        critic_port = free_port()
+        standin = StandinConfig(rules=[StandinRule(instruction="", rounds=DEMO_SCHEDULE)])
+        critic_server, critic_task = await _serve(create_standin(standin), critic_port)
+        settings = base.model_copy(
+            update={
+                "redis_url": redis_url,
+                "port": port,
+                "generator": generator,
+                "critic_base_url": f"http://127.0.0.1:{critic_port}/v1",
+                "critic_model": standin.model,
+            }
+        )
+        ready = asyncio.Event()
+        worker_task = asyncio.create_task(run_worker(settings, ready))
+        await ready.wait()
+        gateway, gateway_task = await _serve(create_app(settings), port)
+        url = f"http://127.0.0.1:{port}"
+        console.print(
+            f"gcr dev stack: gateway {url}, stand-in critic :{critic_port} (NOT a real judge), "
+            f"generator {generator}, Redis {redis_url}"
+        )
+        code = 0
+        try:
+            if demo:
+                code = await _run_demo(url)
+            else:
+                await asyncio.wait({worker_task, gateway_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gateway.should_exit = True
+            critic_server.should_exit = True
+            worker_task.cancel()
+            for task in (gateway_task, critic_task, worker_task):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        return code
+
+
+async def _run_demo(url: str) -> int:
+    out = Path("gcr-demo.png")
+    async with GcrClient(url) as client:
+        try:
+            job_id = await client.submit(
+                {"prompt": DEMO_PROMPT, "loop": {"max_rounds": 4, "threshold": 0.75}}
+            )
+            console.print(f"submitted demo job {job_id}: {DEMO_PROMPT!r}")
+            doc = await follow(client, job_id)
+            if doc.best and doc.best.image_url:
+                out.write_bytes(await client.image(doc.best.image_url))
+        except GatewayError as exc:
+            console.print(f"[red]demo failed[/red]: {exc}")
+            return 1
+    console.print(rounds_table(doc))
+    if doc.best:
+        console.print(f"best: round {doc.best.round}, overall {doc.best.overall:.3f}, saved to {out}")
+    print(
+        doc.model_dump_json(
+            indent=2, exclude={"rounds": {"__all__": {"candidates": {"__all__": {"critique": {"raw"}}}}}}
+        )
+    )
+    return 0 if doc.status == "succeeded" else 1

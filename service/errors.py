@@ -1,0 +1,115 @@
+"""The error hierarchy of gcr, mapped to HTTP in one place (`service.api`).
+
+    GcrError
+    ├── InvalidInput           422  the request is well-formed JSON but not acceptable
+    │   ├── PayloadTooLarge    413
+    │   └── UnsupportedMediaType 415
+    ├── NotFound               404  unknown id (or another key's id)
+    ├── Unauthorized           401  missing or unknown API key
+    ├── QueueFull              429  the queue cap is reached; retry later
+    ├── StoreUnavailable       503  Redis cannot be reached
+    ├── CriticError            502  the reward model could not give a usable critique
+    │   ├── CriticTimeout      504
+    │   ├── CriticUnavailable  503  connection refused, 5xx or 429 after retries
+    │   └── CritiqueUnparseable 502 the answer was read but could not be parsed
+    └── GeneratorError         500  the diffusion pipeline failed
+        └── GeneratorOutOfMemory    CUDA OOM even at batch size 1
+
+Dependencies' exceptions (redis, httpx, torch) are translated into these at the
+boundary of the client that calls them, nowhere else. A job's failure is stored
+as data (`JobError`), built from one of these by `to_job_error`.
+"""
+
+from __future__ import annotations
+
+
+class GcrError(Exception):
+    """Base of every error gcr raises on purpose."""
+
+    code = "internal"
+    status_code = 500
+    retryable = False
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(GcrError):
+    code = "invalid_input"
+    status_code = 422
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+    status_code = 413
+
+
+class UnsupportedMediaType(InvalidInput):
+    code = "unsupported_media_type"
+    status_code = 415
+
+
+class NotFound(GcrError):
+    code = "not_found"
+    status_code = 404
+
+
+class Unauthorized(GcrError):
+    code = "unauthorized"
+    status_code = 401
+
+
+class QueueFull(GcrError):
+    code = "queue_full"
+    status_code = 429
+    retryable = True
+
+
+class StoreUnavailable(GcrError):
+    code = "store_unavailable"
+    status_code = 503
+    retryable = True
+
+
+class CriticError(GcrError):
+    code = "critic_error"
+    status_code = 502
+
+
+class CriticTimeout(CriticError):
+    code = "critic_timeout"
+    status_code = 504
+    retryable = True
+
+
+class CriticUnavailable(CriticError):
+    code = "critic_unavailable"
+    status_code = 503
+    retryable = True
+
+
+class CritiqueUnparseable(CriticError):
+    """The critic answered, but the answer holds no usable critique.
+
+    `missing` names what could not be found (e.g. ``["score: text_faithfulness"]``)
+    so the message says exactly why the answer was refused.
+    """
+
+    code = "critique_unparseable"
+    status_code = 502
+
+    def __init__(self, message: str, *, missing: list[str] | None = None, raw: str = "") -> None:
+        super().__init__(message)
+        self.missing = missing or []
+        self.raw = raw
+
+
+class GeneratorError(GcrError):
+    code = "generator_error"
+    status_code = 500
+
+
+class GeneratorOutOfMemory(GeneratorError):
+    code = "generator_out_of_memory"

@@ -1,0 +1,110 @@
+"""What one gateway replica holds: connections, never job state."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from service.errors import GcrError, InvalidInput
+from service.keys import Keys
+from service.protocol import Critique, CritiqueRequest, GenerateRequest
+from service.queue import JobQueue
+from service.redis_client import connect, translate_errors
+from service.settings import Settings
+from service.store import JobStore
+from service.uploads import check_image, decode_base64_image
+
+if TYPE_CHECKING:
+    from workers.critics.client import OpenAICritic
+
+
+def _fingerprint(spec: GenerateRequest) -> str:
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+
+
+class GatewayState:
+    """Redis pool, store, queue stats and the critic client of one gateway process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = connect(settings.redis_url)
+        self.keys = Keys(settings.redis_prefix)
+        self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
+        self.queue = JobQueue(self.redis, self.keys)
+        self._critic: OpenAICritic | None = None
+
+    async def aclose(self) -> None:
+        if self._critic is not None:
+            await self._critic.aclose()
+        await self.redis.aclose()
+
+    # --- idempotency ------------------------------------------------------------------
+    @translate_errors
+    async def idempotent_job(self, key: str, spec: GenerateRequest) -> str | None:
+        """The job an earlier request with this key created; refuses a reuse with another body."""
+        raw = await self.redis.get(self.keys.idempotency(key))
+        if raw is None:
+            return None
+        job_id, _, fingerprint = raw.decode().partition(":")
+        if fingerprint != _fingerprint(spec):
+            raise InvalidInput(
+                "Idempotency-Key was already used with a different request body", field="Idempotency-Key"
+            )
+        return job_id
+
+    @translate_errors
+    async def claim_idempotency(self, key: str, spec: GenerateRequest, job_id: str) -> bool:
+        value = f"{job_id}:{_fingerprint(spec)}"
+        return bool(
+            await self.redis.set(self.keys.idempotency(key), value, nx=True, ex=self.settings.result_ttl_s)
+        )
+
+    # --- critique as a service --------------------------------------------------------------
+    def critic(self) -> OpenAICritic:
+        if self._critic is None:
+            from workers.critics.client import OpenAICritic  # no torch: the critic is HTTP only
+
+            self._critic = OpenAICritic(self.settings)
+        return self._critic
+
+    async def critique(self, body: CritiqueRequest) -> Critique:
+        limits = {"max_bytes": self.settings.max_image_bytes, "max_pixels": self.settings.max_image_pixels}
+        image = await asyncio.to_thread(
+            check_image,
+            decode_base64_image(body.image, field="image", max_bytes=limits["max_bytes"]),
+            field="image",
+            **limits,
+        )
+        source = None
+        if body.source_image is not None:
+            source = await asyncio.to_thread(
+                check_image,
+                decode_base64_image(body.source_image, field="source_image", max_bytes=limits["max_bytes"]),
+                field="source_image",
+                **limits,
+            )
+        mode = body.mode or ("edit" if source is not None else "t2i")
+        if mode == "edit" and source is None:
+            raise InvalidInput("mode `edit` needs a source_image", field="source_image")
+        if mode == "t2i" and source is not None:
+            raise InvalidInput("mode `t2i` takes no source_image", field="source_image")
+        return await self.critic().critique(body.instruction, image, source_image=source, mode=mode)
+
+    # --- readiness ----------------------------------------------------------------------------
+    async def readiness(self) -> dict[str, Any]:
+        report: dict[str, Any] = {"ready": False, "redis": "down", "workers": [], "queued": None}
+        try:
+            await translate_errors(self.redis.ping)()
+            report["redis"] = "ok"
+            report["workers"] = await self.queue.live_workers(self.settings.worker_stale_s)
+            report["queued"] = await self.queue.queued_count()
+        except GcrError as exc:
+            report["reason"] = exc.message
+            return report
+        report["ready"] = bool(report["workers"])
+        if not report["ready"]:
+            report["reason"] = f"no worker heartbeat in the last {self.settings.worker_stale_s:.0f}s"
+        report["checked_at"] = time.time()
+        return report

@@ -1,0 +1,58 @@
+"""Every Redis key name gcr uses. Nobody builds a key string anywhere else.
+
+All keys start with the configured prefix (`GCR_REDIS_PREFIX`), so several
+deployments, or a test suite, can share one Redis without touching each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+MODES: tuple[str, ...] = ("t2i", "edit")
+CONSUMER_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def queue(self, mode: str, priority: str) -> str:
+        """Stream of job ids for one mode and priority, read through the consumer group.
+
+        One stream per mode lets a fleet mix text-to-image and edit workers: each
+        reads only the streams of the modes its model serves."""
+        return f"{self.prefix}:queue:{mode}:{priority}"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job's scalar fields (status, spec, best, ...)."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def rounds(self, job_id: str) -> str:
+        """List: one JSON round per finished round, appended in order (the checkpoint)."""
+        return f"{self.prefix}:job:{job_id}:rounds"
+
+    def events(self, job_id: str) -> str:
+        """Stream: the job's events, read by SSE clients."""
+        return f"{self.prefix}:job:{job_id}:events"
+
+    def image(self, job_id: str, round_index: int, candidate: int) -> str:
+        return f"{self.prefix}:job:{job_id}:img:{round_index}:{candidate}"
+
+    def source_image(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}:source"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def queued_index(self) -> str:
+        """Sorted set of queued job ids by enqueue order: queue position and the queue cap."""
+        return f"{self.prefix}:queued"
+
+    def heartbeats(self) -> str:
+        """Sorted set: worker id -> time of its last heartbeat."""
+        return f"{self.prefix}:heartbeats"
+
+    def worker_info(self, worker_id: str) -> str:
+        """String (JSON) with a worker's model, capacity and load; expires with the heartbeat."""
+        return f"{self.prefix}:worker:{worker_id}"

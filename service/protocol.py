@@ -1,0 +1,274 @@
+"""The wire contract shared by the gateway, the worker and the CLI.
+
+HTTP bodies, the job document stored in Redis, rounds, critiques and events all
+live here. What clients send forbids unknown fields; what we store and return
+does not, so that an older gateway can read a document a newer worker wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Mode = Literal["t2i", "edit"]
+Priority = Literal["high", "normal", "low"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
+StopReason = Literal[
+    "accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed"
+]
+Stage = Literal["queued", "generating", "critiquing", "refining"]
+
+# Dimension keys of a critique. t2i has the first three (text_rendering may be N/A);
+# edit adds image_faithfulness.
+TEXT_FAITHFULNESS = "text_faithfulness"
+IMAGE_FAITHFULNESS = "image_faithfulness"
+PHYSICAL_QUALITY = "physical_quality"
+TEXT_RENDERING = "text_rendering"
+DIMENSIONS: tuple[str, ...] = (TEXT_FAITHFULNESS, IMAGE_FAITHFULNESS, PHYSICAL_QUALITY, TEXT_RENDERING)
+
+SCORE_MIN = 1.0
+SCORE_MAX = 4.0
+MAX_SEED = 2**32 - 1
+
+
+class ClientBody(BaseModel):
+    """Base of everything a client sends: unknown fields are an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class GenerationParams(ClientBody):
+    """How each image is generated. `None` means the loaded model's own default."""
+
+    width: Annotated[int, Field(ge=16, le=2048, multiple_of=16)] | None = None
+    height: Annotated[int, Field(ge=16, le=2048, multiple_of=16)] | None = None
+    steps: Annotated[int, Field(ge=1, le=200)] | None = None
+    guidance_scale: Annotated[float, Field(ge=0, le=50)] | None = None
+    true_cfg_scale: Annotated[float, Field(ge=0, le=50)] | None = Field(
+        None, description="Qwen-Image's real CFG; needs a negative prompt (a space is enough)."
+    )
+    negative_prompt: Annotated[str, Field(max_length=4000)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
+        None, description="Base seed of the job; drawn at submit time when absent and echoed in the job."
+    )
+
+
+class LoopParams(ClientBody):
+    """When to stop, and how to refine. Defaults are explained in the README."""
+
+    max_rounds: int = Field(3, ge=1, le=20, description="Generate-critique rounds at most.")
+    threshold: float = Field(
+        0.75, ge=0, le=1, description="Accept when the overall score (0-1) reaches this."
+    )
+    min_scores: dict[str, Annotated[float, Field(ge=SCORE_MIN, le=SCORE_MAX)]] = Field(
+        default_factory=dict, description="Per-dimension minimum (1-4 scale) also required for acceptance."
+    )
+    candidates_per_round: int = Field(
+        1, ge=1, le=8, description="Images per round, distinct seeds, all critiqued."
+    )
+    patience: int | None = Field(
+        2, ge=1, le=20, description="Stop after this many rounds without a better best; null: never."
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, le=86_400, description="Wall-clock budget of the job's rounds."
+    )
+    seed_policy: Literal["fixed", "vary"] = Field("fixed", description="`fixed`: same seeds every round.")
+    refine_from: Literal["latest", "best"] = Field(
+        "latest", description="Whose refined request drives the next round."
+    )
+    history: bool = Field(False, description="Append earlier refinement comments to the next prompt.")
+
+    @field_validator("min_scores")
+    @classmethod
+    def _known_dimensions(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(DIMENSIONS))
+        if unknown:
+            raise ValueError(f"unknown dimension(s) {unknown}; known: {list(DIMENSIONS)}")
+        return value
+
+
+class GenerateRequest(ClientBody):
+    """Body of `POST /generate`."""
+
+    prompt: str = Field(min_length=1, description="The instruction; every round is judged against it.")
+    mode: Mode = "t2i"
+    source_image: str | None = Field(
+        None, description="Edit mode: the source image, base64 (or a data: URI) of a PNG, JPEG or WebP."
+    )
+    generation: GenerationParams = Field(default_factory=GenerationParams)
+    loop: LoopParams = Field(default_factory=LoopParams)
+    priority: Priority = "normal"
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        return value
+
+
+class CritiqueRequest(ClientBody):
+    """Body of `POST /critique`: judge one client-supplied image."""
+
+    instruction: str = Field(min_length=1)
+    image: str = Field(description="The image to judge, base64 or a data: URI.")
+    source_image: str | None = Field(None, description="Edit mode: the source image.")
+    mode: Mode | None = Field(None, description="Default: `edit` when a source image is given, else `t2i`.")
+
+
+# --- What the critic returns -----------------------------------------------------
+
+
+class DimensionScore(BaseModel):
+    """One judged dimension. `score` is None when the critic answered N/A."""
+
+    score: float | None
+    justification: str = ""
+    clamped: bool = Field(False, description="The written score was outside [1,4] and was clamped.")
+
+
+class Critique(BaseModel):
+    """A structured critique from the reward model."""
+
+    dimensions: dict[str, DimensionScore]
+    overall: float = Field(ge=0, le=1, description="Mean of the non-null scores mapped by (mean - 1) / 3.")
+    analysis: str = ""
+    summary: str = ""
+    refinement_comments: str = ""
+    refined_request: str | None = None
+    raw: str = ""
+    model: str = ""
+    latency_ms: float = 0.0
+    usage: dict[str, int] | None = None
+
+    def score(self, dimension: str) -> float | None:
+        entry = self.dimensions.get(dimension)
+        return entry.score if entry else None
+
+
+def clamp_score(value: float) -> float:
+    return min(SCORE_MAX, max(SCORE_MIN, value))
+
+
+def overall_score(scores: list[float | None]) -> float:
+    """The paper's normalisation: clamp to [1,4], mean of the non-null, map to [0,1]."""
+    present = [clamp_score(s) for s in scores if s is not None]
+    if not present:
+        raise ValueError("no dimension score to average")
+    return (sum(present) / len(present) - SCORE_MIN) / (SCORE_MAX - SCORE_MIN)
+
+
+# --- The job document --------------------------------------------------------------
+
+
+class JobError(BaseModel):
+    """A job's failure, stored as data."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class Candidate(BaseModel):
+    index: int
+    seed: int
+    image_url: str | None = None
+    overall: float | None = None
+    critique: Critique | None = None
+    error: JobError | None = None
+
+
+class RoundTimings(BaseModel):
+    queue_wait_ms: float = 0.0
+    generate_ms: float = 0.0
+    critique_ms: float = 0.0
+
+
+class Round(BaseModel):
+    """One finished round: written to Redis before the next round starts."""
+
+    index: int
+    prompt: str
+    candidates: list[Candidate]
+    chosen: int | None = Field(None, description="Index of the round's best candidate.")
+    overall: float | None = None
+    delta: float | None = Field(None, description="This round's overall minus the best before it.")
+    timings: RoundTimings = Field(default_factory=RoundTimings)
+    started_at: float
+    finished_at: float
+
+
+class BestCandidate(BaseModel):
+    round: int
+    candidate: int
+    overall: float
+    prompt: str
+    image_url: str | None = None
+
+
+class JobSummary(BaseModel):
+    rounds_used: int
+    generator_calls: int
+    critic_calls: int
+    first_round_overall: float | None = None
+    best_overall: float | None = None
+    gain: float | None = Field(None, description="Best overall minus round 1's overall.")
+
+
+class JobDocument(BaseModel):
+    """Everything known about a job: what `GET /jobs/{id}` returns."""
+
+    id: str
+    status: JobStatus
+    spec: GenerateRequest
+    stage: Stage | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    rounds: list[Round] = Field(default_factory=list)
+    best: BestCandidate | None = None
+    stop_reason: StopReason | None = None
+    error: JobError | None = None
+    summary: JobSummary | None = None
+    attempts: int = 0
+    worker: str | None = None
+    critic_model: str | None = None
+    generator_model: str | None = None
+    cancel_requested: bool = False
+    queue_position: int | None = Field(None, description="0-based position among queued jobs, while queued.")
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class SubmitResponse(BaseModel):
+    id: str
+    status: JobStatus
+    links: dict[str, str]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the API has this shape."""
+
+    code: str
+    message: str
+    field: str | None = None
+    retryable: bool = False
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- Events -------------------------------------------------------------------------
+
+EventType = Literal["status", "stage", "progress", "round", "end"]
+
+
+class JobEvent(BaseModel):
+    """One event of a job's stream; SSE sends `type` as the event name and this as data."""
+
+    type: EventType
+    job_id: str
+    at: float
+    data: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,176 @@
+"""The job queue: one Redis Stream per priority, read through one consumer group.
+
+Several workers share the group, so each entry goes to exactly one of them. An
+entry stays pending until the worker acknowledges it at the job's end; a worker
+that dies leaves its entries pending, and another claims them with XAUTOCLAIM
+once they have been idle for the visibility timeout. A live worker keeps its
+entries from going idle by re-claiming them for itself on every heartbeat.
+
+Claiming is driven by free capacity (the worker asks for as many entries as it
+can start now) and is fair across priorities: most claims look at `high` first,
+but a fixed share looks at `normal` or `low` first, so no priority starves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from redis import exceptions as redis_exceptions
+
+from service.keys import CONSUMER_GROUP, MODES, PRIORITIES, Keys
+from service.redis_client import translate_errors
+
+# Which priority each claim slot tries first (then the others, highest first):
+# out of 8 claims under full load, high gets 5, normal 2 and low 1.
+FAIRNESS = ("high", "normal", "high", "high", "low", "high", "normal", "high")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One queue entry this worker holds."""
+
+    stream: str
+    priority: str
+    entry_id: str
+    job_id: str
+
+
+class JobQueue:
+    """The worker's view of the queue (and the gateway's read-only stats)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, modes: Iterable[str] = MODES) -> None:
+        self.redis = client
+        self.keys = keys
+        self.modes = tuple(m for m in MODES if m in set(modes))
+        self._slot = 0
+
+    def _streams(self, priority: str) -> list[str]:
+        return [self.keys.queue(mode, priority) for mode in self.modes]
+
+    @translate_errors
+    async def ensure_groups(self) -> None:
+        for priority in PRIORITIES:
+            for stream in self._streams(priority):
+                try:
+                    await self.redis.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+                except redis_exceptions.ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+    def _order(self) -> list[str]:
+        first = FAIRNESS[self._slot % len(FAIRNESS)]
+        self._slot += 1
+        return [first, *(p for p in PRIORITIES if p != first)]
+
+    @translate_errors
+    async def claim(self, consumer: str, count: int) -> list[Claim]:
+        """Take up to `count` new entries, one slot at a time in fair priority order."""
+        claims: list[Claim] = []
+        while len(claims) < count:
+            claim = None
+            for priority in self._order():
+                streams = {stream: ">" for stream in self._streams(priority)}
+                reply = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, streams, count=1)
+                for stream, entries in reply or []:
+                    for entry_id, payload in entries:
+                        if claim is None:
+                            claim = Claim(
+                                stream.decode(), priority, entry_id.decode(), payload[b"job"].decode()
+                            )
+                        else:  # a second mode's stream answered too: hand it straight back
+                            await self.release([Claim(stream.decode(), priority, entry_id.decode(), "")])
+                if claim is not None:
+                    break
+            if claim is None:
+                break
+            claims.append(claim)
+        return claims
+
+    @translate_errors
+    async def wait_for_entries(self, timeout_s: float) -> None:
+        """Block until a new entry arrives in any priority, or the timeout passes."""
+        streams = {stream: "$" for p in PRIORITIES for stream in self._streams(p)}
+        await self.redis.xread(streams, count=1, block=max(1, int(timeout_s * 1000)))
+
+    @translate_errors
+    async def reclaim(self, consumer: str, min_idle_s: float, count: int) -> list[Claim]:
+        """Take over entries whose worker stopped heartbeating (idle longer than `min_idle_s`)."""
+        claims: list[Claim] = []
+        for priority, key in ((p, k) for p in PRIORITIES for k in self._streams(p)):
+            if len(claims) >= count:
+                break
+            reply = await self.redis.xautoclaim(
+                key,
+                CONSUMER_GROUP,
+                consumer,
+                int(min_idle_s * 1000),
+                start_id="0-0",
+                count=count - len(claims),
+            )
+            entries = reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
+            for entry_id, payload in entries:
+                if payload is None:
+                    continue
+                claims.append(Claim(key, priority, entry_id.decode(), payload[b"job"].decode()))
+            if deleted:
+                await self.redis.xack(key, CONSUMER_GROUP, *deleted)
+        return claims
+
+    @translate_errors
+    async def keep_alive(self, consumer: str, claims: list[Claim]) -> None:
+        """Reset the idle time of entries this worker still works on."""
+        await self._xclaim(consumer, claims, idle_ms=None)
+
+    @translate_errors
+    async def release(self, claims: list[Claim], consumer: str = "released") -> None:
+        """Make entries claimable by any worker at once (they look idle for a day)."""
+        await self._xclaim(consumer, claims, idle_ms=86_400_000)
+
+    async def _xclaim(self, consumer: str, claims: list[Claim], idle_ms: int | None) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for claim in claims:
+            by_stream.setdefault(claim.stream, []).append(claim.entry_id)
+        for stream, ids in by_stream.items():
+            await self.redis.xclaim(stream, CONSUMER_GROUP, consumer, 0, ids, idle=idle_ms, justid=True)
+
+    @translate_errors
+    async def ack(self, claim: Claim) -> None:
+        key = claim.stream
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(key, CONSUMER_GROUP, claim.entry_id)
+            pipe.xdel(key, claim.entry_id)
+            await pipe.execute()
+
+    @translate_errors
+    async def queued_count(self) -> int:
+        return int(await self.redis.zcard(self.keys.queued_index()))
+
+    # --- worker liveness -------------------------------------------------------------------
+    @translate_errors
+    async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
+        now = time.time()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.heartbeats(), {worker_id: now})
+            pipe.zremrangebyscore(self.keys.heartbeats(), "-inf", now - 3600)
+            pipe.set(self.keys.worker_info(worker_id), json.dumps(info), ex=max(1, int(ttl_s)))
+            await pipe.execute()
+
+    @translate_errors
+    async def forget_worker(self, worker_id: str) -> None:
+        await self.redis.zrem(self.keys.heartbeats(), worker_id)
+        await self.redis.delete(self.keys.worker_info(worker_id))
+
+    @translate_errors
+    async def live_workers(self, stale_s: float) -> list[dict[str, Any]]:
+        """Workers whose last heartbeat is within `stale_s`, with what they reported."""
+        ids = await self.redis.zrangebyscore(self.keys.heartbeats(), time.time() - stale_s, "+inf")
+        if not ids:
+            return []
+        infos = await self.redis.mget([self.keys.worker_info(i.decode()) for i in ids])
+        return [json.loads(raw) if raw else {"id": i.decode()} for i, raw in zip(ids, infos, strict=True)]

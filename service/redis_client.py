@@ -1,0 +1,46 @@
+"""Connecting to Redis, and turning redis-py's exceptions into ours at this boundary."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as redis
+from redis import exceptions as redis_exceptions
+
+from service.errors import StoreUnavailable
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_UNAVAILABLE = (
+    redis_exceptions.ConnectionError,
+    redis_exceptions.TimeoutError,
+    redis_exceptions.BusyLoadingError,
+    OSError,
+)
+
+
+def connect(url: str) -> redis.Redis:
+    """One pooled client per process; binary replies, since images are bytes."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=2.0,
+        health_check_interval=10,
+        retry_on_timeout=False,
+    )
+
+
+def translate_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Decorate a store method: Redis being unreachable becomes `StoreUnavailable`."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+
+    return wrapper

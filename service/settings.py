@@ -1,0 +1,118 @@
+"""The one settings object, read from `GCR_*` environment variables at start-up.
+
+Every process (`gcr serve`, `gcr worker`, `gcr critique`, ...) builds one `Settings`
+and passes it down; no other module reads `os.environ`. The README's configuration
+table lists these fields; `tests/unit/test_settings.py` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Configuration of the gateway, the worker and the CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="GCR_", extra="forbid", validate_default=True)
+
+    # --- Redis: queue and state -------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis holding the queue and all job state."
+    )
+    redis_prefix: str = Field("gcr", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
+    result_ttl_s: int = Field(86_400, ge=60, description="How long job documents, events and images live.")
+
+    # --- Gateway ----------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address `gcr serve` binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `gcr serve` binds.")
+    public_url: str | None = Field(
+        None, description="Base URL put in links; default: the request's own base URL."
+    )
+    queue_max: int = Field(1000, ge=1, description="Queued jobs beyond which POST /generate answers 429.")
+    max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt.")
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded."
+    )
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image."
+    )
+    worker_stale_s: float = Field(
+        15.0, gt=0, description="A worker whose last heartbeat is older is not alive."
+    )
+
+    # --- Worker: generator --------------------------------------------------------
+    generator: str | None = Field(
+        None,
+        description="Diffusers model id or local folder; `tiny:sd`, `tiny:flux`, `tiny:kontext` build a "
+        "random-weight test pipeline; `sim:SECONDS` is the timed simulator used by benchmarks.",
+    )
+    generator_device: str = Field("auto", description="`auto` (cuda if available), `cuda`, `cuda:1`, `cpu`.")
+    generator_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="`auto`: bfloat16 on CUDA, float32 on CPU."
+    )
+    cpu_offload: bool = Field(
+        False, description="Call `enable_model_cpu_offload()` (saves VRAM, costs speed)."
+    )
+    compile: bool = Field(False, description="`torch.compile` the denoiser at load time.")
+    lora_path: str | None = Field(None, description="LoRA weights loaded into the pipeline at start-up.")
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend, e.g. `flash`, if available."
+    )
+    cache_dir: Path = Field(Path.home() / ".cache" / "gcr", description="Where `tiny:*` pipelines are built.")
+    edit_max_edge: int = Field(1024, ge=64, description="Edit outputs: long edge bound (rounded to 16).")
+
+    # --- Worker: scheduling -------------------------------------------------------
+    worker_id: str = Field(
+        default_factory=_default_worker_id, description="Consumer name in the Redis group."
+    )
+    max_batch: int = Field(4, ge=1, description="Most requests coalesced into one pipeline call.")
+    batch_window_ms: float = Field(
+        10.0, ge=0, description="How long the batcher waits for compatible requests."
+    )
+    max_inflight_jobs: int = Field(16, ge=1, description="Jobs one worker runs at once.")
+    max_inflight_critiques: int = Field(16, ge=1, description="Critic requests one worker keeps in flight.")
+    heartbeat_s: float = Field(2.0, gt=0, description="Worker heartbeat period.")
+    visibility_timeout_s: float = Field(
+        60.0, gt=0, description="A claimed job whose worker stopped heartbeating is re-claimed after this."
+    )
+    max_attempts: int = Field(3, ge=1, description="Claims of one job before it is dead-lettered.")
+    progress_interval_s: float = Field(
+        0.25, ge=0, description="Least time between two progress events of a job."
+    )
+    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the worker; 0: off.")
+
+    # --- Critic: any OpenAI-compatible vision endpoint ------------------------------
+    critic_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible base URL (vLLM).")
+    critic_model: str = Field("TIGER-Lab/RationalRewards-8B-T2I", description="Served model name for t2i.")
+    critic_edit_model: str | None = Field(
+        None, description="Served model name for edits; default: critic_model."
+    )
+    critic_api_key: SecretStr | None = Field(None, description="Bearer token for a hosted endpoint.")
+    critic_timeout_s: float = Field(180.0, gt=0, description="Per-request timeout of one critique.")
+    critic_max_tokens: int = Field(2048, ge=256, description="max_tokens of one critique.")
+    critic_temperature: float = Field(0.1, ge=0, le=2, description="Sampling temperature (upstream: 0.1).")
+    critic_retries: int = Field(3, ge=0, description="Retries on connection errors, 429 and 5xx.")
+    critic_max_image_edge: int = Field(1024, ge=64, description="Images are downscaled to this long edge.")
+    critic_structured_outputs: bool = Field(
+        False, description="Constrain the re-ask of an unparseable answer with vLLM `structured_outputs`."
+    )
+    critic_templates_dir: Path | None = Field(
+        None, description="Folder of your own templates, replacing ours."
+    )
+    critic_edit_template: Literal["edit", "edit_tuning"] = Field(
+        "edit", description="`edit_tuning`: the variant of the authors' test-time script."
+    )
+
+    @property
+    def effective_edit_model(self) -> str:
+        return self.critic_edit_model or self.critic_model

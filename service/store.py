@@ -1,0 +1,249 @@
+"""Job state in Redis: documents, rounds (the checkpoint), events and images.
+
+A job is a hash of JSON-encoded fields plus a list of finished rounds. State
+changes that race (a client cancelling while a worker claims; a worker that was
+presumed dead writing after another took over) go through small Lua scripts, so
+each is one atomic step: the worker that owns a job is fenced by its id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import redis.asyncio as redis
+from pydantic import BaseModel
+
+from service.errors import NotFound
+from service.keys import PRIORITIES, Keys
+from service.protocol import JobDocument, JobEvent, Round
+from service.redis_client import translate_errors
+
+EVENTS_MAXLEN = 5000
+# Queue position orders by priority first, then by submit time.
+PRIORITY_RANK = {priority: rank for rank, priority in enumerate(PRIORITIES)}
+
+# Fields are JSON; statuses compare as JSON strings ('"queued"').
+_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status == '"queued"' then
+  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'stop_reason', '"cancelled"',
+             'finished_at', ARGV[2], 'cancel_requested', 'true', 'stage', 'null')
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 'cancelled'
+elseif status == '"running"' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+  return 'requested'
+end
+return 'terminal'
+"""
+
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', '0'} end
+if status ~= '"queued"' and status ~= '"running"' then return {'terminal', '0'} end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+if attempts > tonumber(ARGV[4]) then return {'exhausted', tostring(attempts)} end
+redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[2])
+if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
+  redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
+end
+return {'ok', tostring(attempts)}
+"""
+
+# Apply field updates only while the job runs and is owned by ARGV[1].
+_OWNED_SET = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# Append round ARGV[2] at index ARGV[1] exactly once, if the job is still ours.
+_CHECKPOINT = """
+if redis.call('HGET', KEYS[2], 'status') ~= '"running"' then return -1 end
+if redis.call('HGET', KEYS[2], 'worker') ~= ARGV[3] then return -1 end
+local n = redis.call('LLEN', KEYS[1])
+if n ~= tonumber(ARGV[1]) then return -2 end
+redis.call('RPUSH', KEYS[1], ARGV[2])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return n + 1
+"""
+
+
+def _encode(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        return value.model_dump_json()
+    return json.dumps(value)
+
+
+def _encoded(fields: Mapping[str, Any]) -> dict[str, str]:
+    return {key: _encode(value) for key, value in fields.items()}
+
+
+def _pairs(fields: Mapping[str, Any]) -> list[str]:
+    """Flattened for a Lua script's ARGV: key1, value1, key2, value2, ..."""
+    return [item for pair in _encoded(fields).items() for item in pair]
+
+
+class JobStore:
+    """Reads and writes job state; shared by the gateway and the worker."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int) -> None:
+        self.redis = client
+        self.keys = keys
+        self.ttl_s = ttl_s
+        self._cancel = client.register_script(_CANCEL)
+        self._start = client.register_script(_START)
+        self._owned_set = client.register_script(_OWNED_SET)
+        self._checkpoint = client.register_script(_CHECKPOINT)
+
+    # --- reading -------------------------------------------------------------------
+    @translate_errors
+    async def get(self, job_id: str) -> JobDocument:
+        """The whole document, rounds included; `NotFound` for unknown or expired ids."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.lrange(self.keys.rounds(job_id), 0, -1)
+            pipe.zrank(self.keys.queued_index(), job_id)
+            fields, rounds, rank = await pipe.execute()
+        if not fields:
+            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+        doc = {k.decode(): json.loads(v) for k, v in fields.items()}
+        doc["rounds"] = [json.loads(r) for r in rounds]
+        if doc.get("status") == "queued" and rank is not None:
+            doc["queue_position"] = rank
+        doc.pop("owner", None)
+        return JobDocument.model_validate(doc)
+
+    @translate_errors
+    async def get_field(self, job_id: str, name: str) -> Any:
+        raw = await self.redis.hget(self.keys.job(job_id), name)
+        return None if raw is None else json.loads(raw)
+
+    @translate_errors
+    async def exists(self, job_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.job(job_id)))
+
+    @translate_errors
+    async def get_image(self, job_id: str, round_index: int, candidate: int) -> bytes:
+        data = await self.redis.get(self.keys.image(job_id, round_index, candidate))
+        if data is None:
+            raise NotFound(f"job {job_id!r} has no image for round {round_index}, candidate {candidate}")
+        return bytes(data)
+
+    @translate_errors
+    async def get_source_image(self, job_id: str) -> bytes:
+        data = await self.redis.get(self.keys.source_image(job_id))
+        if data is None:
+            raise NotFound(f"job {job_id!r} has no source image")
+        return bytes(data)
+
+    @translate_errors
+    async def read_events(
+        self, job_id: str, after: str = "0-0", block_ms: int | None = None
+    ) -> list[tuple[str, JobEvent]]:
+        """Events after the stream id `after`, waiting up to `block_ms` for the first one."""
+        reply = await self.redis.xread({self.keys.events(job_id): after}, count=100, block=block_ms)
+        out: list[tuple[str, JobEvent]] = []
+        for _stream, entries in reply or []:
+            for entry_id, payload in entries:
+                out.append((entry_id.decode(), JobEvent.model_validate_json(payload[b"event"])))
+        return out
+
+    # --- writing: the gateway ---------------------------------------------------------------
+    @translate_errors
+    async def create(self, doc: JobDocument, source_png: bytes | None = None) -> None:
+        """Store a new job and queue it, in one transaction: a job is never stored but not queued."""
+        fields = doc.model_dump(exclude={"rounds", "queue_position", "links"}, exclude_none=True)
+        priority = doc.spec.priority
+        order = PRIORITY_RANK[priority] * 10**13 + int(doc.created_at * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.job(doc.id), mapping=_encoded(fields))
+            pipe.expire(self.keys.job(doc.id), self.ttl_s)
+            if source_png is not None:
+                pipe.set(self.keys.source_image(doc.id), source_png, ex=self.ttl_s)
+            pipe.zadd(self.keys.queued_index(), {doc.id: order})
+            pipe.xadd(self.keys.queue(doc.spec.mode, priority), {"job": doc.id})
+            await pipe.execute()
+
+    @translate_errors
+    async def cancel(self, job_id: str) -> str:
+        """`cancelled` (was queued: it will never run), `requested` (running: stops at the next
+        stage boundary), `terminal` (already over) or `missing`."""
+        result = await self._cancel(
+            keys=[self.keys.job(job_id), self.keys.queued_index()], args=[job_id, _encode(time.time())]
+        )
+        outcome = result.decode()
+        if outcome == "cancelled":
+            await self.publish(
+                JobEvent(
+                    type="status",
+                    job_id=job_id,
+                    at=time.time(),
+                    data={"status": "cancelled", "stop_reason": "cancelled"},
+                )
+            )
+            await self.publish(
+                JobEvent(type="end", job_id=job_id, at=time.time(), data={"status": "cancelled"})
+            )
+        return str(outcome)
+
+    # --- writing: the worker ------------------------------------------------------------------
+    @translate_errors
+    async def start(self, job_id: str, worker_id: str, max_attempts: int) -> tuple[str, int]:
+        """Mark a claimed job running and owned by `worker_id`.
+
+        Returns (`ok` | `terminal` | `missing` | `exhausted`, attempts)."""
+        outcome, attempts = await self._start(
+            keys=[self.keys.job(job_id), self.keys.queued_index()],
+            args=[job_id, _encode(worker_id), _encode(time.time()), max_attempts],
+        )
+        return outcome.decode(), int(attempts)
+
+    @translate_errors
+    async def update(self, job_id: str, worker_id: str, **fields: Any) -> bool:
+        """Set fields of a running job this worker owns; False when it no longer does."""
+        applied = await self._owned_set(
+            keys=[self.keys.job(job_id)], args=[_encode(worker_id), *_pairs(fields)]
+        )
+        return bool(applied)
+
+    @translate_errors
+    async def force_update(self, job_id: str, **fields: Any) -> None:
+        """Set fields regardless of owner: only for dead-lettering a job nobody can run."""
+        await self.redis.hset(self.keys.job(job_id), mapping=_encoded(fields))
+
+    @translate_errors
+    async def checkpoint(self, job_id: str, worker_id: str, round_: Round, **fields: Any) -> bool:
+        """Append a finished round (exactly once) and set `fields`, atomically.
+
+        False when the job is no longer this worker's, or the round was already written."""
+        result = await self._checkpoint(
+            keys=[self.keys.rounds(job_id), self.keys.job(job_id)],
+            args=[round_.index, round_.model_dump_json(), _encode(worker_id), self.ttl_s, *_pairs(fields)],
+        )
+        return int(result) > 0
+
+    @translate_errors
+    async def put_image(self, job_id: str, round_index: int, candidate: int, png: bytes) -> None:
+        await self.redis.set(self.keys.image(job_id, round_index, candidate), png, ex=self.ttl_s)
+
+    @translate_errors
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self.get_field(job_id, "cancel_requested"))
+
+    @translate_errors
+    async def publish(self, event: JobEvent) -> str:
+        key = self.keys.events(event.job_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"event": event.model_dump_json()}, maxlen=EVENTS_MAXLEN, approximate=True)
+            pipe.expire(key, self.ttl_s)
+            pipe.expire(self.keys.job(event.job_id), self.ttl_s)
+            entry_id, *_ = await pipe.execute()
+        return str(entry_id.decode())

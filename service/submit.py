@@ -1,0 +1,109 @@
+"""Turning a `POST /generate` request into a job ready to queue."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.protocol import MAX_SEED, GenerateRequest, JobDocument
+from service.settings import Settings
+from service.uploads import check_image, decode_base64_image
+
+JSON_OVERHEAD_BYTES = 1024 * 1024
+
+
+def _validation_error(exc: ValidationError) -> RequestValidationError:
+    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+
+
+async def parse_generate_body(request: Request, settings: Settings) -> tuple[GenerateRequest, bytes | None]:
+    """The validated spec and, for edits, the raw source image bytes (not yet checked)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    limit = settings.max_image_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
+    if content_type in ("application/json", ""):
+        body = await request.body()
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        try:
+            spec = GenerateRequest.model_validate_json(body or b"null")
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        source = None
+        if spec.source_image is not None:
+            source = decode_base64_image(
+                spec.source_image, field="source_image", max_bytes=settings.max_image_bytes
+            )
+        return spec, source
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=4, max_part_size=limit)
+        raw = form.get("request")
+        if not isinstance(raw, str):
+            raise InvalidInput(
+                "multipart body needs a `request` field holding the JSON request", field="request"
+            )
+        try:
+            spec = GenerateRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        upload = form.get("source_image")
+        source = None
+        if isinstance(upload, UploadFile):
+            source = await upload.read(settings.max_image_bytes + 1)
+            if len(source) > settings.max_image_bytes:
+                raise PayloadTooLarge(
+                    f"source_image is larger than {settings.max_image_bytes} bytes", field="source_image"
+                )
+        elif spec.source_image is not None:
+            source = decode_base64_image(
+                spec.source_image, field="source_image", max_bytes=settings.max_image_bytes
+            )
+        return spec, source
+    raise UnsupportedMediaType(
+        f"content type {content_type!r} is not accepted; use JSON or multipart/form-data"
+    )
+
+
+async def prepare_job(
+    spec: GenerateRequest, source: bytes | None, settings: Settings
+) -> tuple[JobDocument, bytes | None]:
+    """Check what the schema cannot, draw the seed, and build the queued document."""
+    if len(spec.prompt) > settings.max_prompt_chars:
+        raise InvalidInput(
+            f"prompt has {len(spec.prompt)} characters; the limit is {settings.max_prompt_chars}",
+            field="prompt",
+        )
+    if spec.mode == "edit" and source is None:
+        raise InvalidInput("mode `edit` needs a source_image", field="source_image")
+    if spec.mode == "t2i" and source is not None:
+        raise InvalidInput(
+            "mode `t2i` takes no source_image; use mode `edit` to edit an image", field="source_image"
+        )
+    source_png = None
+    if source is not None:
+        source_png = await asyncio.to_thread(
+            check_image,
+            source,
+            field="source_image",
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+        )
+    generation = spec.generation
+    if generation.seed is None:
+        generation = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+    # The stored spec echoes the effective values; the image bytes live in their own key.
+    effective = spec.model_copy(update={"generation": generation, "source_image": None})
+    doc = JobDocument(
+        id=secrets.token_urlsafe(16),
+        status="queued",
+        spec=effective,
+        stage="queued",
+        created_at=time.time(),
+    )
+    return doc, source_png

@@ -1,0 +1,94 @@
+"""The generator protocol: a batch of requests in, one image per request out.
+
+Backends run in the worker's single GPU executor thread (blocking calls, never on
+the event loop). The scheduler groups requests whose `batch_key` is equal into one
+call of at most `max_batch` requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from service.errors import GeneratorError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+Mode = str  # "t2i" | "edit"; kept as str so this module imports nothing from the gateway
+
+# Extra pipeline kwargs a client or operator may pass through; anything else is refused.
+ALLOWED_EXTRA_KWARGS: frozenset[str] = frozenset({"max_sequence_length", "clip_skip", "eta"})
+
+StepCallback = Callable[[int, int], None]
+"""Called from the executor thread after each denoising step with (step, total)."""
+
+InterruptCheck = Callable[[], bool]
+"""Polled from the executor thread; True stops the running call at the next step, and
+`generate` then raises `GenerationInterrupted`."""
+
+
+class GenerationInterrupted(GeneratorError):
+    """`generate` stopped early because `interrupt()` returned True; it made no images."""
+
+    code = "generator_interrupted"
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One image to make. Unset fields (None) take the backend's defaults."""
+
+    prompt: str
+    seed: int
+    mode: Mode = "t2i"
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+    source_image: Image.Image | None = field(default=None, compare=False)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys may share one pipeline call."""
+        source_size = self.source_image.size if self.source_image is not None else None
+        return (
+            self.mode,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.true_cfg_scale,
+            self.negative_prompt is not None,
+            source_size,
+            tuple(sorted(self.extra.items())),
+        )
+
+
+class Generator(Protocol):
+    """What the worker needs from a backend."""
+
+    name: str
+    """Model id or path, shown in /readyz and recorded on jobs."""
+
+    modes: frozenset[str]
+    """`t2i`, `edit`, or both."""
+
+    max_batch: int
+    """Most requests one `generate` call accepts; 1 for pipelines that cannot batch."""
+
+    def resolve(self, request: GenRequest) -> GenRequest:
+        """Fill the backend's defaults (size, steps, guidance), so that batch keys compare resolved values."""
+        ...
+
+    def generate(
+        self,
+        requests: Sequence[GenRequest],
+        on_step: StepCallback | None = None,
+        interrupt: InterruptCheck | None = None,
+    ) -> list[Image.Image]:
+        """Blocking: make one image per request, in order. Raises `GeneratorError`
+        (`GeneratorOutOfMemory` on CUDA OOM, `GenerationInterrupted` when `interrupt` stopped it)."""
+        ...

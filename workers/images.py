@@ -1,0 +1,27 @@
+"""PNG encoding with provenance, and decoding of client images."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+from PIL import Image, PngImagePlugin
+
+# Text chunks we write into every generated PNG. The stand-in critic reads
+# gcr:round and gcr:candidate to follow its score schedule.
+PROVENANCE_KEYS = ("gcr:job", "gcr:round", "gcr:candidate", "gcr:seed", "gcr:prompt", "gcr:model")
+
+
+def encode_png(image: Image.Image, text: Mapping[str, str] | None = None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def decode_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")

@@ -1,0 +1,182 @@
+"""The Generate-Critique-Refine policy: pure decisions, no I/O.
+
+Given the rounds finished so far, `LoopPolicy.decide` says whether to stop (and
+why) or which prompt and seeds the next round uses. The worker does the I/O and
+asks the policy between stages. Semantics (DESIGN.md, "The loop"):
+
+- Every candidate is judged against the ORIGINAL instruction, so overall scores
+  compare across rounds; the policy only ever sees those scores.
+- A round's chosen candidate is its best by overall score, ties broken by text
+  faithfulness, then by the lower candidate index.
+- The job's result is the best chosen candidate over ALL rounds (earliest wins a tie).
+- Acceptance: the chosen candidate's overall >= threshold AND every configured
+  per-dimension minimum is met (an N/A dimension with a minimum fails it).
+- Checks, in order: accepted, max_rounds, deadline, patience (no_improvement),
+  then the refined request (no_refinement when the critic gave none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.protocol import MAX_SEED, TEXT_FAITHFULNESS, Candidate, Critique, LoopParams, Round, StopReason
+
+# How many earlier rounds' refinement comments `history=True` carries, and how long each may be.
+HISTORY_ROUNDS = 3
+HISTORY_COMMENT_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Continue:
+    round_index: int
+    prompt: str
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: StopReason
+
+
+Decision = Continue | Stop
+
+
+@dataclass(frozen=True)
+class Pick:
+    """A chosen candidate: where it is and what it scored."""
+
+    round: int
+    candidate: int
+    overall: float
+    prompt: str
+
+
+def _rank(candidate: Candidate) -> tuple[float, float, int]:
+    assert candidate.overall is not None and candidate.critique is not None
+    tf = candidate.critique.score(TEXT_FAITHFULNESS)
+    return (candidate.overall, tf if tf is not None else 0.0, -candidate.index)
+
+
+def choose_candidate(candidates: Sequence[Candidate]) -> int | None:
+    """Index of the best critiqued candidate of a round, or None when none was critiqued."""
+    scored = [c for c in candidates if c.overall is not None and c.critique is not None]
+    if not scored:
+        return None
+    return max(scored, key=_rank).index
+
+
+class LoopPolicy:
+    """Decides the loop of one job from its params, base seed and instruction."""
+
+    def __init__(self, params: LoopParams, base_seed: int, instruction: str) -> None:
+        self.params = params
+        self.base_seed = base_seed
+        self.instruction = instruction
+
+    # --- seeds -----------------------------------------------------------------
+    def seeds(self, round_index: int) -> tuple[int, ...]:
+        """`fixed`: the same seeds every round (only the prompt changes, as in the paper);
+        `vary`: fresh seeds each round. Candidate 0 of round 0 always uses the base seed."""
+        n = self.params.candidates_per_round
+        offset = 0 if self.params.seed_policy == "fixed" else round_index * n
+        return tuple((self.base_seed + offset + c) % (MAX_SEED + 1) for c in range(n))
+
+    # --- scoring -----------------------------------------------------------------
+    def accepted(self, critique: Critique) -> bool:
+        if critique.overall < self.params.threshold:
+            return False
+        for dimension, minimum in self.params.min_scores.items():
+            score = critique.score(dimension)
+            if score is None or score < minimum:
+                return False
+        return True
+
+    def best(self, rounds: Sequence[Round]) -> Pick | None:
+        """The best chosen candidate over all rounds; the earliest wins a tie."""
+        best: Pick | None = None
+        best_rank: tuple[float, float] | None = None
+        for round_ in rounds:
+            if round_.chosen is None:
+                continue
+            candidate = round_.candidates[round_.chosen]
+            rank = _rank(candidate)[:2]
+            if best_rank is None or rank > best_rank:
+                assert candidate.overall is not None
+                best = Pick(round_.index, candidate.index, candidate.overall, round_.prompt)
+                best_rank = rank
+        return best
+
+    def best_before(self, rounds: Sequence[Round]) -> float | None:
+        pick = self.best(rounds)
+        return pick.overall if pick else None
+
+    def deadline_passed(self, elapsed_s: float) -> bool:
+        return self.params.deadline_s is not None and elapsed_s >= self.params.deadline_s
+
+    # --- the decision ----------------------------------------------------------------
+    def decide(self, rounds: Sequence[Round], elapsed_s: float = 0.0) -> Decision:
+        """What to do after `rounds`, with `elapsed_s` spent since the job started."""
+        if not rounds:
+            if self.deadline_passed(elapsed_s):
+                return Stop("deadline")
+            return Continue(0, self.instruction, self.seeds(0))
+        last = rounds[-1]
+        if last.chosen is None:
+            return Stop("failed")
+        chosen = last.candidates[last.chosen]
+        assert chosen.critique is not None
+        if self.accepted(chosen.critique):
+            return Stop("accepted")
+        if len(rounds) >= self.params.max_rounds:
+            return Stop("max_rounds")
+        if self.deadline_passed(elapsed_s):
+            return Stop("deadline")
+        if (
+            self.params.patience is not None
+            and self._rounds_without_improvement(rounds) >= self.params.patience
+        ):
+            return Stop("no_improvement")
+        source = self._refinement_source(rounds)
+        if source.refined_request is None or not source.refined_request.strip():
+            return Stop("no_refinement")
+        prompt = source.refined_request.strip()
+        if self.params.history:
+            prompt = self._with_history(prompt, rounds)
+        return Continue(len(rounds), prompt, self.seeds(len(rounds)))
+
+    def _rounds_without_improvement(self, rounds: Sequence[Round]) -> int:
+        """Trailing rounds whose overall did not beat the best of the rounds before them."""
+        stale = 0
+        best: float | None = None
+        for round_ in rounds:
+            if round_.overall is not None and (best is None or round_.overall > best):
+                best, stale = round_.overall, 0
+            else:
+                stale += 1
+        return stale
+
+    def _refinement_source(self, rounds: Sequence[Round]) -> Critique:
+        if self.params.refine_from == "best":
+            pick = self.best(rounds)
+            assert pick is not None
+            critique = rounds[pick.round].candidates[pick.candidate].critique
+        else:
+            last = rounds[-1]
+            assert last.chosen is not None
+            critique = last.candidates[last.chosen].critique
+        assert critique is not None
+        return critique
+
+    def _with_history(self, prompt: str, rounds: Sequence[Round]) -> str:
+        comments: list[str] = []
+        for round_ in rounds[-HISTORY_ROUNDS:]:
+            if round_.chosen is None:
+                continue
+            critique = round_.candidates[round_.chosen].critique
+            if critique and critique.refinement_comments.strip():
+                text = " ".join(critique.refinement_comments.split())[:HISTORY_COMMENT_CHARS]
+                comments.append(f"round {round_.index + 1}: {text}")
+        if not comments:
+            return prompt
+        return prompt + "\nAvoid the weaknesses noted before (" + "; ".join(comments) + ")."

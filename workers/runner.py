@@ -1,0 +1,368 @@
+"""Runs one job: the I/O around the pure loop policy.
+
+Each round: generate the candidates (through the shared scheduler), critique each
+against the ORIGINAL instruction (concurrently, bounded), then checkpoint the
+round in Redis before the next starts. A job resumed by another worker starts
+from its checkpointed rounds. Cancellation is checked at every stage boundary
+and, during generation, interrupts denoising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from service.errors import CriticError, GcrError, GeneratorError
+from service.protocol import (
+    BestCandidate,
+    Candidate,
+    Critique,
+    EventType,
+    JobDocument,
+    JobError,
+    JobEvent,
+    JobSummary,
+    Mode,
+    Round,
+    RoundTimings,
+    StopReason,
+)
+from service.store import JobStore
+from workers import metrics
+from workers.generators.base import GenRequest
+from workers.images import decode_image, encode_png
+from workers.loop import Continue, LoopPolicy, Pick, choose_candidate
+from workers.scheduler import GenerationScheduler, GenResult
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger("gcr.worker")
+
+CANCEL_POLL_S = 0.25
+
+
+class Critic(Protocol):
+    async def critique(
+        self, instruction: str, image: bytes, source_image: bytes | None = None, mode: Mode | None = None
+    ) -> Critique: ...
+
+
+class OwnershipLost(Exception):
+    """Another worker took the job over (or it ended): stop touching it."""
+
+
+def image_path(job_id: str, round_index: int, candidate: int) -> str:
+    return f"/jobs/{job_id}/images/{round_index}/{candidate}"
+
+
+class JobRunner:
+    """Runs jobs for one worker; shared by all of the worker's job tasks."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        scheduler: GenerationScheduler,
+        critic: Critic,
+        worker_id: str,
+        critique_slots: int,
+        progress_interval_s: float,
+    ) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.critic = critic
+        self.worker_id = worker_id
+        self.progress_interval_s = progress_interval_s
+        self._critique_slots = asyncio.Semaphore(critique_slots)
+
+    async def run(self, doc: JobDocument) -> None:
+        """Run a job this worker has just started (status running, owned by us)."""
+        try:
+            await _Job(self, doc).run()
+        except OwnershipLost:
+            log.info("job %s is no longer ours; leaving it", doc.id)
+
+
+class _Job:
+    def __init__(self, runner: JobRunner, doc: JobDocument) -> None:
+        self.r = runner
+        self.doc = doc
+        self.id = doc.id
+        self.spec = doc.spec
+        self.rounds: list[Round] = list(doc.rounds)
+        self.started_at = doc.started_at or time.time()
+        assert self.spec.generation.seed is not None, "the gateway draws a seed for every job"
+        self.policy = LoopPolicy(self.spec.loop, self.spec.generation.seed, self.spec.prompt)
+        self.cancelled = False
+        self.source_png: bytes | None = None
+        self.source_image: Image.Image | None = None
+        self.generator_calls = sum(len(r.candidates) for r in self.rounds)
+        self.critic_calls = sum(1 for r in self.rounds for c in r.candidates if c.critique or c.error)
+
+    # --- helpers -----------------------------------------------------------------------
+    async def emit(self, type_: EventType, **data: Any) -> None:
+        await self.r.store.publish(JobEvent(type=type_, job_id=self.id, at=time.time(), data=data))
+
+    async def set(self, **fields: Any) -> None:
+        if not await self.r.store.update(self.id, self.r.worker_id, **fields):
+            raise OwnershipLost(self.id)
+
+    async def check_cancel(self) -> bool:
+        if not self.cancelled:
+            self.cancelled = await self.r.store.cancel_requested(self.id)
+        return self.cancelled
+
+    @contextlib.asynccontextmanager
+    async def watching_cancel(self) -> AsyncIterator[None]:
+        """Poll the cancel flag while a long stage runs, so denoising can be interrupted."""
+
+        async def poll() -> None:
+            # The flag lives in Redis, set by any gateway replica: polling is the way to see it.
+            while not await self.check_cancel():  # noqa: ASYNC110
+                await asyncio.sleep(CANCEL_POLL_S)
+
+        task = asyncio.create_task(poll())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, GcrError):
+                await task
+
+    def elapsed(self) -> float:
+        return time.time() - self.started_at
+
+    # --- the loop ----------------------------------------------------------------------
+    async def run(self) -> None:
+        await self.emit(
+            "status", status="running", attempt=self.doc.attempts, resumed_rounds=len(self.rounds)
+        )
+        if self.spec.mode == "edit":
+            self.source_png = await self.r.store.get_source_image(self.id)
+            self.source_image = await asyncio.to_thread(decode_image, self.source_png)
+        while True:
+            if await self.check_cancel():
+                return await self.finish("cancelled")
+            decision = self.policy.decide(self.rounds, self.elapsed())
+            if not isinstance(decision, Continue):
+                return await self.finish(decision.reason)
+            try:
+                round_ = await self.run_round(decision)
+            except GcrError as exc:
+                return await self.finish("failed", error=exc)
+            if round_ is None:  # stopped between stages
+                return await self.finish("cancelled" if self.cancelled else "deadline")
+            if not await self.r.store.checkpoint(
+                self.id,
+                self.r.worker_id,
+                round_,
+                best=self.best_candidate([*self.rounds, round_]),
+                stage=None,
+            ):
+                raise OwnershipLost(self.id)
+            metrics.ROUNDS.inc()
+            self.rounds.append(round_)
+            await self.emit(
+                "round",
+                round=round_.model_dump(
+                    mode="json", exclude={"candidates": {"__all__": {"critique": {"raw"}}}}
+                ),
+            )
+
+    async def run_round(self, decision: Continue) -> Round | None:
+        index = decision.round_index
+        started = time.time()
+        await self.set(stage="generating")
+        await self.emit("stage", round=index, stage="generating", prompt=decision.prompt)
+        t0 = time.monotonic()
+        async with self.watching_cancel():
+            results = await self.r.scheduler.generate(
+                [self.gen_request(decision.prompt, seed) for seed in decision.seeds],
+                on_step=self.progress_listener(index),
+                cancelled=lambda: self.cancelled,
+            )
+        generate_s = time.monotonic() - t0
+        metrics.STAGE_SECONDS.labels("generate").observe(generate_s)
+        self.generator_calls += len(results)
+        if await self.check_cancel():
+            return None
+        images = await self.store_images(index, decision, results)
+        if not images:
+            error = next(r.error for r in results if r.error is not None)
+            raise error
+        if self.policy.deadline_passed(self.elapsed()):
+            return None
+
+        await self.set(stage="critiquing")
+        await self.emit("stage", round=index, stage="critiquing")
+        t1 = time.monotonic()
+        critiques = await asyncio.gather(*(self.critique(png) for png in images.values()))
+        critique_s = time.monotonic() - t1
+        metrics.STAGE_SECONDS.labels("critique").observe(critique_s)
+
+        candidates = []
+        for (c, seed), result in zip(enumerate(decision.seeds), results, strict=True):
+            candidate = Candidate(index=c, seed=seed)
+            if result.error is not None:
+                candidate.error = _job_error(result.error)
+            elif c in images:
+                outcome = critiques[list(images).index(c)]
+                candidate.image_url = image_path(self.id, index, c)
+                if isinstance(outcome, Critique):
+                    candidate.critique, candidate.overall = outcome, outcome.overall
+                else:
+                    candidate.error = _job_error(outcome)
+            candidates.append(candidate)
+        chosen = choose_candidate(candidates)
+        if chosen is None:
+            raise next(o for o in critiques if isinstance(o, GcrError))
+        best_before = self.policy.best_before(self.rounds)
+        overall = candidates[chosen].overall
+        assert overall is not None
+        await self.emit("stage", round=index, stage="refining")
+        return Round(
+            index=index,
+            prompt=decision.prompt,
+            candidates=candidates,
+            chosen=chosen,
+            overall=overall,
+            delta=None if best_before is None else overall - best_before,
+            timings=RoundTimings(
+                queue_wait_ms=1000 * max(r.queued_s for r in results),
+                generate_ms=1000 * generate_s,
+                critique_ms=1000 * critique_s,
+            ),
+            started_at=started,
+            finished_at=time.time(),
+        )
+
+    def gen_request(self, prompt: str, seed: int) -> GenRequest:
+        g = self.spec.generation
+        return GenRequest(
+            prompt=prompt,
+            seed=seed,
+            mode=self.spec.mode,
+            width=g.width,
+            height=g.height,
+            steps=g.steps,
+            guidance_scale=g.guidance_scale,
+            true_cfg_scale=g.true_cfg_scale,
+            negative_prompt=g.negative_prompt,
+            source_image=self.source_image,
+        )
+
+    def progress_listener(self, round_index: int) -> Any:
+        """Throttled step events, sent from the executor thread to the event loop."""
+        loop = asyncio.get_running_loop()
+        last = [0.0]
+
+        def on_step(step: int, total: int) -> None:
+            now = time.monotonic()
+            if step < total and now - last[0] < self.r.progress_interval_s:
+                return
+            last[0] = now
+            loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(
+                    self._emit_quietly("progress", round=round_index, step=step, total=total)
+                )
+            )
+
+        return on_step
+
+    async def _emit_quietly(self, type_: EventType, **data: Any) -> None:
+        with contextlib.suppress(GcrError):
+            await self.emit(type_, **data)
+
+    async def store_images(
+        self, index: int, decision: Continue, results: list[GenResult]
+    ) -> dict[int, bytes]:
+        images: dict[int, bytes] = {}
+        for c, (seed, result) in enumerate(zip(decision.seeds, results, strict=True)):
+            if result.image is None:
+                continue
+            text = {
+                "gcr:job": self.id,
+                "gcr:round": str(index),
+                "gcr:candidate": str(c),
+                "gcr:seed": str(seed),
+                "gcr:prompt": decision.prompt,
+                "gcr:model": self.r.scheduler.generator.name,
+            }
+            png = await asyncio.to_thread(encode_png, result.image, text)
+            await self.r.store.put_image(self.id, index, c, png)
+            images[c] = png
+        return images
+
+    async def critique(self, png: bytes) -> Critique | CriticError:
+        async with self.r._critique_slots:
+            metrics.CRITIC_INFLIGHT.inc()
+            self.critic_calls += 1
+            try:
+                return await self.r.critic.critique(
+                    self.spec.prompt, png, source_image=self.source_png, mode=self.spec.mode
+                )
+            except CriticError as exc:
+                metrics.CRITIC_ERRORS.labels(exc.code).inc()
+                return exc
+            finally:
+                metrics.CRITIC_INFLIGHT.dec()
+
+    def best_candidate(self, rounds: list[Round]) -> BestCandidate | None:
+        pick: Pick | None = self.policy.best(rounds)
+        if pick is None:
+            return None
+        return BestCandidate(
+            round=pick.round,
+            candidate=pick.candidate,
+            overall=pick.overall,
+            prompt=pick.prompt,
+            image_url=image_path(self.id, pick.round, pick.candidate),
+        )
+
+    async def finish(self, reason: StopReason, error: GcrError | None = None) -> None:
+        best = self.best_candidate(self.rounds)
+        if reason == "cancelled":
+            status = "cancelled"
+        elif reason == "failed":
+            status = "failed"
+        elif best is None:
+            status = "expired"  # the deadline passed before any round finished
+        else:
+            status = "succeeded"
+        first = self.rounds[0].overall if self.rounds else None
+        summary = JobSummary(
+            rounds_used=len(self.rounds),
+            generator_calls=self.generator_calls,
+            critic_calls=self.critic_calls,
+            first_round_overall=first,
+            best_overall=best.overall if best else None,
+            gain=None if best is None or first is None else best.overall - first,
+        )
+        critic_models = {c.critique.model for r in self.rounds for c in r.candidates if c.critique}
+        await self.set(
+            status=status,
+            stop_reason=reason,
+            stage=None,
+            finished_at=time.time(),
+            best=best,
+            summary=summary,
+            error=_job_error(error) if error else None,
+            critic_model=", ".join(sorted(critic_models)) or None,
+        )
+        metrics.JOBS_FINISHED.labels(status, reason).inc()
+        await self.emit(
+            "status",
+            status=status,
+            stop_reason=reason,
+            error=_job_error(error).model_dump() if error else None,
+        )
+        await self.emit("end", status=status, stop_reason=reason)
+        log.info("job %s %s (%s) after %d rounds", self.id, status, reason, len(self.rounds))
+
+
+def _job_error(exc: GcrError | GeneratorError) -> JobError:
+    return JobError(code=exc.code, message=exc.message, retryable=exc.retryable)

@@ -1,0 +1,168 @@
+"""One GPU, many jobs: a queue of generation requests in front of one executor thread.
+
+Jobs submit requests and await their images. A single consumer task takes the
+oldest waiting request, gathers up to `max_batch` compatible ones (equal
+`batch_key`), waiting at most `batch_window_s` for more when fewer are there, and
+runs them as ONE pipeline call in the executor thread. While that call runs, the
+event loop keeps serving other jobs' critiques, so the GPU only idles when no job
+has a generation to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from service.errors import GeneratorError
+from workers import metrics
+from workers.generators.base import Generator, GenRequest
+from workers.generators.oom import generate_splitting_on_oom
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+StepListener = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class GenResult:
+    """One request's outcome: an image or the error that stopped it, with its timings."""
+
+    image: Image.Image | None
+    error: GeneratorError | None
+    queued_s: float
+    run_s: float
+
+
+@dataclass
+class _Pending:
+    request: GenRequest
+    key: tuple[object, ...]
+    future: asyncio.Future[GenResult]
+    on_step: StepListener | None
+    cancelled: CancelCheck
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class GenerationScheduler:
+    """Micro-batches generation requests from many jobs onto one generator."""
+
+    def __init__(self, generator: Generator, max_batch: int, batch_window_s: float) -> None:
+        self.generator = generator
+        self.max_batch = max(1, min(max_batch, generator.max_batch))
+        self.batch_window_s = batch_window_s
+        self.busy_s = 0.0
+        self.calls = 0
+        self._waiting: list[_Pending] = []
+        self._arrived = asyncio.Event()
+        # NOTE: one thread: a pipeline is not thread-safe and the GPU runs one call at a time.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcr-gpu")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gcr-scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for pending in self._waiting:
+            if not pending.future.done():
+                pending.future.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def generate(
+        self,
+        requests: Sequence[GenRequest],
+        on_step: StepListener | None = None,
+        cancelled: CancelCheck = lambda: False,
+    ) -> list[GenResult]:
+        """Queue `requests` and wait for all their results (in order)."""
+        loop = asyncio.get_running_loop()
+        pendings = []
+        for request in requests:
+            resolved = self.generator.resolve(request)
+            pending = _Pending(resolved, resolved.batch_key(), loop.create_future(), on_step, cancelled)
+            pendings.append(pending)
+            self._waiting.append(pending)
+        self._arrived.set()
+        return list(await asyncio.gather(*(p.future for p in pendings)))
+
+    def _take_batch(self) -> list[_Pending]:
+        key = self._waiting[0].key
+        batch = [p for p in self._waiting if p.key == key][: self.max_batch]
+        for pending in batch:
+            self._waiting.remove(pending)
+        return batch
+
+    def _compatible_waiting(self) -> int:
+        key = self._waiting[0].key
+        return sum(1 for p in self._waiting if p.key == key)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            # Drop requests whose job was cancelled while they waited.
+            for pending in [p for p in self._waiting if p.cancelled()]:
+                self._waiting.remove(pending)
+                pending.future.set_result(GenResult(None, None, 0.0, 0.0))
+            if not self._waiting:
+                continue
+            window_end = loop.time() + self.batch_window_s
+            while self._compatible_waiting() < self.max_batch and loop.time() < window_end:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), timeout=window_end - loop.time())
+                except TimeoutError:
+                    break
+            batch = self._take_batch()
+            await self._execute(batch)
+
+    async def _execute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+
+        def on_step(step: int, total: int) -> None:
+            for pending in batch:
+                if pending.on_step is not None:
+                    pending.on_step(step, total)
+
+        def interrupt() -> bool:
+            # Stop the call only when every job in it was cancelled; otherwise the
+            # cancelled job's image is simply dropped.
+            return all(p.cancelled() for p in batch)
+
+        requests = [p.request for p in batch]
+        metrics.GENERATOR_BATCH_SIZE.observe(len(batch))
+        for pending in batch:
+            metrics.GENERATOR_QUEUE_WAIT.observe(started - pending.enqueued_at)
+        try:
+            outcomes = await loop.run_in_executor(
+                self._executor, generate_splitting_on_oom, self.generator, requests, on_step, interrupt
+            )
+        except Exception as exc:
+            error = exc if isinstance(exc, GeneratorError) else GeneratorError(f"generator crashed: {exc!r}")
+            outcomes = [error] * len(batch)
+        run_s = time.monotonic() - started
+        self.busy_s += run_s
+        self.calls += 1
+        metrics.GENERATOR_BUSY_SECONDS.inc(run_s)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            if pending.future.done():
+                continue
+            queued_s = started - pending.enqueued_at
+            if isinstance(outcome, GeneratorError):
+                pending.future.set_result(GenResult(None, outcome, queued_s, run_s))
+            else:
+                pending.future.set_result(GenResult(outcome, None, queued_s, run_s))

@@ -1,0 +1,220 @@
+"""The worker process: claims jobs as capacity frees up and runs them concurrently.
+
+One worker owns one generator (one GPU). It keeps at most `max_inflight_jobs`
+jobs, claims only as many queue entries as it can start now (so other workers
+can take the rest), heartbeats so its entries are not taken from it, re-claims
+entries of dead workers after the visibility timeout, and on SIGTERM stops
+claiming, lets running jobs finish for a grace period, then releases the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from service.errors import GcrError, StoreUnavailable
+from service.keys import Keys
+from service.protocol import JobError, JobEvent
+from service.queue import Claim, JobQueue
+from service.redis_client import connect
+from service.settings import Settings
+from service.store import JobStore
+from workers import metrics
+from workers.generators.base import Generator
+from workers.runner import Critic, JobRunner
+from workers.scheduler import GenerationScheduler
+
+log = logging.getLogger("gcr.worker")
+
+IDLE_WAIT_S = 0.5
+RECONNECT_MAX_S = 10.0
+
+
+class Worker:
+    """Claims and runs jobs until `stop()` is called."""
+
+    def __init__(self, settings: Settings, generator: Generator, critic: Critic) -> None:
+        self.settings = settings
+        self.id = settings.worker_id
+        self.redis = connect(settings.redis_url)
+        keys = Keys(settings.redis_prefix)
+        self.store = JobStore(self.redis, keys, settings.result_ttl_s)
+        self.queue = JobQueue(self.redis, keys, modes=generator.modes)
+        self.generator = generator
+        self.scheduler = GenerationScheduler(generator, settings.max_batch, settings.batch_window_ms / 1000)
+        self.runner = JobRunner(
+            self.store,
+            self.scheduler,
+            critic,
+            self.id,
+            settings.max_inflight_critiques,
+            settings.progress_interval_s,
+        )
+        self.active: dict[asyncio.Task[None], Claim] = {}
+        self._stopping = asyncio.Event()
+        self._changed = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop claiming; `run` then drains and returns."""
+        self._stopping.set()
+        self._changed.set()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "generator": self.generator.name,
+            "modes": sorted(self.generator.modes),
+            "max_inflight_jobs": self.settings.max_inflight_jobs,
+            "inflight_jobs": len(self.active),
+            "generator_busy_s": round(self.scheduler.busy_s, 3),
+            "at": time.time(),
+        }
+
+    async def run(self, drain_grace_s: float = 30.0) -> None:
+        await self._wait_for_redis()
+        await self.scheduler.start()
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="gcr-heartbeat")
+        try:
+            await self._claim_loop()
+            await self._drain(drain_grace_s)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            with contextlib.suppress(GcrError):
+                await self.queue.forget_worker(self.id)
+            await self.scheduler.stop()
+            await self.redis.aclose()
+
+    async def _wait_for_redis(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.queue.ensure_groups()
+                return
+            except StoreUnavailable as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _claim_loop(self) -> None:
+        last_reclaim = 0.0
+        delay = 0.2
+        while not self._stopping.is_set():
+            free = self.settings.max_inflight_jobs - len(self.active)
+            if free <= 0:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            try:
+                claims: list[Claim] = []
+                now = time.monotonic()
+                if now - last_reclaim >= self.settings.heartbeat_s:
+                    last_reclaim = now
+                    claims += await self.queue.reclaim(self.id, self.settings.visibility_timeout_s, free)
+                claims += await self.queue.claim(self.id, free - len(claims))
+                for claim in claims:
+                    self._start(claim)
+                if not claims:
+                    await self._wait_for_work()
+                delay = 0.2
+            except StoreUnavailable as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _wait_for_work(self) -> None:
+        wait = asyncio.create_task(self.queue.wait_for_entries(IDLE_WAIT_S))
+        stop = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (wait, stop):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, GcrError):
+                await task
+
+    def _start(self, claim: Claim) -> None:
+        task = asyncio.create_task(self._run_claim(claim), name=f"gcr-job-{claim.job_id}")
+        self.active[task] = claim
+        metrics.JOBS_INFLIGHT.set(len(self.active))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.active.pop(task, None)
+        metrics.JOBS_INFLIGHT.set(len(self.active))
+        self._changed.set()
+
+    async def _run_claim(self, claim: Claim) -> None:
+        job_id = claim.job_id
+        try:
+            outcome, attempts = await self.store.start(job_id, self.id, self.settings.max_attempts)
+            if outcome == "exhausted":
+                await self._dead_letter(job_id, attempts)
+            elif outcome == "ok":
+                await self.runner.run(await self.store.get(job_id))
+            await self.queue.ack(claim)
+        except asyncio.CancelledError:
+            raise
+        except StoreUnavailable:
+            # Leave the entry pending: this worker (or another) re-claims it later.
+            log.warning("Redis lost while running job %s; it will be re-claimed", job_id)
+        except Exception:
+            log.exception("job %s crashed the runner", job_id)
+            await self._fail(job_id, claim)
+
+    async def _dead_letter(self, job_id: str, attempts: int) -> None:
+        metrics.DEAD_LETTERS.inc()
+        error = JobError(
+            code="dead_letter", message=f"job failed or crashed workers {attempts - 1} times; giving up"
+        )
+        await self._terminal(job_id, error)
+
+    async def _fail(self, job_id: str, claim: Claim) -> None:
+        error = JobError(
+            code="internal", message="the worker crashed while running this job; see worker logs"
+        )
+        with contextlib.suppress(GcrError):
+            await self._terminal(job_id, error)
+            await self.queue.ack(claim)
+
+    async def _terminal(self, job_id: str, error: JobError) -> None:
+        await self.store.force_update(
+            job_id, status="failed", stop_reason="failed", stage=None, finished_at=time.time(), error=error
+        )
+        now = time.time()
+        await self.store.publish(
+            JobEvent(
+                type="status",
+                job_id=job_id,
+                at=now,
+                data={"status": "failed", "stop_reason": "failed", "error": error.model_dump()},
+            )
+        )
+        await self.store.publish(JobEvent(type="end", job_id=job_id, at=now, data={"status": "failed"}))
+
+    async def _heartbeat_loop(self) -> None:
+        ttl = max(self.settings.heartbeat_s * 3, 1.0)
+        while True:
+            try:
+                await self.queue.heartbeat(self.id, self.info(), ttl)
+                if self.active:
+                    await self.queue.keep_alive(self.id, list(self.active.values()))
+            except StoreUnavailable as exc:
+                log.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.settings.heartbeat_s)
+
+    async def _drain(self, grace_s: float) -> None:
+        if not self.active:
+            return
+        log.info("draining %d job(s) for up to %.0fs", len(self.active), grace_s)
+        _done, pending = await asyncio.wait(set(self.active), timeout=grace_s)
+        unfinished = [self.active[task] for task in pending if task in self.active]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            with contextlib.suppress(GcrError):
+                await self.queue.release(unfinished)
+            log.info("released %d unfinished job(s) for other workers", len(unfinished))
