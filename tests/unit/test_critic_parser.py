@@ -1,0 +1,143 @@
+"""The critic answer parser against a corpus of hand-written answers.
+
+Each `critic_corpus/<case>.txt` is an answer as a model could write it; the
+`<case>.json` beside it says what the parser must make of it: the scores (null for
+N/A or missing), the overall, the refined request (or null), or the error and what
+it must say is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.errors import CritiqueUnparseable
+from service.protocol import TEXT_FAITHFULNESS
+from workers.critics.parser import critique_regex, parse_critique
+from workers.critics.templates import load_templates
+
+CORPUS = Path(__file__).parent / "critic_corpus"
+CASES = sorted(path.stem for path in CORPUS.glob("*.txt"))
+TEMPLATES = load_templates()
+
+
+def _expected(case: str) -> dict[str, Any]:
+    expected: dict[str, Any] = json.loads((CORPUS / f"{case}.json").read_text(encoding="utf-8"))
+    return expected
+
+
+def test_corpus_is_complete() -> None:
+    assert len(CASES) >= 20
+    assert sorted(path.stem for path in CORPUS.glob("*.json")) == CASES
+    unparseable = [case for case in CASES if "error" in _expected(case)]
+    assert len(unparseable) >= 3
+    assert {_expected(case)["template"] for case in CASES} == {"t2i", "edit", "edit_tuning"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_corpus_answer(case: str) -> None:
+    raw = (CORPUS / f"{case}.txt").read_text(encoding="utf-8")
+    expected = _expected(case)
+    dimensions = TEMPLATES[expected["template"]].dimensions
+
+    if "error" in expected:
+        with pytest.raises(CritiqueUnparseable) as info:
+            parse_critique(raw, dimensions)
+        assert info.value.code == expected["error"]
+        assert sorted(info.value.missing) == sorted(expected["missing"])
+        assert info.value.raw == raw
+        assert expected.get("message_contains", "") in info.value.message
+        return
+
+    critique = parse_critique(raw, dimensions, model="m", latency_ms=12.5, usage={"total_tokens": 7})
+    assert set(critique.dimensions) == {key for key, _ in dimensions}
+    got = {key: entry.score for key, entry in critique.dimensions.items()}
+    assert got == pytest.approx(expected["scores"])
+    clamped = {key for key, entry in critique.dimensions.items() if entry.clamped}
+    assert clamped == set(expected.get("clamped", []))
+    # The expected overall is written by hand; check it against the paper's formula too.
+    present = [s for s in expected["scores"].values() if s is not None]
+    assert expected["overall"] == pytest.approx((sum(present) / len(present) - 1) / 3)
+    assert critique.overall == pytest.approx(expected["overall"])
+    assert critique.refined_request == expected["refined_request"]
+    assert expected.get("analysis_contains", "") in critique.analysis
+    assert expected.get("summary_contains", "") in critique.summary
+    assert expected.get("comments_contains", "") in critique.refinement_comments
+    for key, fragment in expected.get("justification_contains", {}).items():
+        assert fragment in critique.dimensions[key].justification
+    assert (critique.raw, critique.model, critique.latency_ms, critique.usage) == (
+        raw,
+        "m",
+        12.5,
+        {"total_tokens": 7},
+    )
+
+
+def test_justifications_do_not_leak_into_neighbours() -> None:
+    raw = (CORPUS / "t2i_standard.txt").read_text(encoding="utf-8")
+    critique = parse_critique(raw, TEMPLATES["t2i"].dimensions)
+    assert "Anatomy" not in critique.dimensions[TEXT_FAITHFULNESS].justification
+    assert "Score" not in critique.dimensions[TEXT_FAITHFULNESS].justification
+    assert critique.summary.startswith("A faithful")
+    assert "Refined" not in critique.refinement_comments
+
+
+def test_undeclared_dimension_does_not_steal_a_score() -> None:
+    # Without the image-faithfulness block delimiting, its 1.0 would land in the t2i
+    # text-faithfulness block; the t2i template must ignore it entirely.
+    raw = (CORPUS / "t2i_undeclared_dimension.txt").read_text(encoding="utf-8")
+    critique = parse_critique(raw, TEMPLATES["t2i"].dimensions)
+    assert "image_faithfulness" not in critique.dimensions
+    assert critique.score(TEXT_FAITHFULNESS) == 3.7
+
+
+def test_analysis_numbered_list_is_not_a_dimension() -> None:
+    raw = (
+        "# User Request Analysis\nThings to check:\n1. Text Rendering: the sign must say HELLO\n"
+        "# Detailed Judgement\n1. Text Faithfulness:\n## Justification: ok\n## Score: 3\n"
+        "2. Physical and Visual Quality:\n## Justification: ok\n## Score: 4\n"
+        "3. Text Rendering:\n## Justification: HELO\n## Score: 2\n# Summary: fine\n"
+    )
+    critique = parse_critique(raw, TEMPLATES["t2i"].dimensions)
+    assert critique.score("text_rendering") == 2.0
+    assert "sign must say HELLO" in critique.analysis
+
+
+def test_other_scale_is_rescaled_and_comma_decimal_read() -> None:
+    raw = (
+        "# Detailed Judgement\n1. Text Faithfulness:\n## Score: 8/10\n## Justification: x\n"
+        "2. Physical and Visual Quality:\n## Score: 3,5\n## Justification: y\n"
+    )
+    critique = parse_critique(raw, TEMPLATES["t2i"].dimensions)
+    assert critique.score(TEXT_FAITHFULNESS) == pytest.approx(3.2)
+    assert critique.score("physical_quality") == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_regex_admits_the_training_format(name: str) -> None:
+    import re
+
+    template = TEMPLATES[name]
+    regex = critique_regex(template.dimensions, score_first=template.score_first)
+    lines = ["# User Request Analysis", "A request.", "# Detailed Judgement"]
+    for number, (key, label) in enumerate(template.dimensions, start=1):
+        score = "## Score: N/A" if key == "text_rendering" else "## Score: 3.25"
+        justification = "## Justification: Fine, but Score: is discussed."
+        lines += [
+            f"{number}. {label}:",
+            *([score, justification] if template.score_first else [justification, score]),
+        ]
+    lines += [
+        "# Summary: ok",
+        "",
+        "# User Request Refinement:",
+        "## Refinement Comments: c",
+        "## Refined Request: r",
+    ]
+    answer = "\n".join(lines)
+    assert re.fullmatch(regex, answer)
+    assert re.fullmatch(regex, answer.replace("## Score: 3.25", "## Score: 0")) is None
+    assert parse_critique(answer, template.dimensions).overall == pytest.approx(2.25 / 3)

@@ -1,0 +1,297 @@
+"""The critic over an OpenAI-compatible chat-completions endpoint (vLLM serving RationalRewards).
+
+This is the only place httpx errors of the critic are seen: they become
+`CriticTimeout` (a request took longer than `critic_timeout_s`) or
+`CriticUnavailable` (connection refused or dropped, 5xx or 429, after
+`critic_retries` retries with exponential backoff and jitter; a 429's
+`Retry-After` is honoured up to `RETRY_AFTER_CAP_S`). Another 4xx is our
+request's or our configuration's fault (unknown model name, say): a plain
+`CriticError`, not retried.
+
+An answer the parser cannot read (or one cut off at `max_tokens`) is asked for
+once more, the same request, constrained by vLLM `structured_outputs` when
+`critic_structured_outputs` is on; a second failure raises `CritiqueUnparseable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+
+from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
+from service.protocol import Critique, Mode
+from service.settings import Settings
+from workers.critics.parser import critique_regex, parse_critique
+from workers.critics.templates import ImageInput, Template, build_messages, load_templates
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 8.0
+RETRY_AFTER_CAP_S = 30.0
+PROBE_TIMEOUT_S = 5.0
+_RETRY_STATUSES = frozenset({429}) | frozenset(range(500, 600))
+# Errors after which the same request may simply be sent again: nothing was
+# answered (refused, reset, dropped). Read/write/pool timeouts are not retried: the
+# request already spent its whole time budget.
+_RETRY_ERRORS: tuple[type[Exception], ...] = (
+    httpx.NetworkError,
+    httpx.RemoteProtocolError,
+    httpx.ConnectTimeout,
+)
+
+
+class _Answer:
+    def __init__(self, content: str, model: str, usage: dict[str, int] | None, truncated: bool) -> None:
+        self.content = content
+        self.model = model
+        self.usage = usage
+        self.truncated = truncated
+
+
+class OpenAICritic:
+    """Judge images with RationalRewards (or any OpenAI-compatible vision model) over HTTP.
+
+    One pooled `httpx.AsyncClient` per critic; call `aclose()` when done (or use
+    `async with`). `transport` replaces the network, for tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        templates: dict[str, Template] | None = None,
+        backoff_base_s: float = BACKOFF_BASE_S,
+    ) -> None:
+        self.settings = settings
+        self.templates = templates if templates is not None else load_templates(settings.critic_templates_dir)
+        for name in ("t2i", settings.critic_edit_template):
+            if name not in self.templates:
+                raise ValueError(f"critic template {name!r} is missing (have: {sorted(self.templates)})")
+        self.backoff_base_s = backoff_base_s
+        # An attribute, so that a test can watch the waits.
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        headers = {}
+        if settings.critic_api_key is not None:
+            headers["Authorization"] = f"Bearer {settings.critic_api_key.get_secret_value()}"
+        connections = settings.max_inflight_critiques
+        self._http = httpx.AsyncClient(
+            base_url=settings.critic_base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(settings.critic_timeout_s),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> OpenAICritic:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def template_for(self, mode: Mode) -> tuple[Template, str]:
+        """The template and served model name that judge `mode`."""
+        if mode == "t2i":
+            return self.templates["t2i"], self.settings.critic_model
+        return self.templates[self.settings.critic_edit_template], self.settings.effective_edit_model
+
+    async def request_body(
+        self,
+        instruction: str,
+        image: ImageInput,
+        source_image: ImageInput | None = None,
+        mode: Mode | None = None,
+    ) -> tuple[Template, dict[str, Any]]:
+        """The chat-completions body for one critique (images encoded off the event loop)."""
+        mode = mode or ("edit" if source_image is not None else "t2i")
+        if mode == "edit" and source_image is None:
+            raise InvalidInput("an edit critique needs the source image", field="source_image")
+        if mode == "t2i" and source_image is not None:
+            raise InvalidInput("a t2i critique takes no source image", field="source_image")
+        template, model = self.template_for(mode)
+        images = [image] if source_image is None else [source_image, image]
+        try:
+            messages = await asyncio.to_thread(
+                build_messages, template, instruction, images, max_edge=self.settings.critic_max_image_edge
+            )
+        except ValueError as exc:
+            raise InvalidInput(f"cannot prepare the critique: {exc}", field="image") from exc
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            "temperature": self.settings.critic_temperature,
+            "max_tokens": self.settings.critic_max_tokens,
+        }
+        return template, body
+
+    async def critique(
+        self,
+        instruction: str,
+        image: ImageInput,
+        source_image: ImageInput | None = None,
+        mode: Mode | None = None,
+    ) -> Critique:
+        """Judge `image` against `instruction` (and `source_image` for an edit).
+
+        `latency_ms` covers the whole call (retries and a re-ask included);
+        `usage` sums the tokens of every answer received.
+        """
+        started = time.perf_counter()
+        template, body = await self.request_body(instruction, image, source_image, mode)
+        answer = await self._complete(body)
+        usage = answer.usage
+        try:
+            return self._parse(answer, template, started, usage)
+        except CritiqueUnparseable:
+            pass
+        if self.settings.critic_structured_outputs:
+            regex = critique_regex(template.dimensions, score_first=template.score_first)
+            body = {**body, "structured_outputs": {"regex": regex}}
+        answer = await self._complete(body)
+        try:
+            return self._parse(answer, template, started, _add_usage(usage, answer.usage))
+        except CritiqueUnparseable as exc:
+            raise CritiqueUnparseable(
+                f"{exc.message} (after one re-ask)", missing=exc.missing, raw=exc.raw
+            ) from exc
+
+    def _parse(
+        self, answer: _Answer, template: Template, started: float, usage: dict[str, int] | None
+    ) -> Critique:
+        if answer.truncated:
+            raise CritiqueUnparseable(
+                f"critic answer was cut off at max_tokens={self.settings.critic_max_tokens}",
+                missing=["end of answer"],
+                raw=answer.content,
+            )
+        return parse_critique(
+            answer.content,
+            template.dimensions,
+            model=answer.model,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            usage=usage,
+        )
+
+    async def _complete(self, body: dict[str, Any]) -> _Answer:
+        attempts = self.settings.critic_retries + 1
+        for attempt in range(attempts):
+            last = attempt == attempts - 1
+            try:
+                async with asyncio.timeout(self.settings.critic_timeout_s):
+                    response = await self._http.post("chat/completions", json=body)
+            except _RETRY_ERRORS as exc:
+                if last:
+                    raise CriticUnavailable(
+                        f"critic at {self.settings.critic_base_url} unreachable: {exc!r}"
+                    ) from exc
+                await self._sleep(self._backoff(attempt))
+                continue
+            except (httpx.TimeoutException, TimeoutError) as exc:
+                raise CriticTimeout(
+                    f"critic gave no answer within {self.settings.critic_timeout_s:g}s"
+                ) from exc
+            except httpx.HTTPError as exc:
+                raise CriticUnavailable(f"critic request failed: {exc!r}") from exc
+            if response.status_code in _RETRY_STATUSES:
+                if last:
+                    raise CriticUnavailable(
+                        f"critic answered HTTP {response.status_code} after {attempts} attempt(s): "
+                        f"{_error_message(response)}"
+                    )
+                await self._sleep(self._retry_delay(attempt, response))
+                continue
+            if response.status_code != 200:
+                raise CriticError(
+                    f"critic refused the request (HTTP {response.status_code}): {_error_message(response)}"
+                )
+            return _read_answer(response)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(BACKOFF_CAP_S, self.backoff_base_s * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)  # equal jitter: spread, but never zero
+
+    def _retry_delay(self, attempt: int, response: httpx.Response) -> float:
+        if response.status_code == 429:
+            retry_after = _retry_after_s(response.headers.get("Retry-After"))
+            if retry_after is not None:
+                return min(retry_after, RETRY_AFTER_CAP_S)
+        return self._backoff(attempt)
+
+    async def probe(self) -> dict[str, Any] | bool:
+        """`GET {base}/models`: its JSON when the endpoint answers 200, else False. Never raises."""
+        try:
+            timeout = min(PROBE_TIMEOUT_S, self.settings.critic_timeout_s)
+            response = await self._http.get("models", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        if response.status_code != 200:
+            return False
+        try:
+            payload = response.json()
+        except ValueError:
+            return True
+        return payload if isinstance(payload, dict) else True
+
+
+def _read_answer(response: httpx.Response) -> _Answer:
+    try:
+        payload = response.json()
+        choice = payload["choices"][0]
+        content = choice["message"].get("content") or ""
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise CriticError(f"critic sent a malformed chat completion: {exc!r}") from exc
+    usage = payload.get("usage")
+    clean_usage = (
+        {k: v for k, v in usage.items() if isinstance(v, int) and not isinstance(v, bool)}
+        if isinstance(usage, dict)
+        else None
+    )
+    return _Answer(
+        content=str(content),
+        model=str(payload.get("model") or ""),
+        usage=clean_usage,
+        truncated=choice.get("finish_reason") == "length",
+    )
+
+
+def _add_usage(first: dict[str, int] | None, second: dict[str, int] | None) -> dict[str, int] | None:
+    if first is None or second is None:
+        return second or first
+    return {key: first.get(key, 0) + second.get(key, 0) for key in first.keys() | second.keys()}
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date)."""
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text[:200]
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(payload, dict) and payload.get("message"):  # vLLM before 0.6 put it at the top
+        return str(payload["message"])
+    return response.text[:200]

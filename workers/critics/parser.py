@@ -1,0 +1,391 @@
+"""Read a RationalRewards answer into a `Critique`, or say exactly what is missing.
+
+The answer format (shared/reference/rationalrewards)::
+
+    # User Request Analysis
+    ...
+    # Detailed Judgement
+    1. Text Faithfulness:
+    ## Justification: ...
+    ## Score: 3.5
+    ...
+    # Summary: ...
+    # User Request Refinement:
+    ## Refinement Comments: ...
+    ## Refined Request: ...
+
+The parser is line based and tolerant of what models actually write: `## Score:`
+before or after `## Justification:`, bold or `3.5/4` scores, trailing remarks,
+`N/A`, multi-line fields, missing blank lines, header variants (`1.Text
+Faithfulness:`, `### 2. Physical and Visual Quality`, `**3. Text Rendering**`),
+a leading `<think>...</think>` block. Only a header line (`## Score:` or a bold
+`**Score:**` opening a line) gives a score; "Score:" in running text never does.
+A score belongs to the dimension block it stands in: blocks run from one
+dimension header to the next, so the order of fields inside a block is free.
+
+What makes an answer unparseable (`CritiqueUnparseable`, never a score of 0):
+- no score for `text_faithfulness` (missing, unreadable or N/A): it is the core
+  of the judgement, and without it the overall would measure something else;
+- no declared dimension with a numeric score (truncated, all N/A, refusal).
+Any other declared dimension that is missing or unreadable gets `score=None`,
+exactly like N/A, and the overall is the mean of the rest. A missing refined
+request gives `refined_request=None` (the loop then stops with `no_refinement`).
+Dimensions the template does not declare are ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.errors import CritiqueUnparseable
+from service.protocol import (
+    IMAGE_FAITHFULNESS,
+    PHYSICAL_QUALITY,
+    SCORE_MAX,
+    TEXT_FAITHFULNESS,
+    TEXT_RENDERING,
+    Critique,
+    DimensionScore,
+    clamp_score,
+    overall_score,
+)
+
+Dimensions = Sequence[tuple[str, str]]
+"""(key, header label) pairs, in the order the template asks for them."""
+
+REQUIRED_DIMENSION = TEXT_FAITHFULNESS
+
+# Labels of the standard dimensions and the variants models write. A template's
+# own labels are added at parse time; undeclared ones still delimit blocks, so an
+# extra dimension's score is never taken for the previous one's.
+_STANDARD_LABELS: dict[str, tuple[str, ...]] = {
+    TEXT_FAITHFULNESS: ("text faithfulness",),
+    IMAGE_FAITHFULNESS: ("image faithfulness",),
+    PHYSICAL_QUALITY: ("physical and visual quality", "physical visual quality", "visual quality"),
+    TEXT_RENDERING: ("text rendering",),
+}
+
+_SECTIONS = {
+    "user request analysis": "analysis",
+    "detailed judgement": "judgement",
+    "detailed judgment": "judgement",
+    "summary": "summary",
+    "user request refinement": "refinement",
+}
+_FIELDS = {
+    "score": "score",
+    "justification": "justification",
+    "refinement comments": "comments",
+    "refined request": "refined",
+}
+
+_BOLD = r"(?:\*\*|__)"
+# A closing `**` is markup only when one was opened before the title; otherwise it
+# belongs to the text after the colon (`## Justification: **The cat** is ...`).
+_CLOSE = rf"(?(b1){_BOLD}?|(?(b2){_BOLD}?))"
+# `#`s, optional bold, optional number, the title; `rest` is what follows the colon.
+_HEADER = re.compile(
+    rf"^\s*(?P<hashes>#{{1,6}})?\s*(?P<b1>{_BOLD})?\s*"
+    rf"(?:(?P<num>\d{{1,2}})\s*[.):]\s*(?P<b2>{_BOLD})?\s*)?"
+    rf"(?P<title>[A-Za-z][A-Za-z &/-]*)(?:\([^)]*\))?\s*{_CLOSE}\s*(?P<colon>:)?\s*{_CLOSE}"
+    r"\s*(?P<rest>.*)$"
+)
+_NOT_APPLICABLE = re.compile(r"^(?:n\s*/\s*a|na|not\s+applicable|none)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"^([+-]?\d+(?:[.,]\d+)?|[+-]?\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?))?")
+_FENCE = re.compile(r"^\s*```\w*\s*$")
+
+
+def _norm(title: str) -> str:
+    return " ".join(re.sub(r"[^a-z]+", " ", title.lower().replace("&", " and ")).split())
+
+
+@dataclass
+class _Header:
+    kind: str  # "section" | "field" | "dimension"
+    name: str
+    rest: str
+    hashed: bool = False
+
+
+@dataclass
+class _ScoreLine:
+    text: str
+    hashed: bool
+    """A `## Score:` header; a bold `**Score:**` one only counts when no hashed one does."""
+
+
+@dataclass
+class _Block:
+    """One dimension's lines: free text, justification, score line(s)."""
+
+    key: str
+    loose: list[str] = field(default_factory=list)
+    justification: list[str] = field(default_factory=list)
+    scores: list[_ScoreLine] = field(default_factory=list)
+    score_extra: list[str] = field(default_factory=list)
+    current: str = "loose"
+
+
+@dataclass
+class _Reading:
+    analysis: list[str] = field(default_factory=list)
+    preamble: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+    refined: list[str] | None = None
+    blocks: list[_Block] = field(default_factory=list)
+
+
+def strip_thinking(raw: str) -> str:
+    """The answer without a reasoning block; '' when the model never stopped thinking."""
+    text = raw.replace("\r\n", "\n").replace("\r", "\n")
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1]
+    if text.lstrip().startswith("<think>"):
+        return ""
+    return text
+
+
+def parse_critique(
+    raw: str,
+    dimensions: Dimensions,
+    *,
+    model: str = "",
+    latency_ms: float = 0.0,
+    usage: dict[str, int] | None = None,
+) -> Critique:
+    """Parse a critic answer for a template declaring `dimensions` (see module docstring)."""
+    labels = _label_index(dimensions)
+    reading = _read(strip_thinking(raw), labels)
+    declared = [key for key, _ in dimensions]
+    scores: dict[str, DimensionScore] = {}
+    missing: list[str] = []
+    for key in declared:
+        entry, found = _dimension_score(reading.blocks, key)
+        scores[key] = entry
+        if not found:
+            missing.append(f"score: {key}")
+    numeric = [scores[key].score for key in declared if scores[key].score is not None]
+    if not reading.blocks:
+        raise CritiqueUnparseable(
+            "critic answer has no dimension judgement (a refusal, cut off, or off-format)",
+            missing=[f"score: {key}" for key in declared],
+            raw=raw,
+        )
+    if not numeric:
+        gone = [f"score: {key}" for key in declared]
+        raise CritiqueUnparseable(
+            "critic answer has no numeric dimension score (every dimension N/A, missing or unreadable; "
+            f"missing: {', '.join(missing) or 'none'})",
+            missing=gone,
+            raw=raw,
+        )
+    if REQUIRED_DIMENSION in scores and scores[REQUIRED_DIMENSION].score is None:
+        what = "missing or unreadable" if f"score: {REQUIRED_DIMENSION}" in missing else "N/A"
+        raise CritiqueUnparseable(
+            f"critic answer's {REQUIRED_DIMENSION} score is {what}; it is required",
+            missing=[f"score: {REQUIRED_DIMENSION}"],
+            raw=raw,
+        )
+    return Critique(
+        dimensions=scores,
+        overall=overall_score([entry.score for entry in scores.values()]),
+        analysis=_join(reading.analysis or reading.preamble),
+        summary=_join(reading.summary),
+        refinement_comments=_join(reading.comments),
+        refined_request=_clean_request(reading.refined),
+        raw=raw,
+        model=model,
+        latency_ms=latency_ms,
+        usage=usage,
+    )
+
+
+def _label_index(dimensions: Dimensions) -> dict[str, str]:
+    """Normalised header title -> dimension key (undeclared standard ones included)."""
+    index = {_norm(label): key for key, labels in _STANDARD_LABELS.items() for label in labels}
+    index.update({_norm(label): key for key, label in dimensions})
+    return index
+
+
+def _classify(line: str, labels: dict[str, str]) -> _Header | None:
+    match = _HEADER.match(line)
+    if match is None:
+        return None
+    title = _norm(match["title"])
+    marked = bool(match["hashes"] or match["b1"] or match["b2"])
+    rest = match["rest"].strip()
+    hashed = bool(match["hashes"])
+    if title in _SECTIONS and (marked or not rest):
+        return _Header("section", _SECTIONS[title], rest, hashed)
+    if title in _FIELDS and match["num"] is None:
+        # Only a marked header gives a score; "Score:" at the start of running text does not.
+        if marked or (title != "score" and match["colon"]):
+            return _Header("field", _FIELDS[title], rest, hashed)
+        return None
+    # A bold label followed by text is emphasis in running text, not a header.
+    if title in labels and (hashed or match["num"] is not None or not rest):
+        return _Header("dimension", labels[title], rest, hashed)
+    return None
+
+
+def _read(text: str, labels: dict[str, str]) -> _Reading:
+    lines = [line for line in text.split("\n") if not _FENCE.match(line)]
+    has_judgement = any(
+        (h := _classify(line, labels)) is not None and h.kind == "section" and h.name == "judgement"
+        for line in lines
+    )
+    reading = _Reading()
+    section = "preamble"
+    block: _Block | None = None
+    target: list[str] = reading.preamble
+    for line in lines:
+        header = _classify(line, labels)
+        if header is not None and header.kind == "dimension":
+            # Before the judgement section a numbered label is part of the analysis,
+            # unless the answer has no judgement header at all.
+            in_judgement = section == "judgement" or (
+                not has_judgement and section in ("preamble", "analysis")
+            )
+            if not in_judgement:
+                header = None
+        if header is None:
+            if block is not None:
+                _block_line(block, line)
+            else:
+                target.append(line)
+            continue
+        if header.kind == "section":
+            section, block = header.name, None
+            target = {
+                "analysis": reading.analysis,
+                "judgement": [],
+                "summary": reading.summary,
+                "refinement": reading.comments,
+            }[header.name]
+            if header.rest:
+                target.append(header.rest)
+        elif header.kind == "dimension":
+            section = "judgement"
+            block = _Block(header.name)
+            reading.blocks.append(block)
+            if header.rest:
+                block.loose.append(header.rest)
+        elif block is not None and header.name in ("score", "justification"):
+            block.current = header.name
+            if header.name == "score":
+                block.scores.append(_ScoreLine(header.rest, header.hashed))
+            else:
+                block.justification.append(header.rest)
+        elif header.name in ("comments", "refined"):
+            section, block = "refinement", None
+            if header.name == "refined":
+                reading.refined = [header.rest]
+                target = reading.refined
+            else:
+                target = reading.comments
+                target.append(header.rest)
+        else:
+            # A score or justification header outside any dimension block cannot be
+            # attributed to a dimension; keep it as text of the current section.
+            target.append(line)
+    return reading
+
+
+def _block_line(block: _Block, line: str) -> None:
+    if block.current == "justification":
+        block.justification.append(line)
+    elif block.current == "score":
+        last = block.scores[-1]
+        if not last.text.strip() and line.strip():
+            last.text = line  # "## Score:" with the value on the next line
+            return
+        block.score_extra.append(line)
+    else:
+        block.loose.append(line)
+
+
+def _dimension_score(blocks: list[_Block], key: str) -> tuple[DimensionScore, bool]:
+    """The dimension's entry and whether the answer gave a score (a number or N/A)."""
+    candidates = [b for b in blocks if b.key == key]
+    readings = [
+        (line.hashed, block, parsed)
+        for block in candidates
+        for line in block.scores
+        if (parsed := _parse_score(line.text)) is not None
+    ]
+    # The first hashed score wins; a bold one only when the block has no hashed one.
+    readings.sort(key=lambda item: not item[0])
+    if not readings:
+        justification = _join(candidates[0].justification or candidates[0].loose) if candidates else ""
+        return DimensionScore(score=None, justification=justification, clamped=False), False
+    _, block, (value, remark) = readings[0]
+    justification = _join(block.justification) or _join(block.loose + block.score_extra) or remark
+    if value is None:
+        return DimensionScore(score=None, justification=justification, clamped=False), True
+    clamped = clamp_score(value)
+    return DimensionScore(score=clamped, justification=justification, clamped=clamped != value), True
+
+
+def _parse_score(text: str) -> tuple[float | None, str] | None:
+    """(value or None for N/A, trailing remark), or None when no score can be read."""
+    cleaned = re.sub(r"[*_`\[\]]", "", text).strip()
+    na = _NOT_APPLICABLE.match(cleaned)
+    if na:
+        return None, cleaned[na.end() :].strip(" :-()—")
+    number = _NUMBER.match(cleaned)
+    if number is None:
+        return None
+    value = float(number[1].replace(",", "."))
+    if number[2] is not None and float(number[2]) > 0 and float(number[2]) != SCORE_MAX:
+        # "7/10": the model used another scale; read it as a fraction of ours.
+        value = value * SCORE_MAX / float(number[2])
+    return value, cleaned[number.end() :].strip(" :-()—")
+
+
+def _join(lines: list[str]) -> str:
+    return "\n".join(lines).strip()
+
+
+def _clean_request(lines: list[str] | None) -> str | None:
+    if lines is None:
+        return None
+    # Markup around the whole request (bold, quotes, brackets) is not part of it.
+    text = _join(lines).strip("*_ \n")
+    for left, right in (('"', '"'), ("“", "”"), ("[", "]")):
+        if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
+            text = text[len(left) : -len(right)].strip()
+    return text or None
+
+
+# --- Constrained decoding ------------------------------------------------------------
+
+_FREE = r"[^#]*\n"  # free text: no '#' so it cannot open a header; ends at a line break
+_SCORE = r"([1-3](\.[0-9]{1,2})?|4(\.00?)?)"
+
+
+def _escape(text: str) -> str:
+    # Not re.escape: it also escapes spaces, which some structured-output regex
+    # engines do not accept; escape only the metacharacters.
+    return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", text)
+
+
+def critique_regex(dimensions: Dimensions, *, score_first: bool = False) -> str:
+    """A regex of a well-formed answer, for vLLM `structured_outputs: {"regex": ...}`.
+
+    It follows the training format (justification then score, or the reverse for
+    the tuning variant); only text rendering may be N/A. Every answer it admits
+    parses (tested).
+    """
+    parts = [r"# User Request Analysis\n", _FREE, r"# Detailed Judgement\n"]
+    for number, (key, label) in enumerate(dimensions, start=1):
+        score = rf"({_SCORE}|N/A)" if key == TEXT_RENDERING else _SCORE
+        justification = r"## Justification:" + _FREE
+        score_line = rf"## Score: {score}\n"
+        parts.append(rf"{number}\. {_escape(label)}:\n")
+        parts.extend([score_line, justification] if score_first else [justification, score_line])
+    parts += [r"# Summary:", _FREE, r"# User Request Refinement:\n"]
+    parts += [r"## Refinement Comments:", _FREE, r"## Refined Request: [^#\n]+\n?"]
+    return "".join(parts)
