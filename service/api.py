@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 
 from service import http_metrics
-from service.errors import GcrError, NotFound, QueueFull
+from service.auth import Principal, authenticate
+from service.errors import GcrError, NotFound, QueueFull, RateLimited, Unauthorized
 from service.gateway_state import GatewayState
 from service.protocol import (
     Critique,
@@ -28,10 +31,13 @@ from service.protocol import (
     ErrorBody,
     ErrorResponse,
     JobDocument,
+    JobList,
     SubmitResponse,
 )
 from service.settings import Settings
 from service.submit import parse_generate_body, prepare_job
+
+log = logging.getLogger("gcr.gateway")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 404, 422, 429, 502, 503, 504)
@@ -52,7 +58,14 @@ def _validation_field(loc: tuple[Any, ...]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GcrError)
     async def gcr_error(_request: Request, exc: GcrError) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status_code in (429, 503) else None
+        http_metrics.ERRORS.labels(exc.code).inc()
+        headers: dict[str, str] | None = None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        elif exc.status_code in (429, 503):
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+        elif isinstance(exc, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
         body = ErrorBody(code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable)
         return _error_response(exc.status_code, body, headers)
 
@@ -75,6 +88,18 @@ def get_state(request: Request) -> GatewayState:
 State = Annotated[GatewayState, Depends(get_state)]
 
 
+async def get_principal(
+    state: State, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+) -> Principal:
+    """Authenticate the key, then take a token from its rate-limit bucket."""
+    principal = authenticate(state.settings, authorization)
+    await state.rate_limiter.take(principal.key_id)
+    return principal
+
+
+Caller = Annotated[Principal, Depends(get_principal)]
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The gateway app; its lifespan opens the Redis pool and the critic client."""
 
@@ -82,6 +107,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = GatewayState(settings)
         app.state.gcr = state
+        if settings.auth_disabled:
+            log.warning("AUTH IS DISABLED (GCR_AUTH_DISABLED=true): anyone who reaches this port can use it")
+        elif not settings.api_keys and not settings.admin_keys:
+            log.warning("no API keys configured (GCR_API_KEYS): every request will answer 401")
         try:
             yield
         finally:
@@ -123,6 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def generate(
         request: Request,
         state: State,
+        caller: Caller,
         idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     ) -> JSONResponse:
         """Queue a job. JSON body, or multipart with a `request` JSON field and a `source_image` file.
@@ -131,28 +161,30 @@ def create_app(settings: Settings) -> FastAPI:
         The same `Idempotency-Key` with the same body returns the same job."""
         spec, source = await parse_generate_body(request, settings)
         if idempotency_key is not None:
-            existing = await state.idempotent_job(idempotency_key, spec)
+            existing = await state.idempotent_job(caller, idempotency_key, spec)
             if existing is not None:
                 doc = await state.store.get(existing)
                 return _submitted(request, settings, doc, status=200)
         if await state.queue.queued_count() >= settings.queue_max:
             raise QueueFull(f"the queue holds {settings.queue_max} jobs; retry later")
-        doc, source_png = await prepare_job(spec, source, settings)
-        if idempotency_key is not None and not await state.claim_idempotency(idempotency_key, spec, doc.id):
-            existing = await state.idempotent_job(idempotency_key, spec)
+        doc, source_png = await prepare_job(spec, source, settings, owner=caller.tenant)
+        if idempotency_key is not None and not await state.claim_idempotency(caller, idempotency_key, spec, doc.id):
+            existing = await state.idempotent_job(caller, idempotency_key, spec)
             if existing is not None:
                 return _submitted(request, settings, await state.store.get(existing), status=200)
         await state.store.create(doc, source_png)
+        http_metrics.JOBS_SUBMITTED.labels(doc.spec.mode, doc.spec.priority).inc()
         return _submitted(request, settings, doc, status=202)
 
     @app.get("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-    async def get_job(job_id: str, request: Request, state: State) -> JobDocument:
+    async def get_job(job_id: str, request: Request, state: State, caller: Caller) -> JobDocument:
         """The job: status, effective spec, every round with scores and images, the best candidate."""
-        return _render(request, settings, await state.store.get(job_id))
+        return _render(request, settings, await state.owned_job(job_id, caller))
 
     @app.delete("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-    async def cancel_job(job_id: str, request: Request, state: State) -> JobDocument:
+    async def cancel_job(job_id: str, request: Request, state: State, caller: Caller) -> JobDocument:
         """Cancel: a queued job never runs; a running one stops at its next stage boundary."""
+        await state.check_owner(job_id, caller)
         outcome = await state.store.cancel(job_id)
         if outcome == "missing":
             raise NotFound(f"no job {job_id!r}", field="id")
@@ -162,13 +194,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def job_events(
         job_id: str,
         state: State,
+        caller: Caller,
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
     ) -> EventSourceResponse:
         """Server-Sent Events: `status`, `stage`, `progress`, `round`, then `end` when the job ends.
 
         Reconnect with `Last-Event-ID` to resume after the last event received."""
-        if not await state.store.exists(job_id):
-            raise NotFound(f"no job {job_id!r}", field="id")
+        await state.check_owner(job_id, caller)
         return EventSourceResponse(_event_stream(state, job_id, last_event_id or "0-0"), ping=10)
 
     @app.get(
@@ -176,8 +208,9 @@ def create_app(settings: Settings) -> FastAPI:
         responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
         response_class=Response,
     )
-    async def job_image(job_id: str, round_index: int, candidate: int, state: State) -> Response:
+    async def job_image(job_id: str, round_index: int, candidate: int, state: State, caller: Caller) -> Response:
         """PNG bytes of one candidate image."""
+        await state.check_owner(job_id, caller)
         png = await state.store.get_image(job_id, round_index, candidate)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
@@ -186,14 +219,34 @@ def create_app(settings: Settings) -> FastAPI:
         responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
         response_class=Response,
     )
-    async def job_source(job_id: str, state: State) -> Response:
+    async def job_source(job_id: str, state: State, caller: Caller) -> Response:
         """PNG bytes of an edit job's source image."""
+        await state.check_owner(job_id, caller)
         return Response(await state.store.get_source_image(job_id), media_type="image/png")
 
     @app.post("/critique", response_model=Critique, responses=ERROR_RESPONSES)
-    async def critique(body: CritiqueRequest, state: State) -> Critique:
+    async def critique(body: CritiqueRequest, state: State, _caller: Caller) -> Critique:
         """Judge one client-supplied image with the reward model, synchronously."""
         return await state.critique(body)
+
+    @app.get("/admin/jobs", response_model=JobList, responses=ERROR_RESPONSES)
+    async def admin_jobs(
+        request: Request,
+        state: State,
+        caller: Caller,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        before: Annotated[float | None, Query(description="Only jobs created before this timestamp.")] = None,
+    ) -> JobList:
+        """Admin keys only: every tenant's jobs, newest first."""
+        state.require_admin(caller)
+        docs = await state.recent_jobs(limit, before)
+        return JobList(jobs=[_render(request, settings, d) for d in docs])
+
+    @app.get("/admin/queue", responses=ERROR_RESPONSES)
+    async def admin_queue(state: State, caller: Caller) -> dict[str, Any]:
+        """Admin keys only: queue depth by mode and priority, pending entries, live workers."""
+        state.require_admin(caller)
+        return await state.queue_stats()
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

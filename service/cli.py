@@ -195,6 +195,22 @@ def up(dev: bool, port: int, generator: str, demo: bool) -> None:
 
 
 @main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("new")
+@click.option("--tenant", required=True, help="Name of the tenant this key acts for.")
+def keys_new(tenant: str) -> None:
+    """Make a new API key; prints the key (give it to the client) and the GCR_API_KEYS entry (keep only that)."""
+    from service.auth import new_key
+
+    key, digest = new_key()
+    click.echo(f"key:   {key}")
+    click.echo(f'entry: "{digest}": "{tenant}"   (GCR_API_KEYS=\'{{"{digest}": "{tenant}"}}\')')
+
+
+@main.group()
 def dev() -> None:
     """Developer tools: tiny test pipelines, the stand-in critic."""
 

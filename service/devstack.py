@@ -105,8 +105,8 @@ async def _serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None
 
 async def run_dev_stack(port: int, generator: str, demo: bool) -> int:
     from service.cli import run_worker
-    from workers.critics.standin_config import StandinConfig, StandinRule
     from workers.critics.standin import create_app as create_standin
+    from workers.critics.standin_config import StandinConfig, StandinRule
 
     base = Settings()
     with local_redis(base.redis_url) as redis_url:
@@ -120,6 +120,7 @@ async def run_dev_stack(port: int, generator: str, demo: bool) -> int:
                 "generator": generator,
                 "critic_base_url": f"http://127.0.0.1:{critic_port}/v1",
                 "critic_model": standin.model,
+                "auth_disabled": True,
             }
         )
         ready = asyncio.Event()

@@ -7,6 +7,7 @@
     ├── NotFound               404  unknown id (or another key's id)
     ├── Unauthorized           401  missing or unknown API key
     ├── QueueFull              429  the queue cap is reached; retry later
+    ├── RateLimited            429  this key's token bucket is empty; retry after Retry-After
     ├── StoreUnavailable       503  Redis cannot be reached
     ├── CriticError            502  the reward model could not give a usable critique
     │   ├── CriticTimeout      504
@@ -65,6 +66,16 @@ class QueueFull(GcrError):
     code = "queue_full"
     status_code = 429
     retryable = True
+
+
+class RateLimited(GcrError):
+    code = "rate_limited"
+    status_code = 429
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StoreUnavailable(GcrError):

@@ -7,10 +7,14 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from service.errors import GcrError, InvalidInput
-from service.keys import Keys
-from service.protocol import Critique, CritiqueRequest, GenerateRequest
+from redis.exceptions import ResponseError
+
+from service.auth import Principal
+from service.errors import GcrError, InvalidInput, NotFound, Unauthorized
+from service.keys import CONSUMER_GROUP, MODES, PRIORITIES, Keys
+from service.protocol import Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
+from service.ratelimit import RateLimiter
 from service.redis_client import connect, translate_errors
 from service.settings import Settings
 from service.store import JobStore
@@ -33,6 +37,7 @@ class GatewayState:
         self.keys = Keys(settings.redis_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
         self.queue = JobQueue(self.redis, self.keys)
+        self.rate_limiter = RateLimiter(self.redis, self.keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         self._critic: OpenAICritic | None = None
 
     async def aclose(self) -> None:
@@ -40,11 +45,57 @@ class GatewayState:
             await self._critic.aclose()
         await self.redis.aclose()
 
-    # --- idempotency ------------------------------------------------------------------
+    # --- tenants ------------------------------------------------------------------------
+    async def check_owner(self, job_id: str, caller: Principal) -> None:
+        """Another tenant's job answers 404, like an unknown id, so ids leak nothing."""
+        owner = await self.store.owner(job_id)
+        if not caller.admin and owner != caller.tenant:
+            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+
+    async def owned_job(self, job_id: str, caller: Principal) -> JobDocument:
+        doc = await self.store.get(job_id)
+        if not caller.admin and doc.owner != caller.tenant:
+            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+        return doc
+
+    def require_admin(self, caller: Principal) -> None:
+        if not caller.admin:
+            raise Unauthorized("this route needs an admin key (GCR_ADMIN_KEYS)")
+
+    async def recent_jobs(self, limit: int, before: float | None) -> list[JobDocument]:
+        docs = []
+        for job_id in await self.store.recent_ids(limit, before):
+            try:
+                docs.append(await self.store.get(job_id))
+            except NotFound:  # expired between the two reads
+                continue
+        return docs
+
     @translate_errors
-    async def idempotent_job(self, key: str, spec: GenerateRequest) -> str | None:
+    async def queue_stats(self) -> dict[str, Any]:
+        streams: dict[str, Any] = {}
+        for mode in MODES:
+            for priority in PRIORITIES:
+                key = self.keys.queue(mode, priority)
+                length = await self.redis.xlen(key)
+                pending = 0
+                if length:
+                    try:
+                        pending = (await self.redis.xpending(key, CONSUMER_GROUP))["pending"]
+                    except ResponseError:  # no group yet: no worker ever read this stream
+                        pending = 0
+                streams[f"{mode}:{priority}"] = {"entries": length, "pending": pending}
+        return {
+            "queued": await self.queue.queued_count(),
+            "streams": streams,
+            "workers": await self.queue.live_workers(self.settings.worker_stale_s),
+        }
+
+    # --- idempotency (keys are per tenant) ----------------------------------------------------
+    @translate_errors
+    async def idempotent_job(self, caller: Principal, key: str, spec: GenerateRequest) -> str | None:
         """The job an earlier request with this key created; refuses a reuse with another body."""
-        raw = await self.redis.get(self.keys.idempotency(key))
+        raw = await self.redis.get(self.keys.idempotency(f"{caller.tenant}:{key}"))
         if raw is None:
             return None
         job_id, _, fingerprint = raw.decode().partition(":")
@@ -55,11 +106,10 @@ class GatewayState:
         return job_id
 
     @translate_errors
-    async def claim_idempotency(self, key: str, spec: GenerateRequest, job_id: str) -> bool:
+    async def claim_idempotency(self, caller: Principal, key: str, spec: GenerateRequest, job_id: str) -> bool:
         value = f"{job_id}:{_fingerprint(spec)}"
-        return bool(
-            await self.redis.set(self.keys.idempotency(key), value, nx=True, ex=self.settings.result_ttl_s)
-        )
+        scoped = self.keys.idempotency(f"{caller.tenant}:{key}")
+        return bool(await self.redis.set(scoped, value, nx=True, ex=self.settings.result_ttl_s))
 
     # --- critique as a service --------------------------------------------------------------
     def critic(self) -> OpenAICritic:

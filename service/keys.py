@@ -45,6 +45,14 @@ class Keys:
     def idempotency(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
 
+    def rate_limit(self, key_id: str) -> str:
+        """Hash: one API key's token bucket."""
+        return f"{self.prefix}:ratelimit:{key_id}"
+
+    def all_jobs(self) -> str:
+        """Sorted set of every job id by creation time, for the admin listing."""
+        return f"{self.prefix}:jobs"
+
     def queued_index(self) -> str:
         """Sorted set of queued job ids by enqueue order: queue position and the queue cap."""
         return f"{self.prefix}:queued"

@@ -237,8 +237,13 @@ class JobDocument(BaseModel):
     critic_model: str | None = None
     generator_model: str | None = None
     cancel_requested: bool = False
+    owner: str | None = Field(None, exclude=True, description="Tenant that submitted the job (never returned).")
     queue_position: int | None = Field(None, description="0-based position among queued jobs, while queued.")
     links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobList(BaseModel):
+    jobs: list[JobDocument]
 
 
 class SubmitResponse(BaseModel):

@@ -50,6 +50,24 @@ class Settings(BaseSettings):
         15.0, gt=0, description="A worker whose last heartbeat is older is not alive."
     )
 
+    # --- Auth, limits, webhooks ---------------------------------------------------------
+    auth_disabled: bool = Field(False, description="Turn API-key auth off (dev only; logged loudly).")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description='JSON {"<sha256 of key>": "<tenant>"}; make one with `gcr keys new`.'
+    )
+    admin_keys: dict[str, str] = Field(
+        default_factory=dict, description="Same form; these keys also list all jobs and see queue stats."
+    )
+    rate_limit_per_s: float = Field(20.0, ge=0, description="Requests per second per key (token bucket); 0: off.")
+    rate_limit_burst: int = Field(40, ge=1, description="Bucket size of the per-key rate limit.")
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
+    webhook_allow_private: bool = Field(
+        False, description="Allow callback URLs on private/loopback addresses (tests, single-host setups)."
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a webhook delivery.")
+    webhook_attempts: int = Field(5, ge=1, description="Delivery attempts, with exponential backoff.")
+    log_format: Literal["json", "text"] = Field("json", description="`json`: one object per line, with job id.")
+
     # --- Worker: generator --------------------------------------------------------
     generator: str | None = Field(
         None,
@@ -111,6 +129,12 @@ class Settings(BaseSettings):
     )
     critic_edit_template: Literal["edit", "edit_tuning"] = Field(
         "edit", description="`edit_tuning`: the variant of the authors' test-time script."
+    )
+    critic_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed critic calls that open the circuit breaker."
+    )
+    critic_breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="How long an open breaker fails calls fast before one trial call."
     )
 
     @property

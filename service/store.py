@@ -118,7 +118,6 @@ class JobStore:
         doc["rounds"] = [json.loads(r) for r in rounds]
         if doc.get("status") == "queued" and rank is not None:
             doc["queue_position"] = rank
-        doc.pop("owner", None)
         return JobDocument.model_validate(doc)
 
     @translate_errors
@@ -127,8 +126,23 @@ class JobStore:
         return None if raw is None else json.loads(raw)
 
     @translate_errors
+    async def owner(self, job_id: str) -> str | None:
+        """The job's tenant; `NotFound` for unknown or expired ids."""
+        fields = await self.redis.hmget(self.keys.job(job_id), ["status", "owner"])
+        if fields[0] is None:
+            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+        return None if fields[1] is None else json.loads(fields[1])
+
+    @translate_errors
     async def exists(self, job_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.job(job_id)))
+
+    @translate_errors
+    async def recent_ids(self, limit: int, before: float | None = None) -> list[str]:
+        """Job ids, newest first, created before `before` (a timestamp)."""
+        top = "+inf" if before is None else f"({before}"
+        ids = await self.redis.zrevrangebyscore(self.keys.all_jobs(), top, "-inf", start=0, num=limit)
+        return [i.decode() for i in ids]
 
     @translate_errors
     async def get_image(self, job_id: str, round_index: int, candidate: int) -> bytes:
@@ -161,6 +175,7 @@ class JobStore:
     async def create(self, doc: JobDocument, source_png: bytes | None = None) -> None:
         """Store a new job and queue it, in one transaction: a job is never stored but not queued."""
         fields = doc.model_dump(exclude={"rounds", "queue_position", "links"}, exclude_none=True)
+        fields["owner"] = doc.owner
         priority = doc.spec.priority
         order = PRIORITY_RANK[priority] * 10**13 + int(doc.created_at * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -169,6 +184,8 @@ class JobStore:
             if source_png is not None:
                 pipe.set(self.keys.source_image(doc.id), source_png, ex=self.ttl_s)
             pipe.zadd(self.keys.queued_index(), {doc.id: order})
+            pipe.zadd(self.keys.all_jobs(), {doc.id: doc.created_at})
+            pipe.zremrangebyscore(self.keys.all_jobs(), "-inf", doc.created_at - self.ttl_s)
             pipe.xadd(self.keys.queue(doc.spec.mode, priority), {"job": doc.id})
             await pipe.execute()
 

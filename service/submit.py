@@ -71,7 +71,7 @@ async def parse_generate_body(request: Request, settings: Settings) -> tuple[Gen
 
 
 async def prepare_job(
-    spec: GenerateRequest, source: bytes | None, settings: Settings
+    spec: GenerateRequest, source: bytes | None, settings: Settings, owner: str
 ) -> tuple[JobDocument, bytes | None]:
     """Check what the schema cannot, draw the seed, and build the queued document."""
     if len(spec.prompt) > settings.max_prompt_chars:
@@ -105,5 +105,6 @@ async def prepare_job(
         spec=effective,
         stage="queued",
         created_at=time.time(),
+        owner=owner,
     )
     return doc, source_png

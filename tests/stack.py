@@ -44,7 +44,7 @@ class Stack:
             worker_stale_s=3.0,
             batch_window_ms=5,
             progress_interval_s=0.0,
-            **overrides,
+            **{"auth_disabled": True, "rate_limit_per_s": 0, **overrides},
         )
         self.workers: list[tuple[Worker, asyncio.Task[None], OpenAICritic]] = []
         self._server: uvicorn.Server | None = None

@@ -129,11 +129,13 @@ class Worker:
     async def _wait_for_work(self) -> None:
         wait = asyncio.create_task(self.queue.wait_for_entries(IDLE_WAIT_S))
         stop = asyncio.create_task(self._stopping.wait())
-        await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (wait, stop):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, GcrError):
-                await task
+        try:
+            await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (wait, stop):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, GcrError):
+                    await task
 
     def _start(self, claim: Claim) -> None:
         task = asyncio.create_task(self._run_claim(claim), name=f"gcr-job-{claim.job_id}")
