@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import http_metrics
 from service.auth import Principal, authenticate
@@ -42,6 +43,7 @@ log = logging.getLogger("gcr.gateway")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 404, 422, 429, 502, 503, 504)
 }
+HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 SSE_BLOCK_MS = 15_000
 RETRY_AFTER_S = 5
 
@@ -68,6 +70,14 @@ def install_error_handlers(app: FastAPI) -> None:
             headers = {"WWW-Authenticate": "Bearer"}
         body = ErrorBody(code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable)
         return _error_response(exc.status_code, body, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own refusals (unknown route, wrong method, malformed multipart) get our body too.
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        http_metrics.ERRORS.labels(code).inc()
+        headers = dict(exc.headers) if exc.headers else None
+        return _error_response(exc.status_code, ErrorBody(code=code, message=str(exc.detail)), headers)
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,7 +9,7 @@ import time
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.protocol import MAX_SEED, GenerateRequest, JobDocument
@@ -42,32 +42,32 @@ async def parse_generate_body(request: Request, settings: Settings) -> tuple[Gen
             )
         return spec, source
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=4, max_part_size=limit)
-        raw = form.get("request")
-        if not isinstance(raw, str):
-            raise InvalidInput(
-                "multipart body needs a `request` field holding the JSON request", field="request"
-            )
-        try:
-            spec = GenerateRequest.model_validate_json(raw)
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
-        upload = form.get("source_image")
-        source = None
-        if isinstance(upload, UploadFile):
-            source = await upload.read(settings.max_image_bytes + 1)
-            if len(source) > settings.max_image_bytes:
-                raise PayloadTooLarge(
-                    f"source_image is larger than {settings.max_image_bytes} bytes", field="source_image"
-                )
-        elif spec.source_image is not None:
-            source = decode_base64_image(
-                spec.source_image, field="source_image", max_bytes=settings.max_image_bytes
-            )
-        return spec, source
+        async with request.form(max_files=1, max_fields=4, max_part_size=limit) as form:
+            return await _parse_multipart(form, settings)
     raise UnsupportedMediaType(
         f"content type {content_type!r} is not accepted; use JSON or multipart/form-data"
     )
+
+
+async def _parse_multipart(form: FormData, settings: Settings) -> tuple[GenerateRequest, bytes | None]:
+    raw = form.get("request")
+    if not isinstance(raw, str):
+        raise InvalidInput("multipart body needs a `request` field holding the JSON request", field="request")
+    try:
+        spec = GenerateRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc) from exc
+    upload = form.get("source_image")
+    if isinstance(upload, UploadFile):
+        source = await upload.read(settings.max_image_bytes + 1)
+        if len(source) > settings.max_image_bytes:
+            raise PayloadTooLarge(
+                f"source_image is larger than {settings.max_image_bytes} bytes", field="source_image"
+            )
+        return spec, source
+    if spec.source_image is not None:
+        return spec, decode_base64_image(spec.source_image, field="source_image", max_bytes=settings.max_image_bytes)
+    return spec, None
 
 
 async def prepare_job(
