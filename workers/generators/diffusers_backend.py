@@ -1,0 +1,282 @@
+"""`DiffusersGenerator`: the `Generator` protocol over one diffusers pipeline.
+
+Decisions, in one place:
+
+- One pipeline call per batch: a list of prompts and one seeded CPU `torch.Generator`
+  per image. CPU generators draw the same noise on every device, so an image
+  depends on its seed alone, never on which batch it shared.
+- Modes: a pipeline whose `__call__` takes `image` edits (`{"edit"}`), any other
+  makes images from text (`{"t2i"}`).
+- Defaults filled by `resolve` (so batch keys compare real values): t2i size =
+  the pipeline's native size (`default_sample_size` or the UNet's `sample_size`, times
+  the VAE scale); edit size = the source's, long edge ≤ `edit_max_edge`, sides
+  rounded down to 16 (upstream RationalRewards); steps = 40 for Qwen-Image
+  (upstream RationalRewards), 28 for Flux (BFL's default), 30 otherwise;
+  `guidance_scale` / `true_cfg_scale` = the pipeline's own defaults. A local folder's
+  `gcr_defaults.json` overrides these (the tiny test pipelines use it).
+- Real CFG (`true_cfg_scale`, Qwen-Image and Flux) only runs when a negative prompt is
+  given, so a request with `true_cfg_scale > 1` and none gets a single space.
+- `QwenImageEditPlusPipeline` refuses more than one prompt per call (diffusers ≥ 0.37),
+  so that backend's `max_batch` is 1.
+- `FluxKontextPipeline` rescales its output to `max_area` (1 megapixel by default)
+  whatever height/width it is given, and snaps the SOURCE image to the nearest of its
+  preferred training resolutions (`_auto_resize`). We pass `max_area = width*height` so
+  the output keeps the resolved size, and leave `_auto_resize` on for real models (BFL's
+  recommendation); the tiny test folder switches it off via `gcr_defaults.json`.
+- Interrupt: the step callback sets `pipe._interrupt` (diffusers pipelines then skip
+  the remaining steps, still decode, and free their offload hooks); a pipeline without
+  that property is stopped by an exception raised from the callback. Either way the
+  call raises `GenerationInterrupted` and returns no images.
+- Errors: CUDA OOM → `GeneratorOutOfMemory` (the caller may split the batch), any
+  other exception from the pipeline → `GeneratorError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from service.errors import GcrError, GeneratorError, GeneratorOutOfMemory
+from workers.generators.base import (
+    ALLOWED_EXTRA_KWARGS,
+    GenerationInterrupted,
+    GenRequest,
+    InterruptCheck,
+    StepCallback,
+)
+from workers.generators.loading import FolderDefaults, load_pipeline, one_line, takes_image
+from workers.generators.sizing import edit_size
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Pipelines that accept only one prompt per call.
+SINGLE_PROMPT_PIPELINES: frozenset[str] = frozenset({"QwenImageEditPlusPipeline"})
+
+NEGATIVE_PROMPT_FOR_TRUE_CFG = " "
+
+
+def default_steps(pipeline_class: str) -> int:
+    """Denoising steps when neither the request nor the model folder says."""
+    if pipeline_class.startswith("QwenImage"):
+        return 40
+    if pipeline_class.startswith("Flux"):
+        return 28
+    return 30
+
+
+class _StopRequested(Exception):
+    """Raised from the step callback to stop a pipeline that has no `interrupt` property."""
+
+
+class DiffusersGenerator:
+    """Any diffusers text-to-image or edit pipeline behind the `Generator` protocol.
+
+    `pipeline` injects an already built pipeline object instead of loading `model`;
+    it exists so the model-specific rules can be tested with a stand-in object whose
+    class name and `__call__` signature mimic the real pipeline's.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: str | None = None,
+        *,
+        name: str | None = None,
+        pipeline: Any | None = None,
+        defaults: FolderDefaults | None = None,
+    ) -> None:
+        model = model or settings.generator
+        if pipeline is None:
+            if not model:
+                raise GeneratorError("no model given to the diffusers backend")
+            defaults = defaults or FolderDefaults.read(model)
+            pipeline = load_pipeline(settings, model)
+        self._pipe = pipeline
+        self._defaults = defaults or FolderDefaults()
+        self._class = type(pipeline).__name__
+        self._params = inspect.signature(type(pipeline).__call__).parameters
+        self._edit_max_edge = min(settings.edit_max_edge, self._defaults.max_edge or settings.edit_max_edge)
+        self.name = name or model or self._class
+        self.modes = frozenset({"edit"}) if takes_image(type(pipeline)) else frozenset({"t2i"})
+        self.max_batch = 1 if self._class in SINGLE_PROMPT_PIPELINES else settings.max_batch
+
+    @property
+    def pipeline(self) -> Any:
+        """The underlying diffusers pipeline (read-only: benchmarks and tests inspect it)."""
+        return self._pipe
+
+    # --- defaults -------------------------------------------------------------------
+
+    def resolve(self, request: GenRequest) -> GenRequest:
+        """Fill size, steps, guidance and the negative prompt; refuse what this model cannot do."""
+        if request.mode not in self.modes:
+            raise GeneratorError(f"{self.name} does not do {request.mode!r} (it does {sorted(self.modes)})")
+        unknown = set(request.extra) - ALLOWED_EXTRA_KWARGS
+        if unknown:
+            raise GeneratorError(f"extra pipeline arguments not allowed: {sorted(unknown)}")
+        # Allowed extras this pipeline has no parameter for mean nothing to it; dropping
+        # them keeps them out of the batch key.
+        extra = {k: v for k, v in request.extra.items() if k in self._params}
+
+        if request.mode == "edit":
+            if request.source_image is None:
+                raise GeneratorError("an edit request needs a source image")
+            width, height = edit_size(request.source_image.size, self._edit_max_edge, request.width, request.height)
+        else:
+            native = self._native_size()
+            width = request.width or self._defaults.width or native
+            height = request.height or self._defaults.height or native
+
+        steps = request.steps or self._defaults.steps or default_steps(self._class)
+        guidance = request.guidance_scale
+        if guidance is None:
+            guidance = self._defaults.guidance_scale
+        if guidance is None:
+            guidance = self._signature_default("guidance_scale")
+        true_cfg = request.true_cfg_scale
+        if true_cfg is None:
+            true_cfg = self._signature_default("true_cfg_scale")
+        negative = request.negative_prompt
+        if negative is None and true_cfg is not None and true_cfg > 1 and "negative_prompt" in self._params:
+            negative = NEGATIVE_PROMPT_FOR_TRUE_CFG
+        return dataclasses.replace(
+            request,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance_scale=guidance,
+            true_cfg_scale=true_cfg,
+            negative_prompt=negative,
+            extra=extra,
+        )
+
+    def _native_size(self) -> int:
+        vae_scale = int(getattr(self._pipe, "vae_scale_factor", 8))
+        sample = getattr(self._pipe, "default_sample_size", None)
+        if sample is None and getattr(self._pipe, "unet", None) is not None:
+            sample = self._pipe.unet.config.sample_size
+        if isinstance(sample, int):
+            return sample * vae_scale
+        return 1024
+
+    def _signature_default(self, param: str) -> float | None:
+        parameter = self._params.get(param)
+        if parameter is None or not isinstance(parameter.default, int | float):
+            return None
+        return float(parameter.default)
+
+    # --- generation -----------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: Sequence[GenRequest],
+        on_step: StepCallback | None = None,
+        interrupt: InterruptCheck | None = None,
+    ) -> list[Image.Image]:
+        """Make one image per request in ONE pipeline call. Raises `GeneratorError`."""
+        if not requests:
+            return []
+        if len(requests) > self.max_batch:
+            raise GeneratorError(f"{len(requests)} requests exceed this generator's batch of {self.max_batch}")
+        resolved = [self.resolve(r) for r in requests]
+        first_key = resolved[0].batch_key()
+        if any(r.batch_key() != first_key for r in resolved[1:]):
+            raise GeneratorError("requests in one call must share one batch key")
+        if interrupt is not None and interrupt():
+            raise GenerationInterrupted("interrupted before the first step")
+
+        kwargs = self._call_kwargs(resolved)
+        # The pipeline's own count wins: img2img runs fewer steps (strength), 2nd-order schedulers more.
+        total = resolved[0].steps or 1
+        interrupted_at: int | None = None
+        cooperative = isinstance(getattr(type(self._pipe), "interrupt", None), property)
+
+        def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            nonlocal interrupted_at, total
+            total = getattr(pipe, "_num_timesteps", None) or total
+            if on_step is not None:
+                on_step(step + 1, total)
+            if interrupt is not None and interrupt():
+                interrupted_at = step + 1
+                if not cooperative:
+                    raise _StopRequested
+                pipe._interrupt = True
+            return tensors
+
+        kwargs["callback_on_step_end"] = step_end
+        try:
+            output = self._pipe(**kwargs)
+            images = list(output.images)
+        except _StopRequested:
+            images = []
+        except GcrError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc) from exc
+        if interrupted_at is not None:
+            raise GenerationInterrupted(f"interrupted after step {interrupted_at} of {total}")
+        if len(images) != len(resolved):
+            raise GeneratorError(f"{self._class} returned {len(images)} images for {len(resolved)} requests")
+        return images
+
+    def _call_kwargs(self, requests: Sequence[GenRequest]) -> dict[str, Any]:
+        import torch
+
+        first = requests[0]
+        assert first.width is not None and first.height is not None  # resolve() filled them
+        wanted: dict[str, Any] = {
+            "prompt": [r.prompt for r in requests],
+            "generator": [torch.Generator("cpu").manual_seed(r.seed) for r in requests],
+            "num_images_per_prompt": 1,
+            "output_type": "pil",
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.steps,
+            "max_area": first.width * first.height,
+            **self._defaults.pipeline_kwargs,
+            **first.extra,
+        }
+        if first.guidance_scale is not None:
+            wanted["guidance_scale"] = first.guidance_scale
+        if first.true_cfg_scale is not None:
+            wanted["true_cfg_scale"] = first.true_cfg_scale
+        if first.negative_prompt is not None:
+            wanted["negative_prompt"] = [r.negative_prompt or "" for r in requests]
+        if first.mode == "edit":
+            sources = [_source(r, self._params) for r in requests]
+            # A list given to QwenImageEditPlus means several references for ONE image.
+            wanted["image"] = sources[0] if len(sources) == 1 else sources
+        return {k: v for k, v in wanted.items() if k in self._params}
+
+
+def _source(request: GenRequest, params: Any) -> Image.Image:
+    assert request.source_image is not None and request.width and request.height
+    image = request.source_image.convert("RGB")
+    # Pipelines without width/height (img2img) make an image the size of their input.
+    if "width" not in params or "height" not in params:
+        image = image.resize((request.width, request.height))
+    return image
+
+
+def translate_error(exc: BaseException) -> GeneratorError:
+    """A torch/diffusers exception as ours: CUDA OOM → `GeneratorOutOfMemory`, else `GeneratorError`."""
+    oom_type: type[BaseException] | None
+    try:
+        import torch
+
+        oom_type = torch.cuda.OutOfMemoryError
+    except (ImportError, AttributeError):
+        oom_type = None
+    if (oom_type is not None and isinstance(exc, oom_type)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    ):
+        return GeneratorOutOfMemory(f"out of GPU memory: {one_line(exc)}")
+    return GeneratorError(f"pipeline call failed: {one_line(exc)}")

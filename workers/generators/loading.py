@@ -1,0 +1,198 @@
+"""Loading a diffusers pipeline by model id or local folder, configured from `Settings`.
+
+One code path for every model: real ones by hub id, tiny test ones by local path.
+The pipeline class comes from the folder's `model_index.json`:
+
+- `QwenImageEditPlusPipeline`, `QwenImageEditPipeline`, `FluxKontextPipeline`
+  (first-class edit models) are loaded with their own class;
+- another class whose `__call__` takes an `image` goes through
+  `AutoPipelineForImage2Image` (img2img as a generic edit);
+- anything else through `AutoPipelineForText2Image`.
+
+Every failure here becomes a `GeneratorError` with a one-line reason, raised at
+construction so that a worker with an unusable model fails start-up saying why.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.errors import GeneratorError
+
+if TYPE_CHECKING:
+    import torch
+
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EDIT_PIPELINES: frozenset[str] = frozenset(
+    {"QwenImageEditPlusPipeline", "QwenImageEditPipeline", "FluxKontextPipeline"}
+)
+
+DEFAULTS_FILE = "gcr_defaults.json"
+"""Optional file in a local pipeline folder overriding the backend's defaults (the tiny
+test pipelines ship one so that a call makes a 32 px image in 4 steps)."""
+
+
+@dataclass(frozen=True)
+class FolderDefaults:
+    """What a folder's `gcr_defaults.json` may set; every field is optional.
+
+    `pipeline_kwargs` are passed to every pipeline call as they are: they come from
+    the operator's model folder, never from a client (clients' extras are limited to
+    `ALLOWED_EXTRA_KWARGS`).
+    """
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    max_edge: int | None = None
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, model: str) -> FolderDefaults:
+        path = Path(model) / DEFAULTS_FILE
+        if not path.is_file():
+            return cls()
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise GeneratorError(f"{path} is not a valid defaults file: {one_line(exc)}") from exc
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, short enough for a log line or a job error."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    message = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return message if len(message) <= limit else message[: limit - 1] + "…"
+
+
+def resolve_device(setting: str) -> str:
+    """`auto` → `cuda` when torch sees a GPU, else `cpu`; anything else as given."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    """`auto` → bfloat16 on CUDA (what the edit models are released and tested in), float32 elsewhere."""
+    import torch
+
+    if setting == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype: torch.dtype = getattr(torch, setting)
+    return dtype
+
+
+def takes_image(pipeline_cls: type) -> bool:
+    """Whether a pipeline class edits: its `__call__` takes an `image` input."""
+    try:
+        params = inspect.signature(pipeline_cls.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "image" in params
+
+
+def _import_diffusers() -> Any:
+    # NOTE: the first use of diffusers' auto pipelines imports every pipeline module,
+    # and Kolors' text encoder runs `@torch.jit.script`, deprecated since torch 2.10.
+    # Nothing we can act on; kept from turning into an error where warnings are errors.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+        import diffusers
+        from diffusers import AutoPipelineForText2Image  # noqa: F401 - triggers the imports now
+
+    return diffusers
+
+
+def load_pipeline(settings: Settings, model: str) -> Any:
+    """Load, place and configure the pipeline for `model` (hub id or local folder)."""
+    try:
+        diffusers = _import_diffusers()
+    except ImportError as exc:
+        raise GeneratorError(f"the diffusers backend needs gcr[worker] installed: {one_line(exc)}") from exc
+    device = resolve_device(settings.generator_device)
+    dtype = resolve_dtype(settings.generator_dtype, device)
+    if settings.cpu_offload and not device.startswith("cuda"):
+        raise GeneratorError(f"GCR_CPU_OFFLOAD needs a CUDA device, but the generator device is {device}")
+
+    try:
+        class_name = diffusers.DiffusionPipeline.load_config(model)["_class_name"]
+    except Exception as exc:
+        raise GeneratorError(f"cannot read the model index of {model}: {one_line(exc)}") from exc
+    concrete = getattr(diffusers, class_name, None)
+    loader: Any
+    if class_name in EDIT_PIPELINES and concrete is not None:
+        loader = concrete
+    elif concrete is not None and takes_image(concrete):
+        loader = diffusers.AutoPipelineForImage2Image
+    else:
+        loader = diffusers.AutoPipelineForText2Image
+
+    try:
+        pipe = loader.from_pretrained(model, **{_dtype_kwarg(): dtype})
+    except Exception as exc:
+        raise GeneratorError(f"cannot load {model} ({class_name}): {one_line(exc)}") from exc
+    log.info("loaded %s as %s (%s, %s)", model, type(pipe).__name__, device, dtype)
+
+    try:
+        _configure(pipe, settings, device)
+    except GeneratorError:
+        raise
+    except Exception as exc:
+        raise GeneratorError(f"cannot prepare {model} on {device}: {one_line(exc)}") from exc
+    return pipe
+
+
+def denoiser(pipe: Any) -> Any:
+    """The module that runs once per step: `transformer` (DiT pipelines) or `unet`."""
+    return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+
+
+def _configure(pipe: Any, settings: Settings, device: str) -> None:
+    # Order matters: LoRA layers must exist before compiling, and compile last so it
+    # traces the modules as they will run (placed, with the chosen attention backend).
+    if settings.lora_path:
+        if not hasattr(pipe, "load_lora_weights"):
+            raise GeneratorError(f"{type(pipe).__name__} cannot load LoRA weights")
+        pipe.load_lora_weights(settings.lora_path)
+    net = denoiser(pipe)
+    if settings.attention_backend:
+        if net is not None and hasattr(net, "set_attention_backend"):
+            net.set_attention_backend(settings.attention_backend)
+        else:
+            log.warning(
+                "attention backend %r ignored: this diffusers has no set_attention_backend",
+                settings.attention_backend,
+            )
+    if settings.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if settings.compile and net is not None:
+        # Regional compilation of the repeated blocks compiles in seconds rather than
+        # minutes and recompiles less when the batch size or image size changes.
+        if getattr(net, "_repeated_blocks", None) and hasattr(net, "compile_repeated_blocks"):
+            net.compile_repeated_blocks(fullgraph=True)
+        else:
+            net.compile()
+    pipe.set_progress_bar_config(disable=True)
+
+
+def _dtype_kwarg() -> str:
+    # NOTE: diffusers renamed `torch_dtype` to `dtype` (the old name warns); older
+    # releases we support (>=0.35) only know `torch_dtype`.
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
