@@ -28,12 +28,10 @@ def _settings(**overrides: Any) -> Settings:
         raise click.ClickException(f"invalid configuration: {exc}") from exc
 
 
-def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(fmt: str = "json") -> None:
+    from service import logs
+
+    logs.configure(fmt)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,16 +48,16 @@ def serve(host: str | None, port: int | None) -> None:
 
     from service.api import create_app
 
-    _logging()
     settings = _settings(host=host, port=port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    _logging(settings.log_format)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", log_config=None)
 
 
 @main.command()
 def worker() -> None:
     """Run a GPU worker: load the generator, then claim and run jobs until SIGTERM."""
-    _logging()
     settings = _settings()
+    _logging(settings.log_format)
     try:
         asyncio.run(run_worker(settings))
     except GcrError as exc:
@@ -190,7 +188,7 @@ def up(dev: bool, port: int, generator: str, demo: bool) -> None:
     """Run the whole stack on this machine: Redis (if none answers), gateway, worker, stand-in critic."""
     from service.devstack import run_dev_stack
 
-    _logging()
+    _logging("text")
     sys.exit(asyncio.run(run_dev_stack(port=port, generator=generator, demo=demo)))
 
 

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis as redis_sync
 import uvicorn
@@ -27,6 +28,9 @@ from service.api import create_app
 from service.client import GatewayError, GcrClient
 from service.console import console, follow, rounds_table
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from workers.critics.standin_config import StandinConfig
 
 log = logging.getLogger("gcr.up")
 
@@ -171,3 +175,79 @@ async def _run_demo(url: str) -> int:
         )
     )
     return 0 if doc.status == "succeeded" else 1
+
+
+@contextlib.asynccontextmanager
+async def dev_stack(
+    generator: str = "tiny:sd",
+    standin: StandinConfig | None = None,
+    *,
+    port: int | None = None,
+    settings: Settings | None = None,
+) -> AsyncIterator[str]:
+    """The `gcr up --dev` stack for the length of an `async with`; yields the gateway URL.
+
+    Redis is the configured one if it answers, else a throwaway redis-server. The
+    stack's keys live under a fresh prefix, deleted on exit, so its jobs never mix
+    with (or are claimed by) a real stack sharing that Redis. The critic is the
+    stand-in (`standin`, default: the demo schedule for every instruction). The
+    worker installs no signal handlers: Ctrl-C stays with the caller.
+    """
+    from workers.critics.client import OpenAICritic
+    from workers.critics.standin import running_standin
+    from workers.critics.standin_config import StandinConfig, StandinRule
+    from workers.generators import load_generator
+    from workers.worker import Worker
+
+    base = settings or Settings()
+    config = standin or StandinConfig(rules=[StandinRule(instruction="", rounds=list(DEMO_SCHEDULE))])
+    prefix = f"{base.redis_prefix}-dev-{secrets.token_hex(4)}"
+    with contextlib.ExitStack() as resources:
+        redis_url = resources.enter_context(local_redis(base.redis_url))
+        resources.callback(_delete_keys, redis_url, prefix)
+        # A thread-hosted stand-in, as the tests use: it keeps answering while this loop is busy.
+        critic_url = resources.enter_context(running_standin(config))
+        stack_settings = base.model_copy(
+            update={
+                "redis_url": redis_url,
+                "redis_prefix": prefix,
+                "generator": generator,
+                "critic_base_url": critic_url,
+                "critic_model": config.model,
+                "critic_edit_model": None,
+                "critic_api_key": None,
+                "auth_disabled": True,
+                "worker_id": f"{prefix}-worker",
+            }
+        )
+        backend = await asyncio.to_thread(load_generator, stack_settings)
+        critic = OpenAICritic(stack_settings)
+        worker = Worker(stack_settings, backend, critic)
+        worker_task = asyncio.create_task(worker.run(drain_grace_s=2.0))
+        gateway: uvicorn.Server | None = None
+        gateway_task: asyncio.Task[None] | None = None
+        try:
+            gateway, gateway_task = await _serve(create_app(stack_settings), port or free_port())
+            log.info("dev stack: gateway on port %d, Redis %s (prefix %s)", gateway.config.port, redis_url, prefix)
+            yield f"http://127.0.0.1:{gateway.config.port}"
+        finally:
+            if gateway is not None:
+                gateway.should_exit = True
+            worker.stop()
+            for task in (gateway_task, worker_task):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.wait_for(task, timeout=10)
+            await critic.aclose()
+
+
+def _delete_keys(redis_url: str, prefix: str) -> None:
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis_sync.RedisError as exc:  # best effort: job keys still expire with their TTL
+        log.warning("could not delete the dev stack's keys %s:*: %s", prefix, exc)
+    finally:
+        client.close()

@@ -100,6 +100,9 @@ class GenerateRequest(ClientBody):
     generation: GenerationParams = Field(default_factory=GenerationParams)
     loop: LoopParams = Field(default_factory=LoopParams)
     priority: Priority = "normal"
+    callback_url: Annotated[str, Field(max_length=2000, pattern=r"^https?://")] | None = Field(
+        None, description="POSTed a signed JSON summary when the job ends (public http(s) URLs only)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -208,6 +211,13 @@ class BestCandidate(BaseModel):
     image_url: str | None = None
 
 
+class WebhookStatus(BaseModel):
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int = 0
+    last_error: str | None = None
+    delivered_at: float | None = None
+
+
 class JobSummary(BaseModel):
     rounds_used: int
     generator_calls: int
@@ -232,6 +242,7 @@ class JobDocument(BaseModel):
     stop_reason: StopReason | None = None
     error: JobError | None = None
     summary: JobSummary | None = None
+    webhook: WebhookStatus | None = None
     attempts: int = 0
     worker: str | None = None
     critic_model: str | None = None

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a webhook delivery.")
     webhook_attempts: int = Field(5, ge=1, description="Delivery attempts, with exponential backoff.")
+    webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles each time.")
     log_format: Literal["json", "text"] = Field("json", description="`json`: one object per line, with job id.")
 
     # --- Worker: generator --------------------------------------------------------

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.netguard import check_public_url
 from service.protocol import MAX_SEED, GenerateRequest, JobDocument
 from service.settings import Settings
 from service.uploads import check_image, decode_base64_image
@@ -85,6 +86,8 @@ async def prepare_job(
         raise InvalidInput(
             "mode `t2i` takes no source_image; use mode `edit` to edit an image", field="source_image"
         )
+    if spec.callback_url is not None:
+        await check_public_url(spec.callback_url, field="callback_url", allow_private=settings.webhook_allow_private)
     source_png = None
     if source is not None:
         source_png = await asyncio.to_thread(

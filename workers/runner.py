@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 from service.errors import CriticError, GcrError, GeneratorError
+from service.logs import current_job
 from service.protocol import (
     BestCandidate,
     Candidate,
@@ -32,6 +33,7 @@ from service.protocol import (
     StopReason,
 )
 from service.store import JobStore
+from service.webhooks import WebhookNotifier
 from workers import metrics
 from workers.generators.base import GenRequest
 from workers.images import decode_image, encode_png
@@ -71,20 +73,26 @@ class JobRunner:
         worker_id: str,
         critique_slots: int,
         progress_interval_s: float,
+        notifier: WebhookNotifier | None = None,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
         self.critic = critic
         self.worker_id = worker_id
         self.progress_interval_s = progress_interval_s
+        self.notifier = notifier
         self._critique_slots = asyncio.Semaphore(critique_slots)
 
     async def run(self, doc: JobDocument) -> None:
         """Run a job this worker has just started (status running, owned by us)."""
+        current_job.set(doc.id)
         try:
             await _Job(self, doc).run()
         except OwnershipLost:
             log.info("job %s is no longer ours; leaving it", doc.id)
+            return
+        if self.notifier is not None:
+            self.notifier.notify(await self.store.get(doc.id))
 
 
 class _Job:

@@ -22,7 +22,9 @@ from service.queue import Claim, JobQueue
 from service.redis_client import connect
 from service.settings import Settings
 from service.store import JobStore
+from service.webhooks import WebhookNotifier
 from workers import metrics
+from workers.critics.breaker import CircuitBreaker, GuardedCritic
 from workers.generators.base import Generator
 from workers.runner import Critic, JobRunner
 from workers.scheduler import GenerationScheduler
@@ -44,14 +46,17 @@ class Worker:
         self.store = JobStore(self.redis, keys, settings.result_ttl_s)
         self.queue = JobQueue(self.redis, keys, modes=generator.modes)
         self.generator = generator
+        self.breaker = CircuitBreaker(settings.critic_breaker_failures, settings.critic_breaker_cooldown_s)
+        self.notifier = WebhookNotifier(settings, self.store)
         self.scheduler = GenerationScheduler(generator, settings.max_batch, settings.batch_window_ms / 1000)
         self.runner = JobRunner(
             self.store,
             self.scheduler,
-            critic,
+            GuardedCritic(critic, self.breaker),
             self.id,
             settings.max_inflight_critiques,
             settings.progress_interval_s,
+            self.notifier,
         )
         self.active: dict[asyncio.Task[None], Claim] = {}
         self._stopping = asyncio.Event()
@@ -70,6 +75,7 @@ class Worker:
             "max_inflight_jobs": self.settings.max_inflight_jobs,
             "inflight_jobs": len(self.active),
             "generator_busy_s": round(self.scheduler.busy_s, 3),
+            "critic": "down" if self.breaker.state == "open" else "ok",
             "at": time.time(),
         }
 
@@ -87,6 +93,7 @@ class Worker:
             with contextlib.suppress(GcrError):
                 await self.queue.forget_worker(self.id)
             await self.scheduler.stop()
+            await self.notifier.aclose()
             await self.redis.aclose()
 
     async def _wait_for_redis(self) -> None:
@@ -104,6 +111,10 @@ class Worker:
         last_reclaim = 0.0
         delay = 0.2
         while not self._stopping.is_set():
+            if self.breaker.state == "open":
+                # Claiming now would only fail jobs fast; leave them queued for a healthier worker.
+                await asyncio.sleep(min(1.0, self.settings.critic_breaker_cooldown_s))
+                continue
             free = self.settings.max_inflight_jobs - len(self.active)
             if free <= 0:
                 self._changed.clear()
@@ -154,6 +165,11 @@ class Worker:
             outcome, attempts = await self.store.start(job_id, self.id, self.settings.max_attempts)
             if outcome == "exhausted":
                 await self._dead_letter(job_id, attempts)
+                self.notifier.notify(await self.store.get(job_id))
+            elif outcome == "terminal":  # cancelled while queued: the gateway has no notifier
+                doc = await self.store.get(job_id)
+                if doc.webhook is None:
+                    self.notifier.notify(doc)
             elif outcome == "ok":
                 await self.runner.run(await self.store.get(job_id))
             await self.queue.ack(claim)
