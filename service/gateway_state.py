@@ -153,8 +153,14 @@ class GatewayState:
         except GcrError as exc:
             report["reason"] = exc.message
             return report
-        report["ready"] = bool(report["workers"])
-        if not report["ready"]:
+        workers = report["workers"]
+        report["generators"] = sorted({w.get("generator", "?") for w in workers})
+        # Workers see the critic; its breaker state rides on their heartbeats.
+        report["critic"] = "down" if workers and all(w.get("critic") == "down" for w in workers) else "ok"
+        report["ready"] = bool(workers) and report["critic"] == "ok"
+        if not workers:
             report["reason"] = f"no worker heartbeat in the last {self.settings.worker_stale_s:.0f}s"
+        elif report["critic"] == "down":
+            report["reason"] = "every worker reports the critic down (circuit breaker open)"
         report["checked_at"] = time.time()
         return report

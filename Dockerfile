@@ -1,0 +1,79 @@
+# syntax=docker/dockerfile:1
+#
+# Two images from one file:
+#   docker build --target gateway -t gcr-gateway .   # FastAPI gateway, no torch (~200 MB)
+#   docker build --target worker  -t gcr-worker  .   # GPU worker: torch + diffusers
+#
+# Every step installs from Debian (apt) or a Python package index: PyPI, or the
+# PyTorch wheel index when TORCH_INDEX_URL points there. Nothing else is fetched.
+#
+# Why the worker is python:3.11-slim and not pytorch/pytorch or nvidia/cuda:
+# torch's Linux wheels carry their own CUDA runtime, cuDNN and NCCL (the nvidia-*
+# wheels), so a CUDA base image would only add a second copy of those libraries.
+# The pytorch/pytorch images are conda-based and tie the Python version to the
+# image; nvidia/cuda is Ubuntu and has no Python 3.11. The container needs only
+# the host's NVIDIA driver, which the NVIDIA Container Toolkit mounts in.
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+RUN groupadd --system --gid 10001 gcr \
+    && useradd --system --uid 10001 --gid gcr --create-home --home-dir /home/gcr gcr
+
+# ---------------------------------------------------------------------------------
+# The project as one wheel; both runtime images install it and neither keeps the source tree.
+FROM base AS wheel
+WORKDIR /src
+# .dockerignore is an allow-list: this copies pyproject.toml, README.md, service/, workers/.
+COPY . .
+RUN pip wheel --no-deps --wheel-dir /wheels .
+
+# ---------------------------------------------------------------------------------
+FROM base AS gateway
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install /wheels/gcr-*.whl
+USER gcr
+WORKDIR /home/gcr
+EXPOSE 8000
+# /healthz is liveness only; /readyz also needs a live worker, which a gateway
+# container must not wait for (see deploy/k8s/gateway.yaml).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+# Flags, not GCR_HOST/GCR_PORT: inside the container the port is fixed; map it outside.
+CMD ["gcr", "serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------
+FROM base AS worker
+# Default: torch from PyPI, whose Linux x86_64 wheels are CUDA builds (the CUDA
+# version that torch release defaults to; it needs a recent enough host driver).
+# To choose the CUDA version, use the PyTorch index, e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126   (older drivers)
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     (no GPU; see deploy/compose.dev.yml)
+# TORCH_VERSION follows the version CI tests with (pyproject.toml).
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+# Own layer before the project: torch (several GB) stays cached across code changes.
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install "$(echo /wheels/gcr-*.whl)[worker]"
+# NOTE: a named volume mounted on an empty image directory starts with the image's
+# ownership, so these two must exist and belong to gcr before the volume is attached.
+RUN mkdir -p /cache/huggingface /cache/gcr && chown -R gcr:gcr /cache
+# No NVIDIA_VISIBLE_DEVICES=all (nvidia/cuda sets it): on hosts whose default runtime
+# is nvidia it would hand every GPU to a container that reserved none. The GPU
+# reservation (compose) or device plugin (k8s) says which GPU this container sees.
+ENV HF_HOME=/cache/huggingface \
+    GCR_CACHE_DIR=/cache/gcr \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+USER gcr
+WORKDIR /home/gcr
+# SIGTERM drains: the worker stops claiming, lets running jobs finish for up to 30 s,
+# then hands the rest back to the queue. Allow for that before SIGKILL
+# (compose stop_grace_period / k8s terminationGracePeriodSeconds: 60s).
+CMD ["gcr", "worker"]

@@ -1,0 +1,170 @@
+"""No lost jobs: workers killed with SIGKILL mid-round, and Redis restarted with AOF.
+
+Real processes: worker subprocesses (`python -m service.cli worker`) and, for the
+restart test, a redis-server of the test's own on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis as redis_sync
+
+from tests.stack import Stack, free_port
+from workers.critics.standin_config import StandinConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def worker_process(stack: Stack, worker_id: str, **env: str) -> subprocess.Popen[bytes]:
+    s = stack.settings
+    variables = {
+        **os.environ,
+        "GCR_REDIS_URL": s.redis_url,
+        "GCR_REDIS_PREFIX": s.redis_prefix,
+        "GCR_CRITIC_BASE_URL": s.critic_base_url,
+        "GCR_CRITIC_MODEL": s.critic_model,
+        "GCR_GENERATOR": "sim:0.1",
+        "GCR_WORKER_ID": worker_id,
+        "GCR_HEARTBEAT_S": "0.2",
+        "GCR_VISIBILITY_TIMEOUT_S": "1.0",
+        "GCR_MAX_INFLIGHT_JOBS": "4",
+        "GCR_MAX_ATTEMPTS": "20",
+        "GCR_LOG_FORMAT": "text",
+        **env,
+    }
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=ROOT, env=variables,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_sigkilled_workers_lose_no_job_and_repeat_no_round(stack: Stack) -> None:
+    await stack.configure_critic(StandinConfig(latency_s=0.05))
+    rounds = 3
+    ids = [await stack.submit(f"job {i}", loop={"max_rounds": rounds, "threshold": 1.0, "patience": None})
+           for i in range(20)]
+    rng = random.Random(7)
+    for kill in range(4):
+        proc = worker_process(stack, f"doomed-{kill}")
+        await asyncio.sleep(rng.uniform(1.0, 2.0))  # start-up plus some rounds, cut at a random point
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    survivor = worker_process(stack, "survivor")
+    try:
+        docs = [await stack.wait(job_id, timeout_s=60) for job_id in ids]
+    finally:
+        stop(survivor)
+
+    assert all(d.status == "succeeded" for d in docs), [(d.id, d.status, d.error) for d in docs]
+    for doc in docs:
+        assert [r.index for r in doc.rounds] == list(range(rounds)), doc.id
+    assert any(d.attempts > 1 for d in docs), "no job was interrupted: the test did not test anything"
+
+
+async def test_a_job_that_keeps_crashing_workers_is_dead_lettered(stack: Stack) -> None:
+    await stack.configure_critic(StandinConfig(latency_s=2.0))
+    job_id = await stack.submit("a poison job", loop={"max_rounds": 3})
+    for attempt in range(2):
+        proc = worker_process(stack, f"crash-{attempt}", GCR_MAX_ATTEMPTS="2")
+        async with asyncio.timeout(20):
+            while (await stack.client.job(job_id)).attempts <= attempt:
+                await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    last = worker_process(stack, "last", GCR_MAX_ATTEMPTS="2")
+    try:
+        doc = await stack.wait(job_id, timeout_s=20)
+    finally:
+        stop(last)
+    assert doc.status == "failed" and doc.error is not None and doc.error.code == "dead_letter"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[tuple[str, callable]]:  # type: ignore[valid-type]
+    """A redis-server with AOF (appendfsync always) that the test can kill and restart."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; scripts/ensure-redis installs it")
+    port = free_port()
+    folder = tempfile.mkdtemp(prefix="gcr-aof-")
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder, "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always"]
+    procs: list[subprocess.Popen[bytes]] = []
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def start() -> None:
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis_sync.Redis.from_url(url).ping()
+                return
+            except redis_sync.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def kill() -> None:
+        procs[-1].kill()
+        procs[-1].wait()
+
+    start()
+    yield url, (start, kill)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_redis_restart_with_aof_loses_nothing(own_redis, standin_url: str) -> None:  # type: ignore[no-untyped-def]
+    url, (start, kill) = own_redis
+    async with Stack(url, "gcr-aof", standin_url) as stack:
+        await stack.start_worker()
+        finished = [await stack.submit(f"done {i}", loop={"max_rounds": 1}) for i in range(2)]
+        for job_id in finished:
+            await stack.wait(job_id)
+        await stack.stop_workers()
+        queued = [await stack.submit(f"waiting {i}", loop={"max_rounds": 1}) for i in range(2)]
+
+        kill()
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            down = await http.get(f"/jobs/{finished[0]}")
+            assert down.status_code == 503 and down.headers["Retry-After"]
+            assert down.json()["error"]["code"] == "store_unavailable"
+            worker = await stack.start_worker()  # starts while Redis is down: reconnects with backoff
+            await asyncio.sleep(0.5)
+            start()
+            # the gateway recovers by itself
+            async with asyncio.timeout(10):
+                while (await http.get(f"/jobs/{finished[0]}")).status_code != 200:
+                    await asyncio.sleep(0.1)
+
+        for job_id in finished:
+            doc = await stack.client.job(job_id)
+            assert doc.status == "succeeded" and len(doc.rounds) == 1
+            assert doc.best is not None and await stack.client.image(doc.best.image_url or "")
+        for job_id in queued:  # the queue survived too: the worker picks them up
+            assert (await stack.wait(job_id, timeout_s=20)).status == "succeeded"
+        assert worker.active == {}

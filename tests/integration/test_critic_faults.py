@@ -1,0 +1,66 @@
+"""Critic faults seen through the loop: bounded retries, then a failed round with a clear
+error; the job never hangs, and the breaker keeps a dead critic from burning every job."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.stack import Stack, free_port
+from workers.critics.standin_config import Fault, StandinConfig, StandinRule
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        (Fault(kind="status", status=500, times=100), "critic_unavailable"),
+        (Fault(kind="timeout", timeout_s=5, times=100), "critic_timeout"),
+        (Fault(kind="garbage", times=100), "critique_unparseable"),
+    ],
+)
+async def test_fault_fails_the_job_with_a_clear_error(stack: Stack, fault: Fault, code: str) -> None:
+    await stack.configure_critic(StandinConfig(faults=[fault]))
+    await stack.start_worker(critic_timeout_s=0.5, critic_retries=1)
+    doc = await stack.wait(await stack.submit("a broken judge", loop={"max_rounds": 3}), timeout_s=30)
+    assert doc.status == "failed" and doc.stop_reason == "failed"
+    assert doc.error is not None and doc.error.code == code and doc.error.message
+    assert doc.rounds == []  # an unusable critique never becomes a score
+
+
+async def test_connection_refused_fails_fast_and_opens_the_breaker(stack: Stack) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    await stack.start_worker(critic_base_url=dead, critic_retries=1, critic_breaker_failures=2,
+                             critic_breaker_cooldown_s=60)
+    first = await stack.wait(await stack.submit("job one"), timeout_s=20)
+    assert first.status == "failed" and first.error is not None and first.error.code == "critic_unavailable"
+    second = await stack.wait(await stack.submit("job two"), timeout_s=20)
+    assert second.status == "failed"
+    # The breaker is open now: the worker stops claiming, and /readyz says why.
+    third = await stack.submit("job three")
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        async with asyncio.timeout(5):
+            while (ready := await http.get("/readyz")).json().get("critic") != "down":
+                await asyncio.sleep(0.1)
+    assert ready.status_code == 503
+    await asyncio.sleep(0.5)
+    assert (await stack.client.job(third)).status == "queued"
+
+
+async def test_a_transient_500_is_retried_and_the_job_succeeds(stack: Stack) -> None:
+    config = StandinConfig(rules=[StandinRule(instruction="flaky", rounds=[0.9])],
+                           faults=[Fault(kind="status", status=503, times=1)])
+    await stack.configure_critic(config)
+    await stack.start_worker(critic_retries=2)
+    doc = await stack.wait(await stack.submit("a flaky judge"))
+    assert doc.status == "succeeded" and doc.stop_reason == "accepted"
+    assert (await stack.critic_stats())["requests"] == 2
+
+
+async def test_missing_refined_request_stops_with_no_refinement(stack: Stack) -> None:
+    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="mute", rounds=[0.3], refine=False)]))
+    await stack.start_worker()
+    doc = await stack.wait(await stack.submit("a mute critic", loop={"max_rounds": 3}))
+    assert doc.status == "succeeded" and doc.stop_reason == "no_refinement"
+    assert len(doc.rounds) == 1 and doc.best is not None

@@ -1,0 +1,403 @@
+"""Deployment files: the wiring between compose services, Kubernetes objects and settings.
+
+Parses the files only; never runs `docker` (no engine on CI machines). Compose
+`${VAR:-default}` substitutions resolve to their defaults, i.e. what `docker compose
+up` does with no `.env`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "docker-compose.yml"
+DEV = ROOT / "deploy" / "compose.dev.yml"
+EDIT = ROOT / "deploy" / "compose.edit.yml"
+K8S = ROOT / "deploy" / "k8s"
+PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+CONFIGS = {"base": [BASE], "dev": [BASE, DEV], "edit": [BASE, EDIT]}
+VLLM_IMAGE = "vllm/vllm-openai"
+VLLM_DEFAULT_PORT = 8000
+# Not a settings name: no trailing underscore, so "GCR_" in prose does not count.
+GCR_NAME = re.compile(r"\bGCR_[A-Z0-9]+(?:_[A-Z0-9]+)*\b")
+SUBSTITUTION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
+
+
+# --- loading compose files the way `docker compose` merges them --------------------
+
+
+class _Tagged:
+    """A value carrying compose's `!reset` / `!override` merge tag."""
+
+    def __init__(self, tag: str, value: Any) -> None:
+        self.tag = tag
+        self.value = value
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _tagged(loader: yaml.SafeLoader, node: yaml.Node) -> _Tagged:
+    value: Any
+    if isinstance(node, yaml.MappingNode):
+        value = loader.construct_mapping(node, deep=True)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    elif isinstance(node, yaml.ScalarNode):
+        value = loader.construct_scalar(node)
+    else:
+        raise TypeError(f"unexpected node {node!r}")
+    return _Tagged(node.tag, value)
+
+
+_ComposeLoader.add_constructor("!reset", _tagged)
+_ComposeLoader.add_constructor("!override", _tagged)
+
+
+def _substitute(value: Any) -> Any:
+    """Resolve `${VAR:-default}` to its default everywhere (no variable is set)."""
+    if isinstance(value, str):
+
+        def default(match: re.Match[str]) -> str:
+            return match.group("default") or ""
+
+        return SUBSTITUTION.sub(default, value)
+    if isinstance(value, dict):
+        return {key: _substitute(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_substitute(item) for item in value]
+    if isinstance(value, _Tagged):
+        return _Tagged(value.tag, _substitute(value.value))
+    return value
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Compose's merge, reduced to what these files use: mappings merge key by key,
+    `!reset` removes, `!override` and every other value replace. (Compose appends
+    some sequences, e.g. ports; no assertion here depends on that.)"""
+    if isinstance(override, _Tagged):
+        return None if override.tag == "!reset" else _strip(override.value)
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            result = _merge(base.get(key), value)
+            if result is None and isinstance(value, _Tagged):
+                merged.pop(key, None)
+            else:
+                merged[key] = result
+        return merged
+    return _strip(override)
+
+
+def _strip(value: Any) -> Any:
+    if isinstance(value, _Tagged):
+        return _strip(value.value)
+    if isinstance(value, dict):
+        return {key: _strip(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strip(item) for item in value]
+    return value
+
+
+def load_compose(*paths: Path) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for path in paths:
+        document = yaml.load(path.read_text(), Loader=_ComposeLoader)
+        assert isinstance(document, dict), f"{path}: not a mapping"
+        merged = _merge(merged, _substitute(document))
+    return merged
+
+
+def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return config["services"]
+
+
+def active(config: dict[str, Any]) -> set[str]:
+    """Services a plain `docker compose up` starts (no --profile)."""
+    return {name for name, svc in services(config).items() if not svc.get("profiles")}
+
+
+def env(service: dict[str, Any]) -> dict[str, str]:
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        raw = dict(item.split("=", 1) if "=" in item else (item, "") for item in raw)
+    return {key: "" if value is None else str(value) for key, value in raw.items()}
+
+
+def command(service: dict[str, Any]) -> list[str]:
+    raw = service.get("command") or []
+    assert isinstance(raw, list), "use the exec (list) form for commands"
+    return [str(part) for part in raw]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name:
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def listen_port(service: dict[str, Any]) -> int:
+    args = command(service)
+    port = flag(args, "--port")
+    if port is not None:
+        return int(port)
+    assert is_vllm(service), f"say --port in the command of {service.get('image')}"
+    return VLLM_DEFAULT_PORT
+
+
+def is_vllm(service: dict[str, Any]) -> bool:
+    return str(service.get("image", "")).startswith(VLLM_IMAGE)
+
+
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    reservations = (service.get("deploy") or {}).get("resources", {}).get("reservations", {})
+    return [
+        device
+        for device in reservations.get("devices", [])
+        if device.get("driver") == "nvidia" and "gpu" in device.get("capabilities", [])
+    ]
+
+
+def healthcheck_text(service: dict[str, Any]) -> str:
+    test = (service.get("healthcheck") or {}).get("test")
+    assert test, "no healthcheck"
+    return " ".join(test) if isinstance(test, list) else str(test)
+
+
+@pytest.fixture(params=sorted(CONFIGS))
+def config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return load_compose(*CONFIGS[request.param])
+
+
+# --- compose ------------------------------------------------------------------------
+
+
+def test_dockerfile_has_the_build_targets_compose_uses() -> None:
+    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", DOCKERFILE.read_text(), re.M | re.I))
+    assert {"gateway", "worker"} <= stages
+    for paths in CONFIGS.values():
+        for name, svc in services(load_compose(*paths)).items():
+            build = svc.get("build")
+            if isinstance(build, dict) and "target" in build:
+                assert build["target"] in stages, f"{name}: no stage {build['target']!r} in the Dockerfile"
+
+
+def test_every_redis_url_points_at_the_redis_service(config: dict[str, Any]) -> None:
+    redis = services(config)["redis"]
+    seen = 0
+    for name, svc in services(config).items():
+        url = env(svc).get("GCR_REDIS_URL")
+        if url is None:
+            continue
+        seen += 1
+        parts = urlsplit(url)
+        assert parts.scheme == "redis" and parts.hostname == "redis", f"{name}: {url}"
+        assert (parts.port or 6379) == 6379, f"{name}: {url}"
+        assert "redis" in active(config)
+        assert svc.get("depends_on", {}).get("redis", {}).get("condition") == "service_healthy", name
+    assert seen >= 2  # gateway and worker at least
+    assert "redis-cli" in healthcheck_text(redis) and "ping" in healthcheck_text(redis)
+
+
+def test_redis_persists_with_an_append_only_file() -> None:
+    redis = services(load_compose(BASE))["redis"]
+    args = command(redis)
+    assert flag(args, "--appendonly") == "yes"
+    assert flag(args, "--appendfsync") == "everysec"
+    assert any(str(volume).endswith(":/data") for volume in redis["volumes"])
+
+
+def test_critic_urls_reach_a_started_server_on_its_port(config: dict[str, Any]) -> None:
+    all_services = services(config)
+    for name, svc in all_services.items():
+        if name not in active(config):
+            continue
+        variables = env(svc)
+        url = variables.get("GCR_CRITIC_BASE_URL")
+        if url is None:
+            continue
+        parts = urlsplit(url)
+        host = parts.hostname
+        assert host in all_services, f"{name}: critic host {host!r} is not a service"
+        assert host in active(config), f"{name}: critic {host!r} is not started by a plain `up`"
+        target = all_services[host]
+        assert parts.port == listen_port(target), f"{name}: {url} but {host} listens elsewhere"
+        assert parts.path.rstrip("/") == "/v1", f"{name}: {url}"
+        if is_vllm(target):
+            served = flag(command(target), "--served-model-name")
+            assert variables["GCR_CRITIC_MODEL"] == served, f"{name}: {host} serves {served}"
+            # one base URL, one vLLM, one model: the edit model must be that model too
+            assert variables.get("GCR_CRITIC_EDIT_MODEL", served) == served, name
+
+
+def test_workers_depend_on_started_services_only(config: dict[str, Any]) -> None:
+    for name in active(config):
+        for dependency in services(config)[name].get("depends_on") or {}:
+            assert dependency in active(config), f"{name} waits for {dependency}, which does not start"
+
+
+def test_vllm_runs_the_upstream_launch_settings() -> None:
+    pairs = ((CONFIGS["base"], "vllm", "worker"), (CONFIGS["edit"], "vllm-edit", "worker-edit"))
+    for paths, vllm_name, worker_name in pairs:
+        svcs = services(load_compose(*paths))
+        args = command(svcs[vllm_name])
+        model = env(svcs[worker_name])["GCR_CRITIC_MODEL"]
+        assert args[0] == model, "vllm serve <model>: the worker's GCR_CRITIC_MODEL"
+        assert flag(args, "--served-model-name") == model
+        assert flag(args, "--max-model-len") == "40960"
+        limits = json.loads(flag(args, "--limit-mm-per-prompt") or "{}")
+        assert limits["image"] == 16 and limits.get("video") == 0
+        assert float(flag(args, "--gpu-memory-utilization") or 0) == 0.8
+        assert gpu_devices(svcs[vllm_name]), f"{vllm_name}: no GPU reservation"
+        assert "/v1/models" in healthcheck_text(svcs[vllm_name])
+        assert svcs[worker_name]["depends_on"][vllm_name]["condition"] == "service_healthy"
+    edit_models = {"TIGER-Lab/RationalRewards-8B-T2I", "TIGER-Lab/RationalRewards-8B-Edit"}
+    served = {command(services(load_compose(*CONFIGS["edit"]))[n])[0] for n in ("vllm", "vllm-edit")}
+    assert served == edit_models
+
+
+def test_gpu_reservations() -> None:
+    base = services(load_compose(BASE))
+    assert gpu_devices(base["worker"]) and gpu_devices(base["vllm"])
+    assert env(base["worker"])["GCR_WORKER_METRICS_PORT"] == "9100"
+    assert env(base["worker"])["GCR_GENERATOR"] == "black-forest-labs/FLUX.1-schnell"
+    assert gpu_devices(services(load_compose(*CONFIGS["edit"]))["worker-edit"])
+    dev = load_compose(*CONFIGS["dev"])
+    assert not gpu_devices(services(dev)["worker"]), "the GPU-less trial must not reserve a GPU"
+    assert not any(gpu_devices(services(dev)[name]) for name in active(dev))
+    assert env(services(dev)["worker"])["GCR_GENERATOR"].startswith("tiny:")
+
+
+def test_gateway_healthcheck_is_liveness() -> None:
+    gateway = services(load_compose(BASE))["gateway"]
+    assert gateway["build"]["target"] == "gateway"
+    assert "/healthz" in healthcheck_text(gateway)
+    assert "HEALTHCHECK" in DOCKERFILE.read_text() and "/healthz" in DOCKERFILE.read_text()
+
+
+def test_dev_critic_is_the_standin_from_the_gateway_image() -> None:
+    critic = services(load_compose(*CONFIGS["dev"]))["critic"]
+    assert critic["build"]["target"] == "gateway"
+    assert command(critic)[:3] == ["gcr", "dev", "standin-critic"]
+    assert "8001" in healthcheck_text(critic), "the gateway image's own HEALTHCHECK probes port 8000"
+
+
+# --- settings names ---------------------------------------------------------------------
+
+
+def _deploy_texts() -> Iterator[tuple[Path, str]]:
+    for path in [BASE, DEV, EDIT, PROMETHEUS, DOCKERFILE, *sorted(K8S.glob("*.y*ml"))]:
+        yield path, path.read_text()
+
+
+def test_every_gcr_variable_is_a_setting() -> None:
+    """pydantic-settings ignores unknown GCR_* variables: a typo would silently fall back to a default."""
+    fields = set(Settings.model_fields)
+    names: set[str] = set()
+    for path, text in _deploy_texts():
+        for name in GCR_NAME.findall(text):
+            names.add(name)
+            assert name[len("GCR_") :].lower() in fields, f"{path.relative_to(ROOT)}: {name} is not a setting"
+    assert {"GCR_REDIS_URL", "GCR_CRITIC_BASE_URL", "GCR_CRITIC_MODEL", "GCR_GENERATOR"} <= names
+
+
+# --- Kubernetes and Prometheus ------------------------------------------------------------
+
+
+def k8s_objects() -> list[tuple[Path, dict[str, Any]]]:
+    objects = []
+    for path in sorted(K8S.glob("*.y*ml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document is not None:
+                objects.append((path, document))
+    return objects
+
+
+def find(kind: str, name: str) -> dict[str, Any]:
+    for _path, obj in k8s_objects():
+        if obj["kind"] == kind and obj.get("metadata", {}).get("name") == name:
+            return obj
+    raise AssertionError(f"no {kind} {name}")
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+def test_every_k8s_document_is_an_object() -> None:
+    objects = k8s_objects()
+    assert objects
+    for path, obj in objects:
+        assert obj.get("apiVersion") and obj.get("kind"), f"{path.name}: a document without apiVersion/kind"
+    kustomization = find_kustomization()
+    listed = {str(resource).split("#")[0].strip() for resource in kustomization["resources"]}
+    manifests = {path.name for path in K8S.glob("*.y*ml")} - {"kustomization.yaml"}
+    assert listed == manifests
+
+
+def find_kustomization() -> dict[str, Any]:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+
+
+def test_k8s_wiring() -> None:
+    config = find("ConfigMap", "gcr-config")["data"]
+    assert all(isinstance(value, str) for value in config.values()), "ConfigMap values must be strings"
+    assert urlsplit(config["GCR_REDIS_URL"]).hostname == "redis"
+    find("Service", "redis")
+    redis = find("StatefulSet", "redis")
+    redis_args = container(redis)["args"]
+    assert flag(redis_args, "--appendonly") == "yes"
+    assert redis["spec"]["volumeClaimTemplates"]
+
+    critic = urlsplit(config["GCR_CRITIC_BASE_URL"])
+    assert critic.hostname == "vllm"
+    vllm_service = find("Service", "vllm")
+    assert critic.port == vllm_service["spec"]["ports"][0]["port"]
+    vllm = container(find("Deployment", "vllm"))
+    assert flag(vllm["args"], "--served-model-name") == config["GCR_CRITIC_MODEL"]
+    assert flag(vllm["args"], "--max-model-len") == "40960"
+    assert float(flag(vllm["args"], "--gpu-memory-utilization") or 0) == 0.8
+    assert int(flag(vllm["args"], "--port") or VLLM_DEFAULT_PORT) == vllm["ports"][0]["containerPort"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+    gateway = find("Deployment", "gateway")
+    assert gateway["spec"]["replicas"] == 2
+    probes = container(gateway)
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    find("Service", "gateway")
+
+    worker = find("Deployment", "worker")
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    assert container(worker)["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for deployment in (gateway, worker):
+        refs = [source["configMapRef"]["name"] for source in container(deployment)["envFrom"]]
+        assert refs == ["gcr-config"]
+
+
+def test_prometheus_scrapes_gateway_and_worker() -> None:
+    scrape = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
+    targets = {
+        name: {(host, sd["port"]) for sd in job["dns_sd_configs"] for host in sd["names"]}
+        for name, job in scrape.items()
+    }
+    assert ("gateway", 8000) in targets["gateway"]
+    assert ("worker", 9100) in targets["worker"]
+    assert scrape["gateway"]["metrics_path"] == "/metrics"
