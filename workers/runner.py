@@ -146,9 +146,8 @@ class _Job:
 
     # --- the loop ----------------------------------------------------------------------
     async def run(self) -> None:
-        await self.emit(
-            "status", status="running", attempt=self.doc.attempts, resumed_rounds=len(self.rounds)
-        )
+        await self.set(generator_model=self.r.scheduler.generator.name)
+        await self.emit("status", status="running", attempt=self.doc.attempts, resumed_rounds=len(self.rounds))
         if self.spec.mode == "edit":
             self.source_png = await self.r.store.get_source_image(self.id)
             self.source_image = await asyncio.to_thread(decode_image, self.source_png)
