@@ -43,6 +43,7 @@ log = logging.getLogger("gcr.gateway")
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 404, 422, 429, 502, 503, 504)
 }
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415)}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 SSE_BLOCK_MS = 15_000
 RETRY_AFTER_S = 5
@@ -139,7 +140,8 @@ def create_app(settings: Settings) -> FastAPI:
         "/generate",
         status_code=202,
         response_model=SubmitResponse,
-        responses=ERROR_RESPONSES,
+        responses={200: {"model": SubmitResponse, "description": "Idempotent replay: the existing job"},
+                   **ERROR_RESPONSES, **UPLOAD_ERRORS},
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -148,6 +150,7 @@ def create_app(settings: Settings) -> FastAPI:
                     "multipart/form-data": {
                         "schema": {
                             "type": "object",
+                            "additionalProperties": False,
                             "required": ["request"],
                             "properties": {
                                 "request": {"type": "string", "description": "GenerateRequest as JSON"},

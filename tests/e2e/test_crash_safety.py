@@ -45,8 +45,13 @@ def worker_process(stack: Stack, worker_id: str, **env: str) -> subprocess.Popen
         "GCR_LOG_FORMAT": "text",
         **env,
     }
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], cwd=ROOT, env=variables,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker"],
+        cwd=ROOT,
+        env=variables,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -62,8 +67,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 async def test_sigkilled_workers_lose_no_job_and_repeat_no_round(stack: Stack) -> None:
     await stack.configure_critic(StandinConfig(latency_s=0.05))
     rounds = 3
-    ids = [await stack.submit(f"job {i}", loop={"max_rounds": rounds, "threshold": 1.0, "patience": None})
-           for i in range(20)]
+    ids = [
+        await stack.submit(f"job {i}", loop={"max_rounds": rounds, "threshold": 1.0, "patience": None})
+        for i in range(20)
+    ]
     rng = random.Random(7)
     for kill in range(4):
         proc = worker_process(stack, f"doomed-{kill}")
@@ -108,8 +115,21 @@ def own_redis() -> Iterator[tuple[str, callable]]:  # type: ignore[valid-type]
         pytest.fail("redis-server is not installed; scripts/ensure-redis installs it")
     port = free_port()
     folder = tempfile.mkdtemp(prefix="gcr-aof-")
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder, "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always"]
+    argv = [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        folder,
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ]
     procs: list[subprocess.Popen[bytes]] = []
     url = f"redis://127.0.0.1:{port}/0"
 

@@ -20,10 +20,13 @@ from service.settings import Settings
 from tests.stack import Stack
 
 pytest_plugins = ("tests.generator_fixtures",)
-pytestmark = [pytest.mark.filterwarnings(w) for w in (
-    "ignore:.*torch.jit.script.*is deprecated:DeprecationWarning",
-    "ignore:.*torch_dtype.*is deprecated:FutureWarning",
-)]
+pytestmark = [
+    pytest.mark.filterwarnings(w)
+    for w in (
+        "ignore:.*torch.jit.script.*is deprecated:DeprecationWarning",
+        "ignore:.*torch_dtype.*is deprecated:FutureWarning",
+    )
+]
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,8 +38,9 @@ def png(size: tuple[int, int], colour: str) -> bytes:
 
 async def test_edit_job_on_tiny_kontext(stack: Stack, generator_settings: Callable[..., Settings]) -> None:
     cache = generator_settings().cache_dir
-    await stack.start_worker(generator="tiny:kontext", cache_dir=cache, generator_device="cpu",
-                             generator_dtype="float32")
+    await stack.start_worker(
+        generator="tiny:kontext", cache_dir=cache, generator_device="cpu", generator_dtype="float32"
+    )
     source = png((96, 64), "navy")
     job_id = await stack.submit(
         "make the sky orange",
@@ -51,8 +55,13 @@ async def test_edit_job_on_tiny_kontext(stack: Stack, generator_settings: Callab
     critique = doc.rounds[0].candidates[0].critique
     assert critique is not None and "image_faithfulness" in critique.dimensions
     stats = await stack.critic_stats()
-    images = [p for m in stats["last_request"]["messages"] if isinstance(m["content"], list)
-              for p in m["content"] if p["type"] == "image_url"]
+    images = [
+        p
+        for m in stats["last_request"]["messages"]
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p["type"] == "image_url"
+    ]
     assert len(images) == 2
     # the edited image keeps the source's aspect (long edge bounded by the tiny pipeline's cap)
     edited = Image.open(io.BytesIO(await stack.client.image(doc.best.image_url or "")))  # type: ignore[union-attr]
@@ -67,8 +76,9 @@ async def test_a_t2i_worker_leaves_edit_jobs_to_edit_workers(
 ) -> None:
     cache = generator_settings().cache_dir
     await stack.start_worker(generator="tiny:sd", cache_dir=cache, generator_device="cpu", generator_dtype="float32")
-    job_id = await stack.submit("add a hat", mode="edit", source_image=base64.b64encode(png((64, 64), "red")).decode(),
-                                loop={"max_rounds": 1})
+    job_id = await stack.submit(
+        "add a hat", mode="edit", source_image=base64.b64encode(png((64, 64), "red")).decode(), loop={"max_rounds": 1}
+    )
     t2i = await stack.wait(await stack.submit("a hat", loop={"max_rounds": 1}), timeout_s=60)
     assert t2i.status == "succeeded" and t2i.generator_model == "tiny:sd"
     assert (await stack.client.job(job_id)).status == "queued"
@@ -97,8 +107,14 @@ async def test_post_critique_refuses_a_non_image(stack: Stack) -> None:
 
 
 def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("mode", ["t2i", "edit"])
@@ -119,15 +135,19 @@ def test_gcr_critique_cli(standin_url: str, tmp_path: Path, mode: str) -> None:
 def test_gcr_critique_cli_fails_with_one_line_when_unreachable(tmp_path: Path) -> None:
     image = tmp_path / "image.png"
     image.write_bytes(png((64, 64), "green"))
-    result = run_cli(["critique", "--instruction", "x", "--image", str(image)],
-                     GCR_CRITIC_BASE_URL="http://127.0.0.1:9/v1", GCR_CRITIC_RETRIES="0")
+    result = run_cli(
+        ["critique", "--instruction", "x", "--image", str(image)],
+        GCR_CRITIC_BASE_URL="http://127.0.0.1:9/v1",
+        GCR_CRITIC_RETRIES="0",
+    )
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "critic_unavailable" in result.stderr
 
 
 def test_worker_with_an_unloadable_model_fails_start_up_with_one_line(tmp_path: Path) -> None:
-    result = run_cli(["worker"], GCR_GENERATOR=str(tmp_path / "no-such-model"), GCR_LOG_FORMAT="text",
-                     HF_HUB_OFFLINE="1")
+    result = run_cli(
+        ["worker"], GCR_GENERATOR=str(tmp_path / "no-such-model"), GCR_LOG_FORMAT="text", HF_HUB_OFFLINE="1"
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error:") and "no-such-model" in last

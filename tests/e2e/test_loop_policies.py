@@ -31,11 +31,15 @@ async def test_patience_stops_a_flat_run(stack: Stack) -> None:
 
 
 async def test_deadline_stops_a_slow_run_and_keeps_the_best(stack: Stack) -> None:
-    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="slow", rounds=[0.2, 0.6, 0.3])],
-                                               latency_s=0.3))
+    await stack.configure_critic(
+        StandinConfig(rules=[StandinRule(instruction="slow", rounds=[0.2, 0.6, 0.3])], latency_s=0.3)
+    )
     await stack.start_worker(generator="sim:0.3")
-    doc = await stack.wait(await stack.submit(
-        "a slow run", loop={"max_rounds": 20, "threshold": 0.99, "patience": None, "deadline_s": 1.5}))
+    doc = await stack.wait(
+        await stack.submit(
+            "a slow run", loop={"max_rounds": 20, "threshold": 0.99, "patience": None, "deadline_s": 1.5}
+        )
+    )
     assert doc.status == "succeeded" and doc.stop_reason == "deadline"
     assert 1 <= len(doc.rounds) < 20 and doc.best is not None
     assert doc.best.overall == max(r.overall or 0 for r in doc.rounds)
@@ -48,8 +52,9 @@ async def test_seed_policies(stack: Stack) -> None:
     await stack.start_worker()
     loop = {"max_rounds": 3, "threshold": 1.0, "patience": None, "candidates_per_round": 2}
     fixed = await stack.wait(await stack.submit("fixed seeds", generation={"seed": 100}, loop=loop))
-    vary = await stack.wait(await stack.submit("varied seeds", generation={"seed": 100},
-                                               loop={**loop, "seed_policy": "vary"}))
+    vary = await stack.wait(
+        await stack.submit("varied seeds", generation={"seed": 100}, loop={**loop, "seed_policy": "vary"})
+    )
     assert [[c.seed for c in r.candidates] for r in fixed.rounds] == [[100, 101]] * 3
     seeds = [c.seed for r in vary.rounds for c in r.candidates]
     assert seeds[:2] == [100, 101] and len(set(seeds)) == 6
@@ -74,8 +79,9 @@ async def test_the_job_echoes_the_effective_policy_and_seed(stack: Stack) -> Non
 
 
 async def test_trajectory_records_timings_and_summary(stack: Stack) -> None:
-    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="trajectory", rounds=[0.3, 0.5])],
-                                               latency_s=0.05))
+    await stack.configure_critic(
+        StandinConfig(rules=[StandinRule(instruction="trajectory", rounds=[0.3, 0.5])], latency_s=0.05)
+    )
     await stack.start_worker(generator="sim:0.05")
     doc = await stack.wait(await stack.submit("a trajectory", loop={"max_rounds": 2, "threshold": 0.99}))
     for round_ in doc.rounds:

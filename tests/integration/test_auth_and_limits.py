@@ -45,8 +45,9 @@ async def test_requests_need_a_known_key(secured: Stack) -> None:
 async def test_another_tenants_job_answers_404_everywhere(secured: Stack) -> None:
     await secured.start_worker()
     async with httpx.AsyncClient(base_url=secured.url) as http:
-        response = await http.post("/generate", json={"prompt": "alice's cat", "loop": {"max_rounds": 1}},
-                                   headers=bearer(ALICE))
+        response = await http.post(
+            "/generate", json={"prompt": "alice's cat", "loop": {"max_rounds": 1}}, headers=bearer(ALICE)
+        )
         assert response.status_code == 202
         job_id = response.json()["id"]
         secured.client.http.headers.update(bearer(ALICE))
@@ -122,7 +123,9 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def b64(data: bytes) -> str:
@@ -142,8 +145,11 @@ def small_png() -> bytes:
         ({"prompt": "x", "source_image": "AAAA"}, "source_image", "invalid_input"),
         ({"prompt": "x", "mode": "edit", "source_image": "not base64!"}, "source_image", "invalid_input"),
         ({"prompt": "x", "mode": "edit", "source_image": b64(b"GIF89a not really")}, "source_image", "invalid_input"),
-        ({"prompt": "x", "mode": "edit", "source_image": b64(png_header_only(40000, 40000))}, "source_image",
-         "invalid_input"),
+        (
+            {"prompt": "x", "mode": "edit", "source_image": b64(png_header_only(40000, 40000))},
+            "source_image",
+            "invalid_input",
+        ),
         ({"prompt": "x" * 5000}, "prompt", "invalid_input"),
         ({"prompt": "   "}, "prompt", "invalid_input"),
         ({"prompt": "x", "generation": {"width": 100}}, "generation.width", "invalid_input"),
@@ -176,8 +182,9 @@ async def test_oversized_upload_is_refused_before_decoding(redis_url: str, redis
 async def test_multipart_edit_upload_is_accepted_and_linked(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url) as http:
         files = {"source_image": ("src.png", small_png(), "image/png")}
-        response = await http.post("/generate", data={"request": '{"prompt": "make it blue", "mode": "edit"}'},
-                                   files=files)
+        response = await http.post(
+            "/generate", data={"request": '{"prompt": "make it blue", "mode": "edit"}'}, files=files
+        )
         assert response.status_code == 202, response.text
         doc = (await http.get(f"/jobs/{response.json()['id']}")).json()
         source = await http.get(doc["links"]["source_image"])

@@ -31,8 +31,9 @@ async def test_fault_fails_the_job_with_a_clear_error(stack: Stack, fault: Fault
 
 async def test_connection_refused_fails_fast_and_opens_the_breaker(stack: Stack) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    await stack.start_worker(critic_base_url=dead, critic_retries=1, critic_breaker_failures=2,
-                             critic_breaker_cooldown_s=60)
+    await stack.start_worker(
+        critic_base_url=dead, critic_retries=1, critic_breaker_failures=2, critic_breaker_cooldown_s=60
+    )
     first = await stack.wait(await stack.submit("job one"), timeout_s=20)
     assert first.status == "failed" and first.error is not None and first.error.code == "critic_unavailable"
     second = await stack.wait(await stack.submit("job two"), timeout_s=20)
@@ -49,8 +50,9 @@ async def test_connection_refused_fails_fast_and_opens_the_breaker(stack: Stack)
 
 
 async def test_a_transient_500_is_retried_and_the_job_succeeds(stack: Stack) -> None:
-    config = StandinConfig(rules=[StandinRule(instruction="flaky", rounds=[0.9])],
-                           faults=[Fault(kind="status", status=503, times=1)])
+    config = StandinConfig(
+        rules=[StandinRule(instruction="flaky", rounds=[0.9])], faults=[Fault(kind="status", status=503, times=1)]
+    )
     await stack.configure_critic(config)
     await stack.start_worker(critic_retries=2)
     doc = await stack.wait(await stack.submit("a flaky judge"))

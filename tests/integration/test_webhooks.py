@@ -36,8 +36,14 @@ class Receiver:
 async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver(fail_first=1)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])]),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])]),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
@@ -60,8 +66,9 @@ def test_signature_round_trip_and_tampering() -> None:
 async def test_webhook_is_signed_retried_and_recorded(
     redis_url: str, redis_prefix: str, standin_url: str, receiver: Receiver
 ) -> None:
-    async with Stack(redis_url, redis_prefix, standin_url, webhook_secret=SECRET, webhook_allow_private=True,
-                     webhook_backoff_s=0.05) as stack:
+    async with Stack(
+        redis_url, redis_prefix, standin_url, webhook_secret=SECRET, webhook_allow_private=True, webhook_backoff_s=0.05
+    ) as stack:
         await stack.start_worker()
         job_id = await stack.submit("a kite", loop={"max_rounds": 1}, callback_url=receiver.url)
         await stack.wait(job_id)
