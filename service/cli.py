@@ -50,7 +50,15 @@ def serve(host: str | None, port: int | None) -> None:
 
     settings = _settings(host=host, port=port)
     _logging(settings.log_format)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", log_config=None)
+    # Bounded graceful shutdown: SSE clients may hold connections open indefinitely.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
 
 
 @main.command()
@@ -71,9 +79,7 @@ async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> 
     from workers.worker import Worker
 
     generator = await asyncio.to_thread(load_generator, settings)
-    logging.getLogger("gcr.worker").info(
-        "loaded generator %s (modes %s)", generator.name, sorted(generator.modes)
-    )
+    logging.getLogger("gcr.worker").info("loaded generator %s (modes %s)", generator.name, sorted(generator.modes))
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
 
@@ -97,9 +103,7 @@ async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> 
 @main.command()
 @click.argument("prompt")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Gateway base URL.")
-@click.option(
-    "--mode", type=click.Choice(["t2i", "edit"]), default=None, help="Default: edit with --source-image."
-)
+@click.option("--mode", type=click.Choice(["t2i", "edit"]), default=None, help="Default: edit with --source-image.")
 @click.option("--source-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--max-rounds", type=int, default=None)
 @click.option("--threshold", type=float, default=None)
@@ -108,9 +112,7 @@ async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> 
 @click.option("--steps", type=int, default=None)
 @click.option("--size", default=None, help="WIDTHxHEIGHT, e.g. 1024x1024.")
 @click.option("--wait/--no-wait", default=False, help="Follow the job to its end and save the best image.")
-@click.option(
-    "--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.png"), show_default=True
-)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.png"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final job document as JSON.")
 def generate(
     prompt: str,
@@ -140,12 +142,8 @@ def generate(
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--source-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--mode", type=click.Choice(["t2i", "edit"]), default=None)
-@click.option(
-    "--json", "as_json", is_flag=True, help="Print the whole Critique as JSON (default: a summary)."
-)
-def critique(
-    instruction: str, image: Path, source_image: Path | None, mode: str | None, as_json: bool
-) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the whole Critique as JSON (default: a summary).")
+def critique(instruction: str, image: Path, source_image: Path | None, mode: str | None, as_json: bool) -> None:
     """Critique one image with the configured critic (GCR_CRITIC_*); prints the Critique.
 
     Exits non-zero with a one-line reason when the critic is unreachable or its answer unparseable."""
@@ -189,7 +187,11 @@ def up(dev: bool, port: int, generator: str, demo: bool) -> None:
     from service.devstack import run_dev_stack
 
     _logging("text")
-    sys.exit(asyncio.run(run_dev_stack(port=port, generator=generator, demo=demo)))
+    try:
+        code = asyncio.run(run_dev_stack(port=port, generator=generator, demo=demo))
+    except (RuntimeError, GcrError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    sys.exit(code)
 
 
 @main.group()
@@ -239,9 +241,7 @@ def standin_critic(host: str, port: int, config_path: Path | None) -> None:
     from workers.critics.standin import serve_standin
     from workers.critics.standin_config import StandinConfig
 
-    config = (
-        StandinConfig.model_validate(json.loads(config_path.read_text())) if config_path else StandinConfig()
-    )
+    config = StandinConfig.model_validate(json.loads(config_path.read_text())) if config_path else StandinConfig()
     serve_standin(config, host, port)
 
 

@@ -110,8 +110,17 @@ def _import_diffusers() -> Any:
     # Nothing we can act on; kept from turning into an error where warnings are errors.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+        import transformers
+
+        # Loading bars and "needs torchvision, falling back to PIL" notes are noise in a
+        # server's log; real problems still surface as exceptions.
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         import diffusers
         from diffusers import AutoPipelineForText2Image  # noqa: F401 - triggers the imports now
+
+        diffusers.logging.set_verbosity_error()
+        diffusers.logging.disable_progress_bar()
 
     return diffusers
 
