@@ -95,7 +95,7 @@ async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> 
     if ready is not None:
         ready.set()
     try:
-        await worker.run()
+        await worker.run(drain_grace_s=settings.drain_grace_s)
     finally:
         await critic.aclose()
 
@@ -114,6 +114,7 @@ async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> 
 @click.option("--wait/--no-wait", default=False, help="Follow the job to its end and save the best image.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.png"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final job document as JSON.")
+@click.option("--api-key", envvar="GCR_API_KEY", default=None, help="Bearer key (env GCR_API_KEY).")
 def generate(
     prompt: str,
     url: str,
@@ -128,12 +129,13 @@ def generate(
     wait: bool,
     out: Path,
     as_json: bool,
+    api_key: str | None,
 ) -> None:
     """Submit PROMPT to a running gateway; with --wait, show progress and save the best image."""
     from service.console import build_request, submit_and_follow
 
     body = build_request(prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size)
-    code = asyncio.run(submit_and_follow(url, body, wait=wait, out=out, as_json=as_json))
+    code = asyncio.run(submit_and_follow(url, body, wait=wait, out=out, as_json=as_json, api_key=api_key))
     sys.exit(code)
 
 

@@ -82,8 +82,10 @@ async def follow(client: GcrClient, job_id: str) -> JobDocument:
     return await client.job(job_id)
 
 
-async def submit_and_follow(url: str, body: dict[str, Any], *, wait: bool, out: Path, as_json: bool) -> int:
-    async with GcrClient(url) as client:
+async def submit_and_follow(
+    url: str, body: dict[str, Any], *, wait: bool, out: Path, as_json: bool, api_key: str | None = None
+) -> int:
+    async with GcrClient(url, api_key=api_key) as client:
         try:
             job_id = await client.submit(body)
             if not wait:

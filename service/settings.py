@@ -105,6 +105,9 @@ class Settings(BaseSettings):
         60.0, gt=0, description="A claimed job whose worker stopped heartbeating is re-claimed after this."
     )
     max_attempts: int = Field(3, ge=1, description="Claims of one job before it is dead-lettered.")
+    drain_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running jobs may finish before they are released."
+    )
     progress_interval_s: float = Field(
         0.25, ge=0, description="Least time between two progress events of a job."
     )

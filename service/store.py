@@ -174,7 +174,9 @@ class JobStore:
     @translate_errors
     async def create(self, doc: JobDocument, source_png: bytes | None = None) -> None:
         """Store a new job and queue it, in one transaction: a job is never stored but not queued."""
-        fields = doc.model_dump(exclude={"rounds", "queue_position", "links"}, exclude_none=True)
+        # Drop unset top-level fields only: a nested null (e.g. loop.patience) is a choice.
+        dumped = doc.model_dump(exclude={"rounds", "queue_position", "links"})
+        fields = {key: value for key, value in dumped.items() if value is not None}
         fields["owner"] = doc.owner
         priority = doc.spec.priority
         order = PRIORITY_RANK[priority] * 10**13 + int(doc.created_at * 1000)

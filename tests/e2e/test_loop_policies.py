@@ -74,6 +74,9 @@ async def test_the_job_echoes_the_effective_policy_and_seed(stack: Stack) -> Non
     job_id = await stack.submit("echo", loop={"max_rounds": 2})
     doc = await stack.client.job(job_id)
     assert doc.spec.loop == LoopParams(max_rounds=2)
+    # an explicit null survives storage (it is not the default)
+    nulls = await stack.client.job(await stack.submit("nulls", loop={"patience": None}))
+    assert nulls.spec.loop.patience is None
     assert doc.spec.generation.seed is not None
     assert doc.queue_position == 0 and doc.stage == "queued"
 

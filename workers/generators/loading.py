@@ -119,8 +119,10 @@ def _import_diffusers() -> Any:
         import diffusers
         from diffusers import AutoPipelineForText2Image  # noqa: F401 - triggers the imports now
 
-        diffusers.logging.set_verbosity_error()
-        diffusers.logging.disable_progress_bar()
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
 
     return diffusers
 

@@ -1,0 +1,87 @@
+"""`gcr generate --wait` against a running gateway, and SIGTERM draining a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import signal
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.e2e.test_crash_safety import ROOT, worker_process
+from tests.stack import Stack
+from workers.critics.standin_config import StandinConfig, StandinRule
+
+
+async def test_gcr_generate_waits_and_saves_the_best_image(stack: Stack, tmp_path: Path) -> None:
+    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="bridge", rounds=[0.4, 0.9])]))
+    await stack.start_worker()
+    out = tmp_path / "best.png"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "generate",
+        "a stone bridge",
+        "--url",
+        stack.url,
+        "--wait",
+        "--size",
+        "96x64",
+        "--out",
+        str(out),
+        "--json",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, stderr.decode()
+    assert b'"stop_reason": "accepted"' in stdout
+    assert Image.open(io.BytesIO(out.read_bytes())).size == (96, 64)
+
+
+async def test_gcr_generate_reports_a_refusal_clearly(stack: Stack) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service.cli",
+        "generate",
+        "x",
+        "--url",
+        stack.url,
+        "--max-rounds",
+        "0",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 2
+    assert b"invalid_input" in stderr and b"loop.max_rounds" in stderr
+
+
+async def test_sigterm_drains_then_releases_unfinished_jobs(stack: Stack) -> None:
+    await stack.configure_critic(StandinConfig(latency_s=0.5))
+    short = await stack.submit("short job", loop={"max_rounds": 1})
+    long = await stack.submit("long job", loop={"max_rounds": 20, "threshold": 1.0, "patience": None})
+    proc = worker_process(stack, "draining", GCR_DRAIN_GRACE_S="1.5", GCR_VISIBILITY_TIMEOUT_S="600")
+    async with asyncio.timeout(30):
+        while (await stack.client.job(long)).status != "running" or (await stack.client.job(short)).status != "running":
+            await asyncio.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        while proc.poll() is None:
+            await asyncio.sleep(0.05)
+    assert proc.returncode == 0
+    assert (await stack.client.job(short)).status == "succeeded"  # finished within the grace period
+    # The long job was released: another worker takes it at once, well before the
+    # 600 s visibility timeout, and resumes from its checkpoint.
+    done_rounds = len((await stack.client.job(long)).rounds)
+    await stack.start_worker(visibility_timeout_s=600)
+    doc = await stack.wait(long, timeout_s=60)
+    assert doc.status == "succeeded", doc
+    assert [r.index for r in doc.rounds] == list(range(20)), (doc.stop_reason, doc.spec.loop)
+    assert done_rounds >= 1 and doc.attempts == 2
