@@ -118,7 +118,6 @@ def _import_diffusers() -> Any:
         transformers.logging.disable_progress_bar()
         import diffusers
         from diffusers import AutoPipelineForText2Image  # noqa: F401 - triggers the imports now
-
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()
