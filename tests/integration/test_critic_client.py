@@ -31,9 +31,7 @@ from workers.critics.templates import data_uri, load_templates
 TEMPLATES = load_templates()
 
 
-def png(
-    round_index: int | None = None, candidate: int | None = None, size: tuple[int, int] = (48, 32)
-) -> bytes:
+def png(round_index: int | None = None, candidate: int | None = None, size: tuple[int, int] = (48, 32)) -> bytes:
     info = PngImagePlugin.PngInfo()
     if round_index is not None:
         info.add_text("gcr:round", str(round_index))
@@ -109,10 +107,7 @@ async def test_t2i_critique(standin: StandinHandle) -> None:
     assert critique.model == "gcr-standin-critic"
     assert "STAND-IN" in critique.summary
     assert critique.latency_ms > 0
-    assert (
-        critique.usage is not None
-        and critique.usage["total_tokens"] > critique.usage["completion_tokens"] > 0
-    )
+    assert critique.usage is not None and critique.usage["total_tokens"] > critique.usage["completion_tokens"] > 0
     seen = standin.stats()
     assert seen["requests"] == 1 and seen["by_instruction"] == {"a red fox in the snow": 1}
     body = seen["last_request"]
@@ -137,9 +132,7 @@ async def test_edit_critique(standin: StandinHandle, template: str) -> None:
     )
     settings = settings_for(standin.url, critic_edit_template=template)
     async with OpenAICritic(settings, backoff_base_s=0.01) as critic:
-        critique = await critic.critique(
-            "paint the door blue", png(0, 0), source_image=png(size=(2000, 1000))
-        )
+        critique = await critic.critique("paint the door blue", png(0, 0), source_image=png(size=(2000, 1000)))
     assert list(critique.dimensions) == [
         "text_faithfulness",
         "image_faithfulness",
@@ -150,14 +143,10 @@ async def test_edit_critique(standin: StandinHandle, template: str) -> None:
     assert critique.score("text_rendering") == 2.5
     assert critique.refined_request == "paint the door blue [refined r0 c0]"
     # The stand-in answers in the order the template's format section asks for.
-    assert (critique.raw.index("## Score:") < critique.raw.index("## Justification:")) == (
-        template == "edit_tuning"
-    )
+    assert (critique.raw.index("## Score:") < critique.raw.index("## Justification:")) == (template == "edit_tuning")
     body = standin.stats()["last_request"]
     assert body["model"] == "rr-edit"
-    assert [m["role"] for m in body["messages"]] == (
-        ["user"] if template == "edit_tuning" else ["system", "user"]
-    )
+    assert [m["role"] for m in body["messages"]] == (["user"] if template == "edit_tuning" else ["system", "user"])
     images = [p for p in body["messages"][-1]["content"] if p["type"] == "image_url"]
     assert len(images) == 2
 
@@ -289,9 +278,7 @@ def _completion(content: str, finish_reason: str = "stop") -> dict[str, Any]:
         "object": "chat.completion",
         "created": 0,
         "model": "served",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}
-        ],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason}],
         "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
     }
 
@@ -388,9 +375,7 @@ def _chat_body(*images: bytes, instruction: str = "a cat") -> dict[str, Any]:
             "content[1]",
         ),
         (
-            lambda b: b["messages"][0]["content"][1]["image_url"].update(
-                url=data_uri(b"no png", "image/png")
-            ),
+            lambda b: b["messages"][0]["content"][1]["image_url"].update(url=data_uri(b"no png", "image/png")),
             "content",
         ),
         (lambda b: b["messages"][0]["content"].pop(1), "messages"),
@@ -441,9 +426,7 @@ def test_standin_rules_by_round_and_candidate(standin: StandinHandle) -> None:
 
 
 def test_standin_without_refinement_and_with_latency(standin: StandinHandle) -> None:
-    standin.configure(
-        {"latency_s": 0.3, "rules": [{"instruction": "done", "rounds": [0.9], "refine": False}]}
-    )
+    standin.configure({"latency_s": 0.3, "rules": [{"instruction": "done", "rounds": [0.9], "refine": False}]})
     started = time.monotonic()
     answer = standin.post("/chat/completions", _chat_body(png(), png(), instruction="done")).json()
     assert time.monotonic() - started >= 0.3
