@@ -196,6 +196,15 @@ def up(dev: bool, port: int, generator: str, demo: bool) -> None:
     sys.exit(code)
 
 
+def _register_eval() -> None:
+    from service.evaluation.cli import eval_command
+
+    main.add_command(eval_command)
+
+
+_register_eval()
+
+
 @main.group()
 def keys() -> None:
     """API keys."""

@@ -217,6 +217,8 @@ async def dev_stack(
                 "critic_edit_model": None,
                 "critic_api_key": None,
                 "auth_disabled": True,
+                # One local client: a per-key rate limit would only slow it down.
+                "rate_limit_per_s": 0,
                 "worker_id": f"{prefix}-worker",
             }
         )

@@ -126,19 +126,25 @@ class _Job:
 
     @contextlib.asynccontextmanager
     async def watching_cancel(self) -> AsyncIterator[None]:
-        """Poll the cancel flag while a long stage runs, so denoising can be interrupted."""
+        """Poll the cancel flag while a long stage runs, so denoising can be interrupted.
+
+        The poller is stopped by an event, never by cancelling it: redis-py can swallow
+        a cancellation that lands mid-command (redis/redis-py#2028), and awaiting such a
+        task would then hang the job."""
+        stop = asyncio.Event()
 
         async def poll() -> None:
             # The flag lives in Redis, set by any gateway replica: polling is the way to see it.
-            while not await self.check_cancel():  # noqa: ASYNC110
-                await asyncio.sleep(CANCEL_POLL_S)
+            while not stop.is_set() and not await self.check_cancel():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), CANCEL_POLL_S)
 
         task = asyncio.create_task(poll())
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, GcrError):
+            stop.set()
+            with contextlib.suppress(GcrError):
                 await task
 
     def elapsed(self) -> float:

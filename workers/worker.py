@@ -82,14 +82,14 @@ class Worker:
     async def run(self, drain_grace_s: float = 30.0) -> None:
         await self._wait_for_redis()
         await self.scheduler.start()
-        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="gcr-heartbeat")
+        heartbeats_done = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat_loop(heartbeats_done), name="gcr-heartbeat")
         try:
             await self._claim_loop()
             await self._drain(drain_grace_s)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            heartbeats_done.set()
+            await asyncio.wait({heartbeat}, timeout=self.settings.heartbeat_s + 5)
             with contextlib.suppress(GcrError):
                 await self.queue.forget_worker(self.id)
             await self.scheduler.stop()
@@ -138,15 +138,10 @@ class Worker:
                 delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _wait_for_work(self) -> None:
-        wait = asyncio.create_task(self.queue.wait_for_entries(IDLE_WAIT_S))
-        stop = asyncio.create_task(self._stopping.wait())
-        try:
-            await asyncio.wait({wait, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (wait, stop):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, GcrError):
-                    await task
+        # NOTE: a bounded blocking read rather than a cancellable one: redis-py can swallow
+        # a cancellation that lands mid-command (redis/redis-py#2028). Stopping waits at
+        # most IDLE_WAIT_S for it.
+        await self.queue.wait_for_entries(IDLE_WAIT_S)
 
     def _start(self, claim: Claim) -> None:
         task = asyncio.create_task(self._run_claim(claim), name=f"gcr-job-{claim.job_id}")
@@ -212,16 +207,17 @@ class Worker:
         )
         await self.store.publish(JobEvent(type="end", job_id=job_id, at=now, data={"status": "failed"}))
 
-    async def _heartbeat_loop(self) -> None:
+    async def _heartbeat_loop(self, done: asyncio.Event) -> None:
         ttl = max(self.settings.heartbeat_s * 3, 1.0)
-        while True:
+        while not done.is_set():
             try:
                 await self.queue.heartbeat(self.id, self.info(), ttl)
                 if self.active:
                     await self.queue.keep_alive(self.id, list(self.active.values()))
             except StoreUnavailable as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.settings.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.settings.heartbeat_s)
 
     async def _drain(self, grace_s: float) -> None:
         if not self.active:
@@ -232,7 +228,8 @@ class Worker:
         for task in pending:
             task.cancel()
         if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+            # Bounded: a cancellation swallowed inside a Redis call must not stall shutdown.
+            await asyncio.wait(pending, timeout=5)
             with contextlib.suppress(GcrError):
                 await self.queue.release(unfinished)
             log.info("released %d unfinished job(s) for other workers", len(unfinished))
