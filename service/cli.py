@@ -72,7 +72,7 @@ def worker() -> None:
         raise click.ClickException(exc.message) from exc
 
 
-async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> None:
+async def run_worker(settings: Settings) -> None:
     """Build the worker's backends and run it; SIGTERM/SIGINT drain it."""
     from workers.critics.client import OpenAICritic
     from workers.generators import load_generator
@@ -92,8 +92,6 @@ async def run_worker(settings: Settings, ready: asyncio.Event | None = None) -> 
             loop.add_signal_handler(sig, worker.stop)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             pass
-    if ready is not None:
-        ready.set()
     try:
         await worker.run(drain_grace_s=settings.drain_grace_s)
     finally:

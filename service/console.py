@@ -97,15 +97,15 @@ async def submit_and_follow(
         except GatewayError as exc:
             console.print(f"[red]error[/red] {exc}")
             return 2
+    # The table is for people (stderr); --json puts the document on stdout for programs.
+    console.print(rounds_table(doc))
+    if doc.best:
+        console.print(
+            f"best: round {doc.best.round} candidate {doc.best.candidate}, "
+            f"overall {doc.best.overall:.3f} -> saved {out}"
+        )
+    if doc.error:
+        console.print(f"[red]{doc.error.code}[/red]: {doc.error.message}")
     if as_json:
         print(doc.model_dump_json(indent=2))
-    else:
-        console.print(rounds_table(doc))
-        if doc.best:
-            console.print(
-                f"best: round {doc.best.round} candidate {doc.best.candidate}, "
-                f"overall {doc.best.overall:.3f} -> saved {out}"
-            )
-        if doc.error:
-            console.print(f"[red]{doc.error.code}[/red]: {doc.error.message}")
     return 0 if doc.status == "succeeded" else 1

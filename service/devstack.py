@@ -25,8 +25,7 @@ import redis as redis_sync
 import uvicorn
 
 from service.api import create_app
-from service.client import GatewayError, GcrClient
-from service.console import console, follow, rounds_table
+from service.console import console, submit_and_follow
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -38,6 +37,7 @@ DEMO_PROMPT = "a red bicycle leaning against a blue wall, morning light"
 # The stand-in's scripted scores for the demo: the critic is unhappy at first, then
 # the refined prompts "improve" the image until it crosses the default threshold.
 DEMO_SCHEDULE = [0.42, 0.61, 0.83]
+DEMO_REQUEST = {"prompt": DEMO_PROMPT, "loop": {"max_rounds": 4, "threshold": 0.75}}
 
 
 def free_port() -> int:
@@ -95,9 +95,9 @@ def local_redis(url: str) -> Iterator[str]:
 
 
 async def _serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
+    # A bounded graceful shutdown: open SSE streams must not keep the process alive.
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -107,74 +107,29 @@ async def _serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None
     return server, task
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 async def run_dev_stack(port: int, generator: str, demo: bool) -> int:
-    from service.cli import run_worker
-    from workers.critics.standin import create_app as create_standin
-    from workers.critics.standin_config import StandinConfig, StandinRule
-
-    base = Settings()
-    with local_redis(base.redis_url) as redis_url:
-        critic_port = free_port()
-        standin = StandinConfig(rules=[StandinRule(instruction="", rounds=DEMO_SCHEDULE)])
-        critic_server, critic_task = await _serve(create_standin(standin), critic_port)
-        settings = base.model_copy(
-            update={
-                "redis_url": redis_url,
-                "port": port,
-                "generator": generator,
-                "critic_base_url": f"http://127.0.0.1:{critic_port}/v1",
-                "critic_model": standin.model,
-                "auth_disabled": True,
-            }
-        )
-        ready = asyncio.Event()
-        worker_task = asyncio.create_task(run_worker(settings, ready))
-        await ready.wait()
-        gateway, gateway_task = await _serve(create_app(settings), port)
-        url = f"http://127.0.0.1:{port}"
+    """`gcr up --dev [--demo]`: serve until interrupted, or run the demo job and return its exit code."""
+    if not port_is_free(port):
+        raise RuntimeError(f"port {port} is in use; pass --port to choose another")
+    async with dev_stack(generator, port=port) as url:
         console.print(
-            f"gcr dev stack: gateway {url}, stand-in critic :{critic_port} (NOT a real judge), "
-            f"generator {generator}, Redis {redis_url}"
+            f"gcr dev stack: gateway {url}, generator {generator}, "
+            "stand-in critic (scripted scores, NOT a real judge), auth off"
         )
-        code = 0
-        try:
-            if demo:
-                code = await _run_demo(url)
-            else:
-                await asyncio.wait({worker_task, gateway_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gateway.should_exit = True
-            critic_server.should_exit = True
-            worker_task.cancel()
-            for task in (gateway_task, critic_task, worker_task):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        return code
-
-
-async def _run_demo(url: str) -> int:
-    out = Path("gcr-demo.png")
-    async with GcrClient(url) as client:
-        try:
-            job_id = await client.submit(
-                {"prompt": DEMO_PROMPT, "loop": {"max_rounds": 4, "threshold": 0.75}}
-            )
-            console.print(f"submitted demo job {job_id}: {DEMO_PROMPT!r}")
-            doc = await follow(client, job_id)
-            if doc.best and doc.best.image_url:
-                out.write_bytes(await client.image(doc.best.image_url))
-        except GatewayError as exc:
-            console.print(f"[red]demo failed[/red]: {exc}")
-            return 1
-    console.print(rounds_table(doc))
-    if doc.best:
-        console.print(f"best: round {doc.best.round}, overall {doc.best.overall:.3f}, saved to {out}")
-    print(
-        doc.model_dump_json(
-            indent=2, exclude={"rounds": {"__all__": {"candidates": {"__all__": {"critique": {"raw"}}}}}}
-        )
-    )
-    return 0 if doc.status == "succeeded" else 1
+        if demo:
+            console.print(f"demo job: {DEMO_PROMPT!r}")
+            return await submit_and_follow(url, DEMO_REQUEST, wait=True, out=Path("gcr-demo.png"), as_json=True)
+        await asyncio.Event().wait()  # serve until Ctrl-C
+    return 0
 
 
 @contextlib.asynccontextmanager

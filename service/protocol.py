@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Mode = Literal["t2i", "edit"]
 Priority = Literal["high", "normal", "low"]
@@ -31,6 +31,14 @@ DIMENSIONS: tuple[str, ...] = (TEXT_FAITHFULNESS, IMAGE_FAITHFULNESS, PHYSICAL_Q
 SCORE_MIN = 1.0
 SCORE_MAX = 4.0
 MAX_SEED = 2**32 - 1
+
+
+def known_dimensions(scores: dict[str, float]) -> dict[str, float]:
+    """Validator: every key is a dimension name."""
+    unknown = sorted(set(scores) - set(DIMENSIONS))
+    if unknown:
+        raise ValueError(f"unknown dimension(s) {unknown}; known: {list(DIMENSIONS)}")
+    return scores
 
 
 class ClientBody(BaseModel):
@@ -62,7 +70,9 @@ class LoopParams(ClientBody):
     threshold: float = Field(
         0.75, ge=0, le=1, description="Accept when the overall score (0-1) reaches this."
     )
-    min_scores: dict[str, Annotated[float, Field(ge=SCORE_MIN, le=SCORE_MAX)]] = Field(
+    min_scores: Annotated[
+        dict[str, Annotated[float, Field(ge=SCORE_MIN, le=SCORE_MAX)]], AfterValidator(known_dimensions)
+    ] = Field(
         default_factory=dict, description="Per-dimension minimum (1-4 scale) also required for acceptance."
     )
     candidates_per_round: int = Field(
@@ -80,13 +90,6 @@ class LoopParams(ClientBody):
     )
     history: bool = Field(False, description="Append earlier refinement comments to the next prompt.")
 
-    @field_validator("min_scores")
-    @classmethod
-    def _known_dimensions(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - set(DIMENSIONS))
-        if unknown:
-            raise ValueError(f"unknown dimension(s) {unknown}; known: {list(DIMENSIONS)}")
-        return value
 
 
 class GenerateRequest(ClientBody):

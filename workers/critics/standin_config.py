@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.protocol import DIMENSIONS, TEXT_RENDERING
+from service.protocol import TEXT_RENDERING, known_dimensions
 
 
 def _coerce_entry(value: Any) -> Any:
@@ -45,15 +45,7 @@ class ScoreEntry(_Strict):
     """
 
     overall: float = Field(default=0.5, ge=0, le=1)
-    scores: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("scores")
-    @classmethod
-    def _known_dimensions(cls, value: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(value) - set(DIMENSIONS))
-        if unknown:
-            raise ValueError(f"unknown dimension(s) {unknown}; known: {list(DIMENSIONS)}")
-        return value
+    scores: Annotated[dict[str, float], AfterValidator(known_dimensions)] = Field(default_factory=dict)
 
     def dimension_score(self, key: str) -> float | None:
         if key in self.scores:
