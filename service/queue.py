@@ -93,9 +93,23 @@ class JobQueue:
 
     @translate_errors
     async def wait_for_entries(self, timeout_s: float) -> None:
-        """Block until a new entry arrives in any priority, or the timeout passes."""
-        streams = {stream: "$" for p in PRIORITIES for stream in self._streams(p)}
-        await self.redis.xread(streams, count=1, block=max(1, int(timeout_s * 1000)))
+        """Block until any priority holds an entry the group has not delivered yet, or the timeout passes.
+
+        It reads from each stream's last-delivered id rather than `$` (only what arrives
+        after the call): an entry added between a `claim` that found nothing and this
+        wait is then seen at once, not after the timeout.
+        """
+        streams = [stream for p in PRIORITIES for stream in self._streams(p)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_groups(stream)
+            replies = await pipe.execute(raise_on_error=False)
+        start = dict.fromkeys(streams, "$")  # no group (yet): fall back to new entries only
+        for stream, groups in zip(streams, replies, strict=True):
+            for group in groups if isinstance(groups, list) else []:
+                if group.get("name") == CONSUMER_GROUP.encode():
+                    start[stream] = group["last-delivered-id"]
+        await self.redis.xread(start, count=1, block=max(1, int(timeout_s * 1000)))
 
     @translate_errors
     async def reclaim(self, consumer: str, min_idle_s: float, count: int) -> list[Claim]:

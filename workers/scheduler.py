@@ -5,12 +5,20 @@ oldest waiting request, gathers up to `max_batch` compatible ones (equal
 `batch_key`), waiting at most `batch_window_s` for more when fewer are there, and
 runs them as ONE pipeline call in the executor thread. While that call runs, the
 event loop keeps serving other jobs' critiques, so the GPU only idles when no job
-has a generation to do.
+has a generation to do. A request whose job was cancelled, or whose caller stopped
+waiting, is dropped before it reaches the GPU.
+
+The window starts when the GPU is free, even for requests that queued behind a busy
+call: those milliseconds can catch a job coming back from its critique, and a fuller
+batch saves a call later. (Counting the window from the oldest request's arrival
+instead cut the GPU's idle time in bench/orchestration.py, but batches got smaller
+and throughput did not improve.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +67,7 @@ class GenerationScheduler:
         self.busy_s = 0.0
         self.calls = 0
         self._waiting: list[_Pending] = []
+        self._running: list[_Pending] = []
         self._arrived = asyncio.Event()
         # NOTE: one thread: a pipeline is not thread-safe and the GPU runs one call at a time.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcr-gpu")
@@ -74,7 +83,8 @@ class GenerationScheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for pending in self._waiting:
+        # The batch of a call cut short by the cancel has no one left to answer it either.
+        for pending in [*self._running, *self._waiting]:
             if not pending.future.done():
                 pending.future.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -87,12 +97,11 @@ class GenerationScheduler:
     ) -> list[GenResult]:
         """Queue `requests` and wait for all their results (in order)."""
         loop = asyncio.get_running_loop()
-        pendings = []
-        for request in requests:
-            resolved = self.generator.resolve(request)
-            pending = _Pending(resolved, resolved.batch_key(), loop.create_future(), on_step, cancelled)
-            pendings.append(pending)
-            self._waiting.append(pending)
+        # Resolve all before queueing any: a request the backend refuses then fails the
+        # call without leaving its siblings to run on the GPU for nobody.
+        resolved = [self.generator.resolve(request) for request in requests]
+        pendings = [_Pending(r, r.batch_key(), loop.create_future(), on_step, cancelled) for r in resolved]
+        self._waiting.extend(pendings)
         self._arrived.set()
         return list(await asyncio.gather(*(p.future for p in pendings)))
 
@@ -107,27 +116,35 @@ class GenerationScheduler:
         key = self._waiting[0].key
         return sum(1 for p in self._waiting if p.key == key)
 
+    def _drop_abandoned(self) -> None:
+        """Answer requests whose job was cancelled; forget those whose caller stopped waiting."""
+        for pending in [p for p in self._waiting if p.future.done() or p.cancelled()]:
+            self._waiting.remove(pending)
+            if not pending.future.done():
+                pending.future.set_result(GenResult(None, None, 0.0, 0.0))
+
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._waiting:
                 self._arrived.clear()
                 await self._arrived.wait()
-            # Drop requests whose job was cancelled while they waited.
-            for pending in [p for p in self._waiting if p.cancelled()]:
-                self._waiting.remove(pending)
-                pending.future.set_result(GenResult(None, None, 0.0, 0.0))
+            self._drop_abandoned()
             if not self._waiting:
                 continue
-            window_end = loop.time() + self.batch_window_s
-            while self._compatible_waiting() < self.max_batch and loop.time() < window_end:
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), timeout=window_end - loop.time())
-                except TimeoutError:
+            window_end = time.monotonic() + self.batch_window_s
+            while self._compatible_waiting() < self.max_batch:
+                remaining = window_end - time.monotonic()
+                if remaining <= 0:
                     break
-            batch = self._take_batch()
-            await self._execute(batch)
+                self._arrived.clear()
+                # NOTE: asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+                # the cancel of stop() when it lands as an arrival wakes it (gh-86296).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
+            self._drop_abandoned()  # cancellations during the window
+            if self._waiting:
+                await self._execute(self._take_batch())
 
     async def _execute(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
@@ -139,14 +156,15 @@ class GenerationScheduler:
                     pending.on_step(step, total)
 
         def interrupt() -> bool:
-            # Stop the call only when every job in it was cancelled; otherwise the
-            # cancelled job's image is simply dropped.
-            return all(p.cancelled() for p in batch)
+            # Stop the call only when every job in it was cancelled (or stopped waiting);
+            # otherwise the cancelled job's image is simply dropped.
+            return all(p.cancelled() or p.future.done() for p in batch)
 
         requests = [p.request for p in batch]
         metrics.GENERATOR_BATCH_SIZE.observe(len(batch))
         for pending in batch:
             metrics.GENERATOR_QUEUE_WAIT.observe(started - pending.enqueued_at)
+        self._running = batch
         try:
             outcomes = await loop.run_in_executor(
                 self._executor, generate_splitting_on_oom, self.generator, requests, on_step, interrupt
@@ -154,6 +172,8 @@ class GenerationScheduler:
         except Exception as exc:
             error = exc if isinstance(exc, GeneratorError) else GeneratorError(f"generator crashed: {exc!r}")
             outcomes = [error] * len(batch)
+        finally:
+            self._running = []
         run_s = time.monotonic() - started
         self.busy_s += run_s
         self.calls += 1

@@ -1,0 +1,361 @@
+"""Gateway benchmark: submit and poll under N concurrent clients, against a bare endpoint.
+
+    python bench/gateway.py --clients 16 --requests 2000 --json out.json
+
+Two servers run side by side as subprocesses under the same uvicorn settings (one
+process each, loopback, no access log), on the same Redis, each under its own key
+prefix (deleted at the end):
+- the REAL gateway (`service.api`, auth disabled, rate limit 0, a queue cap it never
+  reaches; no worker, so submitted jobs stay queued);
+- a BARE Starlette app doing the same Redis work with nothing around it:
+  submit = ZCARD of the queued index (the gateway's queue-cap check), then the same
+  MULTI pipeline as `JobStore.create` (HSET of the job's fields, EXPIRE, ZADD queued,
+  ZADD all jobs, ZREMRANGEBYSCORE, XADD to the queue stream); poll = the same MULTI
+  pipeline as `JobStore.get` (HGETALL, LRANGE rounds, ZRANK), answered by splicing
+  the stored JSON values into one object.
+The ratio gateway/bare is what the gateway's own work costs: validation, the job
+document, pydantic serialisation, middleware, error handling.
+
+Each measurement (target x operation) runs `--requests` requests (or stops after
+`--max-seconds`) from `--clients` keep-alive connections, after a warm-up, and
+alternates gateway and bare `--repeats` times so that drift in the machine's load
+hits both alike; it reports the median throughput of the repeats and latency
+percentiles over all of them. The load generator is a minimal HTTP/1.1 client
+(bench.common.HttpConnection), so that on a small machine the client is not what
+limits either server. Poll requests read the jobs the same target created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import secrets
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import (  # noqa: E402
+    DEFAULT_REDIS_URL,
+    Column,
+    HttpConnection,
+    delete_prefix,
+    free_port,
+    gateway_env,
+    machine_info,
+    percentile,
+    print_table,
+    server_process,
+    uvicorn_argv,
+    write_json,
+)
+
+TARGETS = ("gateway", "bare")
+OPERATIONS = ("submit", "poll")
+TARGET_RATIO = 0.5
+
+
+# --- the bare reference endpoint (runs in its own uvicorn process) ------------------------------
+
+
+def bare_app() -> Any:
+    """Starlette app doing the gateway's Redis work for submit and poll, and nothing else."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from service.keys import Keys
+    from service.protocol import GenerateRequest, JobDocument
+    from service.redis_client import connect
+    from service.settings import Settings
+
+    settings = Settings()
+    keys = Keys(settings.redis_prefix)
+    redis = connect(settings.redis_url)
+    ttl = settings.result_ttl_s
+    # The hash fields of a real queued job, encoded once: per request only id and time change.
+    sample = JobDocument(
+        id="x", status="queued", spec=GenerateRequest(prompt="p"), stage="queued", created_at=0.0, owner="anonymous"
+    )
+    dumped = sample.model_dump(mode="json", exclude={"rounds", "queue_position", "links"})
+    template = {key: json.dumps(value) for key, value in dumped.items() if value is not None}
+    template["owner"] = json.dumps(sample.owner)
+
+    async def submit(request: Request) -> Response:
+        body = json.loads(await request.body())
+        job_id = secrets.token_urlsafe(16)
+        now = time.time()
+        fields = {**template, "id": json.dumps(job_id), "created_at": json.dumps(now)}
+        fields["spec"] = json.dumps({**json.loads(template["spec"]), "prompt": body["prompt"]})
+        await redis.zcard(keys.queued_index())
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job(job_id), mapping=fields)
+            pipe.expire(keys.job(job_id), ttl)
+            pipe.zadd(keys.queued_index(), {job_id: 10**13 + int(now * 1000)})
+            pipe.zadd(keys.all_jobs(), {job_id: now})
+            pipe.zremrangebyscore(keys.all_jobs(), "-inf", now - ttl)
+            pipe.xadd(keys.queue("t2i", "normal"), {"job": job_id})
+            await pipe.execute()
+        location = f"{request.base_url}jobs/{job_id}"
+        return JSONResponse({"id": job_id, "status": "queued", "links": {"self": location}}, status_code=202)
+
+    async def poll(request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(keys.job(job_id))
+            pipe.lrange(keys.rounds(job_id), 0, -1)
+            pipe.zrank(keys.queued_index(), job_id)
+            fields, rounds, rank = await pipe.execute()
+        if not fields:
+            return JSONResponse({"error": {"code": "not_found"}}, status_code=404)
+        # The stored values are JSON already: splice them, do not decode them.
+        members = [json.dumps(k.decode()).encode() + b":" + v for k, v in fields.items()]
+        members.append(b'"rounds":[' + b",".join(rounds) + b"]")
+        members.append(b'"queue_position":' + (b"null" if rank is None else str(rank).encode()))
+        return Response(b"{" + b",".join(members) + b"}", media_type="application/json")
+
+    async def health(request: Request) -> Response:
+        return Response(b"ok")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await redis.aclose()
+
+    routes = [
+        Route("/generate", submit, methods=["POST"]),
+        Route("/jobs/{job_id}", poll, methods=["GET"]),
+        Route("/healthz", health, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One measurement: `requests` requests of one operation against one target."""
+
+    seconds: float
+    latencies: list[float]
+    errors: int
+    bodies: list[bytes] = field(default_factory=list)
+
+    @property
+    def per_s(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds > 0 else 0.0
+
+
+MakeRequest = Callable[[int], tuple[str, str, bytes]]
+"""Request number -> (method, path, body)."""
+
+
+async def load(
+    port: int, make: MakeRequest, *, total: int, clients: int, max_seconds: float, expect: int, keep: bool = False
+) -> Sample:
+    """Send `total` requests from `clients` connections (or stop at `max_seconds`)."""
+    counter = iter(range(total))
+    latencies: list[float] = []
+    bodies: list[bytes] = []
+    errors = 0
+    deadline = time.perf_counter() + max_seconds
+
+    async def client() -> None:
+        nonlocal errors
+        async with HttpConnection("127.0.0.1", port) as conn:
+            for index in counter:
+                if time.perf_counter() > deadline:
+                    return
+                method, path, body = make(index)
+                sent = time.perf_counter()
+                status, payload = await conn.request(method, path, body)
+                latencies.append(time.perf_counter() - sent)
+                if status != expect:
+                    errors += 1
+                elif keep:
+                    bodies.append(payload)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return Sample(time.perf_counter() - started, latencies, errors, bodies)
+
+
+def submit_request(tag: str) -> MakeRequest:
+    def make(index: int) -> tuple[str, str, bytes]:
+        body = {"prompt": f"gateway bench {tag} {index}: a lighthouse at dusk", "loop": {"max_rounds": 3}}
+        return "POST", "/generate", json.dumps(body).encode()
+
+    return make
+
+
+def poll_request(ids: Sequence[str]) -> MakeRequest:
+    def make(index: int) -> tuple[str, str, bytes]:
+        return "GET", f"/jobs/{ids[index % len(ids)]}", b""
+
+    return make
+
+
+@dataclass
+class Series:
+    """All repeats of one (target, operation)."""
+
+    samples: list[Sample] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        latencies = sorted(x for s in self.samples for x in s.latencies)
+        return {
+            "requests": len(latencies),
+            "errors": sum(s.errors for s in self.samples),
+            "req_per_s": statistics.median(s.per_s for s in self.samples),
+            "req_per_s_each": [s.per_s for s in self.samples],
+            "p50_ms": 1000 * percentile(latencies, 50),
+            "p95_ms": 1000 * percentile(latencies, 95),
+            "p99_ms": 1000 * percentile(latencies, 99),
+        }
+
+
+async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Any]:
+    series = {(t, op): Series() for t in TARGETS for op in OPERATIONS}
+    ids: dict[str, list[str]] = {t: [] for t in TARGETS}
+    options = {"total": args.requests, "clients": args.clients, "max_seconds": args.max_seconds}
+    for target in TARGETS:  # warm-up: connections, imports, caches; these jobs are polled later too
+        warm = await load(
+            ports[target], submit_request("warm"), **{**options, "total": args.warmup}, expect=202, keep=True
+        )
+        ids[target] += [json.loads(b)["id"] for b in warm.bodies]
+        await load(ports[target], poll_request(ids[target]), **{**options, "total": args.warmup}, expect=200)
+    for repeat in range(args.repeats):
+        for target in TARGETS:
+            sample = await load(ports[target], submit_request(f"r{repeat}"), **options, expect=202, keep=True)
+            ids[target] += [json.loads(b)["id"] for b in sample.bodies]
+            sample.bodies = []
+            series[target, "submit"].samples.append(sample)
+        for target in TARGETS:
+            sample = await load(ports[target], poll_request(ids[target]), **options, expect=200)
+            series[target, "poll"].samples.append(sample)
+    result: dict[str, Any] = {}
+    for op in OPERATIONS:
+        gateway, bare = series["gateway", op].summary(), series["bare", op].summary()
+        ratio = gateway["req_per_s"] / bare["req_per_s"] if bare["req_per_s"] else 0.0
+        result[op] = {"gateway": gateway, "bare": bare, "ratio": ratio}
+        result[f"{op}_ratio"] = ratio
+    return result
+
+
+def show(result: dict[str, Any]) -> None:
+    rows = []
+    for op in OPERATIONS:
+        for target in TARGETS:
+            rows.append({"op": op, "target": target, **result[op][target]})
+        rows.append({"op": op, "target": "gateway / bare", "req_per_s": result[op]["ratio"]})
+    print_table(
+        f"gateway vs bare endpoint: {result['clients']} clients, {result['requests']} requests x "
+        f"{result['repeats']} repeats per measurement, loopback",
+        [
+            Column("op", "operation"),
+            Column("target", "target"),
+            Column("req_per_s", "req/s (ratio)", "{:.2f}"),
+            Column("p50_ms", "p50 ms", "{:.2f}"),
+            Column("p95_ms", "p95 ms", "{:.2f}"),
+            Column("p99_ms", "p99 ms", "{:.2f}"),
+            Column("errors", "errors", "{:d}"),
+        ],
+        rows,
+    )
+    targets = [
+        {"metric": f"{op} throughput, gateway / bare", "value": result[f"{op}_ratio"], "target": ">= 0.5"}
+        for op in OPERATIONS
+    ]
+    for row in targets:
+        row["ok"] = row["value"] >= TARGET_RATIO
+    print_table(
+        "targets",
+        [
+            Column("metric", "metric"),
+            Column("value", "value", "{:.3f}"),
+            Column("target", "target"),
+            Column("ok", "ok"),
+        ],
+        targets,
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections (default 16)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (default 2000)")
+    parser.add_argument("--warmup", type=int, default=200, help="warm-up requests per target and operation")
+    parser.add_argument("--repeats", type=int, default=2, help="alternations of gateway and bare (default 2)")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="cap on one measurement's duration")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if min(args.clients, args.requests, args.warmup, args.repeats) < 1:
+        parser.error("--clients, --requests, --warmup and --repeats must be >= 1")
+    return args
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+    """asyncio.run, on uvloop when installed (it comes with uvicorn[standard]): a cheaper client."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    run_id = uuid.uuid4().hex[:10]
+    prefixes = {"gateway": f"gcr-bench-{run_id}", "bare": f"gcr-bench-{run_id}-bare"}
+    ports = {target: free_port() for target in TARGETS}
+    factories = {"gateway": "bench.common:gateway_app", "bare": "bench.gateway:bare_app"}
+    try:
+        with (
+            server_process(
+                "gateway",
+                uvicorn_argv(factories["gateway"], ports["gateway"]),
+                f"http://127.0.0.1:{ports['gateway']}/healthz",
+                env=gateway_env(args.redis_url, prefixes["gateway"]),
+            ),
+            server_process(
+                "bare endpoint",
+                uvicorn_argv(factories["bare"], ports["bare"]),
+                f"http://127.0.0.1:{ports['bare']}/healthz",
+                env=gateway_env(args.redis_url, prefixes["bare"]),
+            ),
+        ):
+            measured = run_loop(lambda: measure(args, ports))
+    finally:
+        for prefix in prefixes.values():
+            delete_prefix(args.redis_url, prefix)
+    result = {
+        "benchmark": "gateway",
+        "command": " ".join(["python", "bench/gateway.py", *sys.argv[1:]]),
+        "clients": args.clients,
+        "requests": args.requests,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        **measured,
+        "machine": machine_info(args.redis_url),
+    }
+    show(result)
+    write_json(args.json, result)
+    errors = sum(result[op][t]["errors"] for op in OPERATIONS for t in TARGETS)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

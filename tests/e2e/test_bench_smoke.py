@@ -1,0 +1,64 @@
+"""The benchmarks run end to end in a tiny configuration and write sane JSON.
+
+Smoke tests, not timings: each runs the benchmark's one command as a subprocess
+(servers, Redis and worker as the benchmark starts them) for a few seconds, then
+checks the keys and the ranges of the numbers, never their size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, args: list[str], out: Path, redis_url: str, timeout_s: float = 150) -> dict[str, Any]:
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args, "--redis-url", redis_url, "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+def test_orchestration_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
+    result = run_bench(
+        "orchestration.py",
+        ["--jobs", "3", "--rounds", "2", "--t-gen", "0.1", "--t-critic", "0.1", "--seq-jobs", "1"],
+        tmp_path / "orchestration.json",
+        redis_url,
+    )
+    for key in ("busy_fraction", "speedup_vs_sequential", "ratio_to_bound", "overhead_fraction"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert (result["jobs"], result["rounds"], result["t_gen"], result["t_critic"]) == (3, 2, 0.1, 0.1)
+    assert 0 < result["busy_fraction"] <= 1
+    assert result["speedup_vs_sequential"] > 0 and result["ratio_to_bound"] > 0
+    assert result["rounds_per_s"] > 0 and result["jobs_per_s"] > 0
+    assert result["concurrent"]["rounds_done"] == 6 and result["sequential"]["rounds_done"] == 2
+    assert result["errors"] == []
+    assert "simulation" in result["note"] and result["machine"]["cpus_usable"] >= 1
+
+
+def test_gateway_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
+    result = run_bench(
+        "gateway.py",
+        ["--clients", "4", "--requests", "60", "--warmup", "10", "--repeats", "1"],
+        tmp_path / "gateway.json",
+        redis_url,
+    )
+    for op in ("submit", "poll"):
+        assert result[f"{op}_ratio"] > 0
+        for target in ("gateway", "bare"):
+            stats = result[op][target]
+            assert stats["errors"] == 0 and stats["requests"] == 60
+            assert stats["req_per_s"] > 0
+            assert 0 < stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
