@@ -45,7 +45,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415)}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-SSE_BLOCK_MS = 15_000
+SSE_BLOCK_MS = 10_000  # below redis_client.SOCKET_TIMEOUT_S
 RETRY_AFTER_S = 5
 
 
@@ -91,7 +91,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(422, ErrorBody(code="invalid_input", message=message, field=field or None))
 
 
-def get_state(request: Request) -> GatewayState:
+async def get_state(request: Request) -> GatewayState:
+    # async: a plain def would be run in FastAPI's threadpool on every request.
     state: GatewayState = request.app.state.gcr
     return state
 

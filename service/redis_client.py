@@ -22,12 +22,19 @@ _UNAVAILABLE = (
 )
 
 
+# Every reply must arrive within this, blocking reads included: so the longest
+# XREAD BLOCK anyone issues (SSE: 10 s) stays well below it. redis-py's own default
+# (5 s) would cut a 10 s block short and report Redis as down.
+SOCKET_TIMEOUT_S = 30.0
+
+
 def connect(url: str) -> redis.Redis:
     """One pooled client per process; binary replies, since images are bytes."""
     return redis.Redis.from_url(
         url,
         decode_responses=False,
         socket_connect_timeout=2.0,
+        socket_timeout=SOCKET_TIMEOUT_S,
         health_check_interval=10,
         retry_on_timeout=False,
     )

@@ -151,3 +151,21 @@ async def test_readyz_needs_a_live_worker(stack: Stack) -> None:
             while (response := await http.get("/readyz")).status_code != 200:
                 await asyncio.sleep(0.05)
         assert response.json()["workers"][0]["generator"] == "sim:0.0"
+
+
+async def test_sse_outlives_a_long_queue_wait(stack: Stack) -> None:
+    """A stream on a job that waits longer than redis-py's default socket timeout (5 s)
+    keeps streaming; it used to end with a store_unavailable error event."""
+    job_id = await stack.submit("a patient client", loop={"max_rounds": 1})
+    types: list[str] = []
+
+    async def follow() -> None:
+        async for event in stack.client.events(job_id):
+            types.append(event.type)
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(6.0)
+    assert not follower.done()
+    await stack.start_worker()
+    await asyncio.wait_for(follower, timeout=20)
+    assert types[-1] == "end" and "round" in types
