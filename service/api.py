@@ -191,18 +191,18 @@ def create_app(settings: Settings) -> FastAPI:
         return _submitted(request, settings, doc, status=202)
 
     @app.get("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-    async def get_job(job_id: str, request: Request, state: State, caller: Caller) -> JobDocument:
+    async def get_job(job_id: str, request: Request, state: State, caller: Caller) -> Response:
         """The job: status, effective spec, every round with scores and images, the best candidate."""
-        return _render(request, settings, await state.owned_job(job_id, caller))
+        return _document(_render(request, settings, await state.owned_job(job_id, caller)))
 
     @app.delete("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-    async def cancel_job(job_id: str, request: Request, state: State, caller: Caller) -> JobDocument:
+    async def cancel_job(job_id: str, request: Request, state: State, caller: Caller) -> Response:
         """Cancel: a queued job never runs; a running one stops at its next stage boundary."""
         await state.check_owner(job_id, caller)
         outcome = await state.store.cancel(job_id)
         if outcome == "missing":
             raise NotFound(f"no job {job_id!r}", field="id")
-        return _render(request, settings, await state.store.get(job_id))
+        return _document(_render(request, settings, await state.store.get(job_id)))
 
     @app.get("/jobs/{job_id}/events", responses=ERROR_RESPONSES)
     async def job_events(
@@ -303,6 +303,12 @@ def _render(request: Request, settings: Settings, doc: JobDocument) -> JobDocume
         doc.best.image_url = base + doc.best.image_url
         doc.links["best_image"] = doc.best.image_url
     return doc
+
+
+def _document(doc: JobDocument) -> Response:
+    # The document was validated when read from Redis; returning it as a model would make
+    # FastAPI dump, re-validate and dump it again on the hottest route (polling).
+    return Response(doc.model_dump_json(), media_type="application/json")
 
 
 def _submitted(request: Request, settings: Settings, doc: JobDocument, status: int) -> JSONResponse:
