@@ -180,7 +180,6 @@ class Workload:
     inflight: int
     critic_concurrency: int
     batch_window_ms: float
-    redis_workaround: bool = True
 
     def call_seconds(self, batch: int) -> float:
         """Simulated time of one generator call of `batch` images."""
@@ -196,7 +195,6 @@ class RunResult:
     calls: list[Call]
     first_submit: float  # time.time()
     errors: list[str] = field(default_factory=list)
-    workaround: str | None = None
 
     @property
     def window_s(self) -> float:
@@ -297,30 +295,6 @@ class RunResult:
         }
 
 
-def apply_cancel_workaround(worker: Worker) -> str | None:
-    """Give the worker's Redis client no socket timeout, on Python < 3.12; says what it did.
-
-    NOTE: redis-py 8 sets a 5 s socket timeout by default, and then sends every command
-    through `asyncio.wait_for`, which on Python 3.11 swallows a task's cancellation when
-    it lands as the send completes (CPython gh-86296, fixed in 3.12). The runner's
-    cancel-flag poller (`_Job.watching_cancel`) is cancelled after each generation while
-    it may be sending an HGET; when the cancellation is lost it polls forever and its
-    job never leaves `generating`. With `sim:1.0` the poller's 0.25 s period lines up
-    with the end of every call, so without this a run at t_gen = 1.0 stalls within a few
-    rounds. The proper fix belongs in `service.redis_client.connect` (or the runner);
-    `--no-redis-workaround` runs the worker exactly as shipped.
-    """
-    if sys.version_info >= (3, 12):
-        return None
-    pool = worker.redis.connection_pool
-    if not pool.make_connection().socket_timeout:  # a Connection object only: nothing is opened
-        return None
-    # Connections are made lazily, so all of the worker's get this; `orig_` is what
-    # redis-py restores after a maintenance event.
-    pool.connection_kwargs.update(socket_timeout=None, orig_socket_timeout=None)
-    return "worker Redis client: socket_timeout=None (Python 3.11 wait_for loses cancellations)"
-
-
 def dump_tasks() -> None:
     """Print every task's stack to stderr: where a stalled run is stuck."""
     for task in asyncio.all_tasks():
@@ -377,11 +351,10 @@ async def run_workload(
     generator = RecordingGenerator(SimulatedGenerator(settings.generator or "", settings))
     critic = OpenAICritic(settings)
     worker = Worker(settings, generator, critic)
-    workaround = apply_cancel_workaround(worker) if w.redis_workaround else None
     worker_task = asyncio.create_task(worker.run(drain_grace_s=5.0), name=f"bench-worker-{name}")
     loop = {"max_rounds": w.rounds, "threshold": 1.0, "patience": None}
     # Generous: even one job at a time would be done well within it. A job that stalls
-    # (see apply_cancel_workaround) must fail the benchmark, not hang it.
+    # must fail the benchmark, not hang it.
     limit_s = 60 + 2 * w.jobs * w.rounds * (w.call_seconds(1) + w.t_critic)
     try:
         async with GcrClient(gateway_url, timeout_s=60.0) as client:
@@ -407,7 +380,7 @@ async def run_workload(
         for d in docs
         if d.status != "succeeded" or d.stop_reason != "max_rounds" or len(d.rounds) != w.rounds
     ]
-    return RunResult(w, docs, generator.calls, first_submit, errors, workaround)
+    return RunResult(w, docs, generator.calls, first_submit, errors)
 
 
 # --- the benchmark ----------------------------------------------------------------------------
@@ -424,7 +397,6 @@ async def measure(args: argparse.Namespace, gateway_url: str, critic_url: str, p
         inflight=args.jobs,
         critic_concurrency=args.critic_concurrency,
         batch_window_ms=args.batch_window_ms,
-        redis_workaround=not args.no_redis_workaround,
     )
     where = {"redis_url": args.redis_url, "prefix": prefix, "gateway_url": gateway_url, "critic_url": critic_url}
     main = await run_workload(concurrent, name="concurrent", **where)
@@ -486,7 +458,6 @@ def report(args: argparse.Namespace, main: RunResult, sequential: RunResult | No
             overhead_fraction=overhead / round_s,
         )
     out["errors"] = main.errors + (sequential.errors if sequential else [])
-    out["workarounds"] = sorted({r.workaround for r in (main, sequential) if r is not None and r.workaround})
     return out
 
 
@@ -576,8 +547,6 @@ def show(result: dict[str, Any]) -> None:
         rows,
     )
     console.print(SIMULATION_NOTE)
-    for workaround in result["workarounds"]:
-        console.print(f"[yellow]workaround[/yellow]: {workaround}")
     for error in result["errors"]:
         console.print(f"[red]ERROR[/red]: {error}")
 
@@ -597,11 +566,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seq-jobs", type=int, default=None, help="jobs of the measured sequential run (0: skip)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    parser.add_argument(
-        "--no-redis-workaround",
-        action="store_true",
-        help="run the worker's Redis client as shipped (see apply_cancel_workaround: may stall on Python 3.11)",
-    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.rounds < 1 or args.max_batch < 1:
