@@ -7,6 +7,7 @@ import asyncio
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.stack import Stack, free_port
 from workers.critics.standin_config import Fault, StandinConfig, StandinRule
@@ -55,9 +56,11 @@ async def test_a_transient_500_is_retried_and_the_job_succeeds(stack: Stack) -> 
     )
     await stack.configure_critic(config)
     await stack.start_worker(critic_retries=2)
+    retries_before = REGISTRY.get_sample_value("gcr_critic_retries_total", {"reason": "503"}) or 0.0
     doc = await stack.wait(await stack.submit("a flaky judge"))
     assert doc.status == "succeeded" and doc.stop_reason == "accepted"
     assert (await stack.critic_stats())["requests"] == 2
+    assert REGISTRY.get_sample_value("gcr_critic_retries_total", {"reason": "503"}) == retries_before + 1
 
 
 async def test_missing_refined_request_stops_with_no_refinement(stack: Stack) -> None:

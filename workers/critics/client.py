@@ -27,6 +27,7 @@ import httpx
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
 from service.protocol import Critique, Mode
 from service.settings import Settings
+from workers import metrics
 from workers.critics.parser import critique_regex, parse_critique
 from workers.critics.templates import ImageInput, Template, build_messages, load_templates
 
@@ -192,6 +193,7 @@ class OpenAICritic:
                     raise CriticUnavailable(
                         f"critic at {self.settings.critic_base_url} unreachable: {exc!r}"
                     ) from exc
+                metrics.CRITIC_RETRIES.labels("connection").inc()
                 await self._sleep(self._backoff(attempt))
                 continue
             except (httpx.TimeoutException, TimeoutError) as exc:
@@ -206,6 +208,7 @@ class OpenAICritic:
                         f"critic answered HTTP {response.status_code} after {attempts} attempt(s): "
                         f"{_error_message(response)}"
                     )
+                metrics.CRITIC_RETRIES.labels(str(response.status_code)).inc()
                 await self._sleep(self._retry_delay(attempt, response))
                 continue
             if response.status_code != 200:
