@@ -11,11 +11,12 @@ import asyncio
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import http_metrics
 from service.auth import Principal, authenticate
-from service.errors import GcrError, NotFound, QueueFull, RateLimited, Unauthorized
+from service.errors import GcrError, InvalidInput, NotFound, QueueFull, RateLimited, Unauthorized
 from service.gateway_state import GatewayState
 from service.protocol import (
     Critique,
@@ -41,7 +42,7 @@ from service.submit import parse_generate_body, prepare_job
 log = logging.getLogger("gcr.gateway")
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 404, 422, 429, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 429, 502, 503, 504)
 }
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415)}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
@@ -85,9 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         field = _validation_field(tuple(first.get("loc", ())))
-        message = "; ".join(
-            f"{_validation_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors
-        )
+        message = "; ".join(f"{_validation_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors)
         return _error_response(422, ErrorBody(code="invalid_input", message=message, field=field or None))
 
 
@@ -110,6 +109,24 @@ async def get_principal(
 
 
 Caller = Annotated[Principal, Depends(get_principal)]
+
+# Ids are token_urlsafe(16); anything else cannot exist, and must never reach Redis as
+# part of a key (`<id>:events` would name another key type).
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+
+
+def valid_job_id(
+    job_id: Annotated[str, Path(description="The id POST /generate returned.")], _caller: Caller
+) -> str:
+    # Depends on Caller so that authentication and the rate limit come first (FastAPI
+    # runs the shared dependency once per request).
+    if not _JOB_ID.match(job_id):
+        raise NotFound(f"no job {job_id[:80]!r}", field="id")
+    return job_id
+
+
+JobId = Annotated[str, Depends(valid_job_id)]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -141,8 +158,11 @@ def create_app(settings: Settings) -> FastAPI:
         "/generate",
         status_code=202,
         response_model=SubmitResponse,
-        responses={200: {"model": SubmitResponse, "description": "Idempotent replay: the existing job"},
-                   **ERROR_RESPONSES, **UPLOAD_ERRORS},
+        responses={
+            200: {"model": SubmitResponse, "description": "Idempotent replay: the existing job"},
+            **ERROR_RESPONSES,
+            **UPLOAD_ERRORS,
+        },
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -174,29 +194,27 @@ def create_app(settings: Settings) -> FastAPI:
         Answers 202 with the job id and links; 429 with Retry-After when the queue is full.
         The same `Idempotency-Key` with the same body returns the same job."""
         spec, source = await parse_generate_body(request, settings)
-        if idempotency_key is not None:
-            existing = await state.idempotent_job(caller, idempotency_key, spec)
-            if existing is not None:
-                doc = await state.store.get(existing)
-                return _submitted(request, settings, doc, status=200)
+        if idempotency_key is not None and (replay := await state.replay(caller, idempotency_key, spec)):
+            return _submitted(request, settings, replay, status=200)
         if await state.queue.queued_count() >= settings.queue_max:
             raise QueueFull(f"the queue holds {settings.queue_max} jobs; retry later")
         doc, source_png = await prepare_job(spec, source, settings, owner=caller.tenant)
-        if idempotency_key is not None and not await state.claim_idempotency(caller, idempotency_key, spec, doc.id):
-            existing = await state.idempotent_job(caller, idempotency_key, spec)
-            if existing is not None:
-                return _submitted(request, settings, await state.store.get(existing), status=200)
-        await state.store.create(doc, source_png)
+        if idempotency_key is None:
+            await state.store.create(doc, source_png)
+        else:
+            replay = await state.create_once(caller, idempotency_key, spec, doc, source_png)
+            if replay is not None:
+                return _submitted(request, settings, replay, status=200)
         http_metrics.JOBS_SUBMITTED.labels(doc.spec.mode, doc.spec.priority).inc()
         return _submitted(request, settings, doc, status=202)
 
     @app.get("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-    async def get_job(job_id: str, request: Request, state: State, caller: Caller) -> Response:
+    async def get_job(job_id: JobId, request: Request, state: State, caller: Caller) -> Response:
         """The job: status, effective spec, every round with scores and images, the best candidate."""
         return _document(_render(request, settings, await state.owned_job(job_id, caller)))
 
     @app.delete("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-    async def cancel_job(job_id: str, request: Request, state: State, caller: Caller) -> Response:
+    async def cancel_job(job_id: JobId, request: Request, state: State, caller: Caller) -> Response:
         """Cancel: a queued job never runs; a running one stops at its next stage boundary."""
         await state.check_owner(job_id, caller)
         outcome = await state.store.cancel(job_id)
@@ -206,7 +224,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/jobs/{job_id}/events", responses=ERROR_RESPONSES)
     async def job_events(
-        job_id: str,
+        job_id: JobId,
         state: State,
         caller: Caller,
         last_event_id: Annotated[str | None, Header(max_length=64)] = None,
@@ -214,6 +232,10 @@ def create_app(settings: Settings) -> FastAPI:
         """Server-Sent Events: `status`, `stage`, `progress`, `round`, then `end` when the job ends.
 
         Reconnect with `Last-Event-ID` to resume after the last event received."""
+        if last_event_id is not None and not _STREAM_ID.match(last_event_id):
+            raise InvalidInput(
+                "Last-Event-ID must be an event id this stream sent (like 1700000000000-0)", field="Last-Event-ID"
+            )
         await state.check_owner(job_id, caller)
         return EventSourceResponse(_event_stream(state, job_id, last_event_id or "0-0"), ping=10)
 
@@ -222,7 +244,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
         response_class=Response,
     )
-    async def job_image(job_id: str, round_index: int, candidate: int, state: State, caller: Caller) -> Response:
+    async def job_image(job_id: JobId, round_index: int, candidate: int, state: State, caller: Caller) -> Response:
         """PNG bytes of one candidate image."""
         await state.check_owner(job_id, caller)
         png = await state.store.get_image(job_id, round_index, candidate)
@@ -233,7 +255,7 @@ def create_app(settings: Settings) -> FastAPI:
         responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
         response_class=Response,
     )
-    async def job_source(job_id: str, state: State, caller: Caller) -> Response:
+    async def job_source(job_id: JobId, state: State, caller: Caller) -> Response:
         """PNG bytes of an edit job's source image."""
         await state.check_owner(job_id, caller)
         return Response(await state.store.get_source_image(job_id), media_type="image/png")

@@ -6,6 +6,7 @@
     │   └── UnsupportedMediaType 415
     ├── NotFound               404  unknown id (or another key's id)
     ├── Unauthorized           401  missing or unknown API key
+    ├── Conflict               409  the same Idempotency-Key is being processed right now
     ├── QueueFull              429  the queue cap is reached; retry later
     ├── RateLimited            429  this key's token bucket is empty; retry after Retry-After
     ├── StoreUnavailable       503  Redis cannot be reached
@@ -55,6 +56,12 @@ class UnsupportedMediaType(InvalidInput):
 class NotFound(GcrError):
     code = "not_found"
     status_code = 404
+
+
+class Conflict(GcrError):
+    code = "conflict"
+    status_code = 409
+    retryable = True
 
 
 class Unauthorized(GcrError):

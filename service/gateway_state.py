@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from service.auth import Principal
-from service.errors import GcrError, InvalidInput, NotFound, Unauthorized
+from service.errors import Conflict, GcrError, InvalidInput, NotFound, Unauthorized
 from service.keys import CONSUMER_GROUP, MODES, PRIORITIES, Keys
 from service.protocol import Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
@@ -92,10 +93,12 @@ class GatewayState:
         }
 
     # --- idempotency (keys are per tenant) ----------------------------------------------------
-    @translate_errors
-    async def idempotent_job(self, caller: Principal, key: str, spec: GenerateRequest) -> str | None:
-        """The job an earlier request with this key created; refuses a reuse with another body."""
-        raw = await self.redis.get(self.keys.idempotency(f"{caller.tenant}:{key}"))
+    async def replay(self, caller: Principal, key: str, spec: GenerateRequest) -> JobDocument | None:
+        """The job an earlier request with this key created, if any.
+
+        `InvalidInput` when the key was used with another body; `Conflict` while the first
+        request is still storing its job (the client retries and gets it)."""
+        raw = await translate_errors(self.redis.get)(self.keys.idempotency(f"{caller.tenant}:{key}"))
         if raw is None:
             return None
         job_id, _, fingerprint = raw.decode().partition(":")
@@ -103,13 +106,30 @@ class GatewayState:
             raise InvalidInput(
                 "Idempotency-Key was already used with a different request body", field="Idempotency-Key"
             )
-        return job_id
+        try:
+            return await self.store.get(job_id)
+        except NotFound:
+            raise Conflict(
+                "a request with this Idempotency-Key is still being processed; retry", field="Idempotency-Key"
+            ) from None
 
-    @translate_errors
-    async def claim_idempotency(self, caller: Principal, key: str, spec: GenerateRequest, job_id: str) -> bool:
-        value = f"{job_id}:{_fingerprint(spec)}"
+    async def create_once(
+        self, caller: Principal, key: str, spec: GenerateRequest, doc: JobDocument, source_png: bytes | None
+    ) -> JobDocument | None:
+        """Create `doc` unless another request took `key` first (then replay that one's job)."""
         scoped = self.keys.idempotency(f"{caller.tenant}:{key}")
-        return bool(await self.redis.set(scoped, value, nx=True, ex=self.settings.result_ttl_s))
+        value = f"{doc.id}:{_fingerprint(spec)}"
+        claimed = await translate_errors(self.redis.set)(scoped, value, nx=True, ex=self.settings.result_ttl_s)
+        if not claimed:
+            return await self.replay(caller, key, spec)
+        try:
+            await self.store.create(doc, source_png)
+        except GcrError:
+            # The job was not stored: free the key so the client's retry creates it.
+            with contextlib.suppress(GcrError, RedisError):
+                await self.redis.delete(scoped)
+            raise
+        return None
 
     # --- critique as a service --------------------------------------------------------------
     def critic(self) -> OpenAICritic:

@@ -30,6 +30,20 @@ from service.redis_client import translate_errors
 FAIRNESS = ("high", "normal", "high", "high", "low", "high", "normal", "high")
 
 
+# Re-claim entry ARGV[3] only if ARGV[2] still holds it: with no idle (ARGV[4] == '') for
+# itself (keep-alive), or handed to ARGV[5] looking idle for ARGV[4] ms (release).
+_TOUCH = """
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
+if #held == 0 then return 0 end
+if ARGV[4] == '' then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
+else
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[5], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
+end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class Claim:
     """One queue entry this worker holds."""
@@ -48,6 +62,7 @@ class JobQueue:
         self.keys = keys
         self.modes = tuple(m for m in MODES if m in set(modes))
         self._slot = 0
+        self._touch = client.register_script(_TOUCH)
 
     def _streams(self, priority: str) -> list[str]:
         return [self.keys.queue(mode, priority) for mode in self.modes]
@@ -75,15 +90,21 @@ class JobQueue:
             claim = None
             for priority in self._order():
                 streams = {stream: ">" for stream in self._streams(priority)}
-                reply = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, streams, count=1)
+                try:
+                    reply = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, streams, count=1)
+                except redis_exceptions.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    # The stream or group is gone (a Redis restart without persistence):
+                    # recreate them; anything that was queued there is lost with them.
+                    await self.ensure_groups()
+                    reply = await self.redis.xreadgroup(CONSUMER_GROUP, consumer, streams, count=1)
                 for stream, entries in reply or []:
                     for entry_id, payload in entries:
                         if claim is None:
-                            claim = Claim(
-                                stream.decode(), priority, entry_id.decode(), payload[b"job"].decode()
-                            )
+                            claim = Claim(stream.decode(), priority, entry_id.decode(), payload[b"job"].decode())
                         else:  # a second mode's stream answered too: hand it straight back
-                            await self.release([Claim(stream.decode(), priority, entry_id.decode(), "")])
+                            await self.release(consumer, [Claim(stream.decode(), priority, entry_id.decode(), "")])
                 if claim is not None:
                     break
             if claim is None:
@@ -137,21 +158,22 @@ class JobQueue:
         return claims
 
     @translate_errors
-    async def keep_alive(self, consumer: str, claims: list[Claim]) -> None:
-        """Reset the idle time of entries this worker still works on."""
-        await self._xclaim(consumer, claims, idle_ms=None)
+    async def keep_alive(self, consumer: str, claims: list[Claim]) -> list[Claim]:
+        """Reset the idle time of entries this worker still holds; returns those it no longer does
+        (another worker took them over after a stall: they must not be taken back)."""
+        lost = []
+        for claim in claims:
+            if not await self._touch(keys=[claim.stream], args=[CONSUMER_GROUP, consumer, claim.entry_id, "", ""]):
+                lost.append(claim)
+        return lost
 
     @translate_errors
-    async def release(self, claims: list[Claim], consumer: str = "released") -> None:
-        """Make entries claimable by any worker at once (they look idle for a day)."""
-        await self._xclaim(consumer, claims, idle_ms=86_400_000)
-
-    async def _xclaim(self, consumer: str, claims: list[Claim], idle_ms: int | None) -> None:
-        by_stream: dict[str, list[str]] = {}
+    async def release(self, consumer: str, claims: list[Claim]) -> None:
+        """Make entries this worker holds claimable by any worker at once (they look idle for a day)."""
         for claim in claims:
-            by_stream.setdefault(claim.stream, []).append(claim.entry_id)
-        for stream, ids in by_stream.items():
-            await self.redis.xclaim(stream, CONSUMER_GROUP, consumer, 0, ids, idle=idle_ms, justid=True)
+            await self._touch(
+                keys=[claim.stream], args=[CONSUMER_GROUP, consumer, claim.entry_id, "86400000", "released"]
+            )
 
     @translate_errors
     async def ack(self, claim: Claim) -> None:

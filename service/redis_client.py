@@ -49,5 +49,9 @@ def translate_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Cor
             return await fn(*args, **kwargs)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+        except redis_exceptions.ResponseError as exc:
+            # OOM under noeviction, READONLY after a failover, ...: Redis answered but
+            # refused. Retryable for the caller; never a crash or a bare 500.
+            raise StoreUnavailable(f"Redis refused the command: {exc}") from exc
 
     return wrapper

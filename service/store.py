@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from service.errors import NotFound
 from service.keys import PRIORITIES, Keys
-from service.protocol import JobDocument, JobEvent, Round
+from service.protocol import JobDocument, JobError, JobEvent, Round
 from service.redis_client import translate_errors
 
 EVENTS_MAXLEN = 5000
@@ -45,7 +45,8 @@ _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', '0'} end
 if status ~= '"queued"' and status ~= '"running"' then return {'terminal', '0'} end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if ARGV[5] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if attempts > tonumber(ARGV[4]) then return {'exhausted', tostring(attempts)} end
 redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[2])
@@ -200,43 +201,62 @@ class JobStore:
         )
         outcome = result.decode()
         if outcome == "cancelled":
-            await self.publish(
-                JobEvent(
-                    type="status",
-                    job_id=job_id,
-                    at=time.time(),
-                    data={"status": "cancelled", "stop_reason": "cancelled"},
-                )
-            )
-            await self.publish(
-                JobEvent(type="end", job_id=job_id, at=time.time(), data={"status": "cancelled"})
-            )
+            await self.publish_end(job_id, "cancelled", "cancelled")
         return str(outcome)
 
     # --- writing: the worker ------------------------------------------------------------------
     @translate_errors
-    async def start(self, job_id: str, worker_id: str, max_attempts: int) -> tuple[str, int]:
+    async def start(
+        self, job_id: str, worker_id: str, max_attempts: int, *, count_attempt: bool = True
+    ) -> tuple[str, int]:
         """Mark a claimed job running and owned by `worker_id`.
 
-        Returns (`ok` | `terminal` | `missing` | `exhausted`, attempts)."""
+        `count_attempt=False` when the same worker resumes a job after losing Redis for
+        a moment: that is not the job's fault. Returns
+        (`ok` | `terminal` | `missing` | `exhausted`, attempts)."""
         outcome, attempts = await self._start(
             keys=[self.keys.job(job_id), self.keys.queued_index()],
-            args=[job_id, _encode(worker_id), _encode(time.time()), max_attempts],
+            args=[job_id, _encode(worker_id), _encode(time.time()), max_attempts, "1" if count_attempt else "0"],
         )
         return outcome.decode(), int(attempts)
 
     @translate_errors
     async def update(self, job_id: str, worker_id: str, **fields: Any) -> bool:
         """Set fields of a running job this worker owns; False when it no longer does."""
-        applied = await self._owned_set(
-            keys=[self.keys.job(job_id)], args=[_encode(worker_id), *_pairs(fields)]
-        )
+        applied = await self._owned_set(keys=[self.keys.job(job_id)], args=[_encode(worker_id), *_pairs(fields)])
         return bool(applied)
 
     @translate_errors
     async def force_update(self, job_id: str, **fields: Any) -> None:
-        """Set fields regardless of owner: only for dead-lettering a job nobody can run."""
+        """Set fields regardless of owner: for a terminal job's webhook status, and dead letters."""
         await self.redis.hset(self.keys.job(job_id), mapping=_encoded(fields))
+
+    async def fail(self, job_id: str, error: JobError, owner: str | None = None) -> bool:
+        """End a job as failed with `error`. With `owner`, only while that worker holds it
+        (returns False otherwise); without, unconditionally (a dead letter nobody holds)."""
+        fields = {
+            "status": "failed",
+            "stop_reason": "failed",
+            "stage": None,
+            "finished_at": time.time(),
+            "error": error,
+        }
+        if owner is None:
+            await self.force_update(job_id, **fields)
+        elif not await self.update(job_id, owner, **fields):
+            return False
+        await self.publish_end(job_id, "failed", "failed", error)
+        return True
+
+    async def publish_end(
+        self, job_id: str, status: str, stop_reason: str | None, error: JobError | None = None
+    ) -> None:
+        """The two events every ending sends: the final `status`, then `end` (SSE streams close on it)."""
+        data: dict[str, Any] = {"status": status, "stop_reason": stop_reason}
+        if error is not None:
+            data["error"] = error.model_dump()
+        await self.publish(JobEvent(type="status", job_id=job_id, at=time.time(), data=data))
+        await self.publish(JobEvent(type="end", job_id=job_id, at=time.time(), data=data))
 
     @translate_errors
     async def checkpoint(self, job_id: str, worker_id: str, round_: Round, **fields: Any) -> bool:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from service.errors import CriticError, GcrError, GeneratorError
+from service.errors import CriticError, GcrError, GeneratorError, StoreUnavailable
 from service.logs import current_job
 from service.protocol import (
     BestCandidate,
@@ -86,11 +86,7 @@ class JobRunner:
     async def run(self, doc: JobDocument) -> None:
         """Run a job this worker has just started (status running, owned by us)."""
         current_job.set(doc.id)
-        try:
-            await _Job(self, doc).run()
-        except OwnershipLost:
-            log.info("job %s is no longer ours; leaving it", doc.id)
-            return
+        await _Job(self, doc).run()  # OwnershipLost and StoreUnavailable propagate to the worker
         if self.notifier is not None:
             self.notifier.notify(await self.store.get(doc.id))
 
@@ -165,6 +161,8 @@ class _Job:
                 return await self.finish(decision.reason)
             try:
                 round_ = await self.run_round(decision)
+            except StoreUnavailable:
+                raise  # not the job's failure: the worker resumes it from the checkpoint
             except GcrError as exc:
                 return await self.finish("failed", error=exc)
             if round_ is None:  # stopped between stages
@@ -181,9 +179,7 @@ class _Job:
             self.rounds.append(round_)
             await self.emit(
                 "round",
-                round=round_.model_dump(
-                    mode="json", exclude={"candidates": {"__all__": {"critique": {"raw"}}}}
-                ),
+                round=round_.model_dump(mode="json", exclude={"candidates": {"__all__": {"critique": {"raw"}}}}),
             )
 
     async def run_round(self, decision: Continue) -> Round | None:
@@ -279,9 +275,7 @@ class _Job:
                 return
             last[0] = now
             loop.call_soon_threadsafe(
-                lambda: asyncio.ensure_future(
-                    self._emit_quietly("progress", round=round_index, step=step, total=total)
-                )
+                lambda: asyncio.ensure_future(self._emit_quietly("progress", round=round_index, step=step, total=total))
             )
 
         return on_step
@@ -290,9 +284,7 @@ class _Job:
         with contextlib.suppress(GcrError):
             await self.emit(type_, **data)
 
-    async def store_images(
-        self, index: int, decision: Continue, results: list[GenResult]
-    ) -> dict[int, bytes]:
+    async def store_images(self, index: int, decision: Continue, results: list[GenResult]) -> dict[int, bytes]:
         images: dict[int, bytes] = {}
         for c, (seed, result) in enumerate(zip(decision.seeds, results, strict=True)):
             if result.image is None:
@@ -367,13 +359,7 @@ class _Job:
             critic_model=", ".join(sorted(critic_models)) or None,
         )
         metrics.JOBS_FINISHED.labels(status, reason).inc()
-        await self.emit(
-            "status",
-            status=status,
-            stop_reason=reason,
-            error=_job_error(error).model_dump() if error else None,
-        )
-        await self.emit("end", status=status, stop_reason=reason)
+        await self.r.store.publish_end(self.id, status, reason, _job_error(error) if error else None)
         log.info("job %s %s (%s) after %d rounds", self.id, status, reason, len(self.rounds))
 
 

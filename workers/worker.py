@@ -17,7 +17,7 @@ from typing import Any
 
 from service.errors import GcrError, StoreUnavailable
 from service.keys import Keys
-from service.protocol import JobError, JobEvent
+from service.protocol import JobError
 from service.queue import Claim, JobQueue
 from service.redis_client import connect
 from service.settings import Settings
@@ -26,7 +26,7 @@ from service.webhooks import WebhookNotifier
 from workers import metrics
 from workers.critics.breaker import CircuitBreaker, GuardedCritic
 from workers.generators.base import Generator
-from workers.runner import Critic, JobRunner
+from workers.runner import Critic, JobRunner, OwnershipLost
 from workers.scheduler import GenerationScheduler
 
 log = logging.getLogger("gcr.worker")
@@ -98,7 +98,7 @@ class Worker:
 
     async def _wait_for_redis(self) -> None:
         delay = 0.2
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.queue.ensure_groups()
                 return
@@ -155,57 +155,52 @@ class Worker:
         self._changed.set()
 
     async def _run_claim(self, claim: Claim) -> None:
+        """Run one claimed entry to its end; Redis blips resume it here from its checkpoint."""
+        delay = 0.5
+        first = True
+        while True:
+            try:
+                await self._process(claim, count_attempt=first)
+                return
+            except OwnershipLost:
+                # Another worker took the job over while this one stalled: the entry is
+                # theirs now, so neither ack nor touch it.
+                log.info("job %s was taken over by another worker; leaving it", claim.job_id)
+                return
+            except StoreUnavailable as exc:
+                if self._stopping.is_set():
+                    return  # the entry stays pending; whoever holds Redis next re-claims it
+                log.warning("Redis lost while running job %s (%s); resuming in %.1fs", claim.job_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay, first = min(delay * 2, RECONNECT_MAX_S), False
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job %s crashed the runner", claim.job_id)
+                error = JobError(code="internal", message="the worker crashed while running this job; see its logs")
+                with contextlib.suppress(GcrError):
+                    if await self.store.fail(claim.job_id, error, owner=self.id):
+                        self.notifier.notify(await self.store.get(claim.job_id))
+                    await self.queue.ack(claim)
+                return
+
+    async def _process(self, claim: Claim, count_attempt: bool) -> None:
         job_id = claim.job_id
-        try:
-            outcome, attempts = await self.store.start(job_id, self.id, self.settings.max_attempts)
-            if outcome == "exhausted":
-                await self._dead_letter(job_id, attempts)
-                self.notifier.notify(await self.store.get(job_id))
-            elif outcome == "terminal":  # cancelled while queued: the gateway has no notifier
-                doc = await self.store.get(job_id)
-                if doc.webhook is None:
-                    self.notifier.notify(doc)
-            elif outcome == "ok":
-                await self.runner.run(await self.store.get(job_id))
-            await self.queue.ack(claim)
-        except asyncio.CancelledError:
-            raise
-        except StoreUnavailable:
-            # Leave the entry pending: this worker (or another) re-claims it later.
-            log.warning("Redis lost while running job %s; it will be re-claimed", job_id)
-        except Exception:
-            log.exception("job %s crashed the runner", job_id)
-            await self._fail(job_id, claim)
-
-    async def _dead_letter(self, job_id: str, attempts: int) -> None:
-        metrics.DEAD_LETTERS.inc()
-        error = JobError(
-            code="dead_letter", message=f"job failed or crashed workers {attempts - 1} times; giving up"
+        outcome, attempts = await self.store.start(
+            job_id, self.id, self.settings.max_attempts, count_attempt=count_attempt
         )
-        await self._terminal(job_id, error)
-
-    async def _fail(self, job_id: str, claim: Claim) -> None:
-        error = JobError(
-            code="internal", message="the worker crashed while running this job; see worker logs"
-        )
-        with contextlib.suppress(GcrError):
-            await self._terminal(job_id, error)
-            await self.queue.ack(claim)
-
-    async def _terminal(self, job_id: str, error: JobError) -> None:
-        await self.store.force_update(
-            job_id, status="failed", stop_reason="failed", stage=None, finished_at=time.time(), error=error
-        )
-        now = time.time()
-        await self.store.publish(
-            JobEvent(
-                type="status",
-                job_id=job_id,
-                at=now,
-                data={"status": "failed", "stop_reason": "failed", "error": error.model_dump()},
-            )
-        )
-        await self.store.publish(JobEvent(type="end", job_id=job_id, at=now, data={"status": "failed"}))
+        if outcome == "exhausted":
+            metrics.DEAD_LETTERS.inc()
+            message = f"job failed or crashed workers {attempts - 1} times; giving up"
+            await self.store.fail(job_id, JobError(code="dead_letter", message=message))
+            self.notifier.notify(await self.store.get(job_id))
+        elif outcome == "terminal":  # cancelled while queued: the gateway has no notifier
+            doc = await self.store.get(job_id)
+            if doc.webhook is None:
+                self.notifier.notify(doc)
+        elif outcome == "ok":
+            await self.runner.run(await self.store.get(job_id))
+        await self.queue.ack(claim)
 
     async def _heartbeat_loop(self, done: asyncio.Event) -> None:
         ttl = max(self.settings.heartbeat_s * 3, 1.0)
@@ -213,9 +208,12 @@ class Worker:
             try:
                 await self.queue.heartbeat(self.id, self.info(), ttl)
                 if self.active:
-                    await self.queue.keep_alive(self.id, list(self.active.values()))
-            except StoreUnavailable as exc:
-                log.warning("heartbeat failed: %s", exc)
+                    for lost in await self.queue.keep_alive(self.id, list(self.active.values())):
+                        log.warning(
+                            "job %s is held by another worker now; its writes here will be refused", lost.job_id
+                        )
+            except Exception:
+                log.exception("heartbeat failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.settings.heartbeat_s)
 
@@ -231,5 +229,5 @@ class Worker:
             # Bounded: a cancellation swallowed inside a Redis call must not stall shutdown.
             await asyncio.wait(pending, timeout=5)
             with contextlib.suppress(GcrError):
-                await self.queue.release(unfinished)
+                await self.queue.release(self.id, unfinished)
             log.info("released %d unfinished job(s) for other workers", len(unfinished))

@@ -203,7 +203,8 @@ class EvalRunner:
         except GatewayError as exc:
             if exc.status in (401, 403):
                 raise EvalAborted(f"the gateway refused the request: {exc}") from exc
-            if exc.status == 0 or exc.status >= 500 or exc.status == 429:
+            if exc.status == 0 or exc.status >= 500 or exc.status in (409, 429):
+                # 409: the same idempotency key is still being stored; the next run replays it.
                 raise _Unrecorded(str(exc)) from exc
             return {
                 **line,

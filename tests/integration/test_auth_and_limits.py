@@ -195,3 +195,37 @@ async def test_unsupported_content_type(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.post("/generate", content=b"prompt=x", headers={"content-type": "text/plain"})
     assert response.status_code == 415 and response.json()["error"]["code"] == "unsupported_media_type"
+
+
+async def test_idempotent_retry_after_a_failed_store_creates_the_job(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The key is freed when the job could not be stored, so the client's retry works."""
+    from service.errors import StoreUnavailable
+    from service.store import JobStore
+
+    original = JobStore.create
+    calls = {"n": 0}
+
+    async def flaky(self, doc, source_png=None):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StoreUnavailable("Redis is unavailable: injected")
+        return await original(self, doc, source_png)
+
+    monkeypatch.setattr(JobStore, "create", flaky)
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        first = await http.post("/generate", json={"prompt": "retry me"}, headers={"Idempotency-Key": "k2"})
+        again = await http.post("/generate", json={"prompt": "retry me"}, headers={"Idempotency-Key": "k2"})
+        replay = await http.post("/generate", json={"prompt": "retry me"}, headers={"Idempotency-Key": "k2"})
+    assert first.status_code == 503 and first.headers["Retry-After"]
+    assert again.status_code == 202
+    assert replay.status_code == 200 and replay.json()["id"] == again.json()["id"]
+
+
+async def test_crafted_ids_and_event_ids_are_refused_cleanly(stack: Stack) -> None:
+    job_id = await stack.submit("a real job")
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        for path in (f"/jobs/{job_id}:events", f"/jobs/{job_id}:rounds", "/jobs/a*b"):
+            assert (await http.get(path)).status_code == 404, path
+            assert (await http.delete(path)).status_code == 404, path
+        response = await http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": "garbage"})
+        assert response.status_code == 422 and response.json()["error"]["field"] == "Last-Event-ID"
