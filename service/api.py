@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import http_metrics
 from service.auth import Principal, authenticate
+from service.body_limit import BodyLimitMiddleware
 from service.errors import GcrError, InvalidInput, NotFound, QueueFull, RateLimited, Unauthorized
 from service.gateway_state import GatewayState
 from service.protocol import (
@@ -116,13 +117,11 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
-def valid_job_id(
-    job_id: Annotated[str, Path(description="The id POST /generate returned.")], _caller: Caller
-) -> str:
+def valid_job_id(job_id: Annotated[str, Path(description="The id POST /generate returned.")], _caller: Caller) -> str:
     # Depends on Caller so that authentication and the rate limit come first (FastAPI
     # runs the shared dependency once per request).
     if not _JOB_ID.match(job_id):
-        raise NotFound(f"no job {job_id[:80]!r}", field="id")
+        raise NotFound.job(job_id)
     return job_id
 
 
@@ -152,6 +151,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Two base64 images (POST /critique) plus room for the JSON around them.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=2 * (settings.max_image_bytes * 4 // 3) + 1024 * 1024)
     http_metrics.install(app)
 
     @app.post(
@@ -219,7 +220,7 @@ def create_app(settings: Settings) -> FastAPI:
         await state.check_owner(job_id, caller)
         outcome = await state.store.cancel(job_id)
         if outcome == "missing":
-            raise NotFound(f"no job {job_id!r}", field="id")
+            raise NotFound.job(job_id)
         return _document(_render(request, settings, await state.store.get(job_id)))
 
     @app.get("/jobs/{job_id}/events", responses=ERROR_RESPONSES)

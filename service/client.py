@@ -50,9 +50,7 @@ class GcrClient:
         try:
             response = await self.http.post("/generate", json=body, headers=headers)
         except httpx.TransportError as exc:
-            raise GatewayError(
-                0, "unreachable", f"cannot reach the gateway at {self.http.base_url}: {exc}"
-            ) from exc
+            raise GatewayError(0, "unreachable", f"cannot reach the gateway at {self.http.base_url}: {exc}") from exc
         _raise_for_error(response)
         return str(response.json()["id"])
 
@@ -87,11 +85,7 @@ class GcrClient:
                     if event_type == "error":
                         payload = json.loads(data)
                         raise GatewayError(0, payload.get("code", "stream_error"), payload.get("message", ""))
-                    event = (
-                        JobEvent.model_validate_json(data)
-                        if event_type != "end" or '"type"' in data
-                        else None
-                    )
+                    event = JobEvent.model_validate_json(data) if event_type != "end" or '"type"' in data else None
                     if event is not None:
                         yield event
                     if event_type == "end":

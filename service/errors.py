@@ -57,6 +57,11 @@ class NotFound(GcrError):
     code = "not_found"
     status_code = 404
 
+    @classmethod
+    def job(cls, job_id: str) -> NotFound:
+        """The one answer for unknown, expired, malformed and other tenants' ids alike."""
+        return cls(f"no job {job_id[:80]!r} (unknown, or its results expired)", field="id")
+
 
 class Conflict(GcrError):
     code = "conflict"

@@ -19,7 +19,7 @@ from service.ratelimit import RateLimiter
 from service.redis_client import connect, translate_errors
 from service.settings import Settings
 from service.store import JobStore
-from service.uploads import check_image, decode_base64_image
+from service.uploads import check_image, check_mode_images, decode_base64_image
 
 if TYPE_CHECKING:
     from workers.critics.client import OpenAICritic
@@ -51,12 +51,12 @@ class GatewayState:
         """Another tenant's job answers 404, like an unknown id, so ids leak nothing."""
         owner = await self.store.owner(job_id)
         if not caller.admin and owner != caller.tenant:
-            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+            raise NotFound.job(job_id)
 
     async def owned_job(self, job_id: str, caller: Principal) -> JobDocument:
         doc = await self.store.get(job_id)
         if not caller.admin and doc.owner != caller.tenant:
-            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+            raise NotFound.job(job_id)
         return doc
 
     def require_admin(self, caller: Principal) -> None:
@@ -140,6 +140,11 @@ class GatewayState:
         return self._critic
 
     async def critique(self, body: CritiqueRequest) -> Critique:
+        if len(body.instruction) > self.settings.max_prompt_chars:
+            raise InvalidInput(
+                f"instruction has {len(body.instruction)} characters; the limit is {self.settings.max_prompt_chars}",
+                field="instruction",
+            )
         limits = {"max_bytes": self.settings.max_image_bytes, "max_pixels": self.settings.max_image_pixels}
         image = await asyncio.to_thread(
             check_image,
@@ -156,10 +161,7 @@ class GatewayState:
                 **limits,
             )
         mode = body.mode or ("edit" if source is not None else "t2i")
-        if mode == "edit" and source is None:
-            raise InvalidInput("mode `edit` needs a source_image", field="source_image")
-        if mode == "t2i" and source is not None:
-            raise InvalidInput("mode `t2i` takes no source_image", field="source_image")
+        check_mode_images(mode, source is not None)
         return await self.critic().critique(body.instruction, image, source_image=source, mode=mode)
 
     # --- readiness ----------------------------------------------------------------------------

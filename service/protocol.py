@@ -1,8 +1,9 @@
 """The wire contract shared by the gateway, the worker and the CLI.
 
 HTTP bodies, the job document stored in Redis, rounds, critiques and events all
-live here. What clients send forbids unknown fields; what we store and return
-does not, so that an older gateway can read a document a newer worker wrote.
+live here. What clients send forbids unknown fields. The stored document tolerates
+unknown top-level fields, but its `spec` is the client's request and stays strict:
+add spec fields with defaults, and roll out gateways before relying on them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ Mode = Literal["t2i", "edit"]
 Priority = Literal["high", "normal", "low"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
-StopReason = Literal[
-    "accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed"
-]
+StopReason = Literal["accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed"]
 Stage = Literal["queued", "generating", "critiquing", "refining"]
 
 # Dimension keys of a critique. t2i has the first three (text_rendering may be N/A);
@@ -67,29 +66,18 @@ class LoopParams(ClientBody):
     """When to stop, and how to refine. Defaults are explained in the README."""
 
     max_rounds: int = Field(3, ge=1, le=20, description="Generate-critique rounds at most.")
-    threshold: float = Field(
-        0.75, ge=0, le=1, description="Accept when the overall score (0-1) reaches this."
-    )
+    threshold: float = Field(0.75, ge=0, le=1, description="Accept when the overall score (0-1) reaches this.")
     min_scores: Annotated[
         dict[str, Annotated[float, Field(ge=SCORE_MIN, le=SCORE_MAX)]], AfterValidator(known_dimensions)
-    ] = Field(
-        default_factory=dict, description="Per-dimension minimum (1-4 scale) also required for acceptance."
-    )
-    candidates_per_round: int = Field(
-        1, ge=1, le=8, description="Images per round, distinct seeds, all critiqued."
-    )
+    ] = Field(default_factory=dict, description="Per-dimension minimum (1-4 scale) also required for acceptance.")
+    candidates_per_round: int = Field(1, ge=1, le=8, description="Images per round, distinct seeds, all critiqued.")
     patience: int | None = Field(
         2, ge=1, le=20, description="Stop after this many rounds without a better best; null: never."
     )
-    deadline_s: float | None = Field(
-        None, gt=0, le=86_400, description="Wall-clock budget of the job's rounds."
-    )
+    deadline_s: float | None = Field(None, gt=0, le=86_400, description="Wall-clock budget of the job's rounds.")
     seed_policy: Literal["fixed", "vary"] = Field("fixed", description="`fixed`: same seeds every round.")
-    refine_from: Literal["latest", "best"] = Field(
-        "latest", description="Whose refined request drives the next round."
-    )
+    refine_from: Literal["latest", "best"] = Field("latest", description="Whose refined request drives the next round.")
     history: bool = Field(False, description="Append earlier refinement comments to the next prompt.")
-
 
 
 class GenerateRequest(ClientBody):

@@ -2,7 +2,7 @@
 
 Every process (`gcr serve`, `gcr worker`, `gcr critique`, ...) builds one `Settings`
 and passes it down; no other module reads `os.environ`. The README's configuration
-table lists these fields; `tests/unit/test_settings.py` keeps the two in step.
+table lists these fields; `tests/unit/test_docs.py` keeps the two in step.
 """
 
 from __future__ import annotations
@@ -26,29 +26,19 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GCR_", extra="forbid", validate_default=True)
 
     # --- Redis: queue and state -------------------------------------------------
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis holding the queue and all job state."
-    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue and all job state.")
     redis_prefix: str = Field("gcr", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
     result_ttl_s: int = Field(86_400, ge=60, description="How long job documents, events and images live.")
 
     # --- Gateway ----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address `gcr serve` binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port `gcr serve` binds.")
-    public_url: str | None = Field(
-        None, description="Base URL put in links; default: the request's own base URL."
-    )
+    public_url: str | None = Field(None, description="Base URL put in links; default: the request's own base URL.")
     queue_max: int = Field(1000, ge=1, description="Queued jobs beyond which POST /generate answers 429.")
     max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt.")
-    max_image_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded."
-    )
-    max_image_pixels: int = Field(
-        4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image."
-    )
-    worker_stale_s: float = Field(
-        15.0, gt=0, description="A worker whose last heartbeat is older is not alive."
-    )
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image.")
+    worker_stale_s: float = Field(15.0, gt=0, description="A worker whose last heartbeat is older is not alive.")
 
     # --- Auth, limits, webhooks ---------------------------------------------------------
     auth_disabled: bool = Field(False, description="Turn API-key auth off (dev only; logged loudly).")
@@ -79,25 +69,17 @@ class Settings(BaseSettings):
     generator_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="`auto`: bfloat16 on CUDA, float32 on CPU."
     )
-    cpu_offload: bool = Field(
-        False, description="Call `enable_model_cpu_offload()` (saves VRAM, costs speed)."
-    )
+    cpu_offload: bool = Field(False, description="Call `enable_model_cpu_offload()` (saves VRAM, costs speed).")
     compile: bool = Field(False, description="`torch.compile` the denoiser at load time.")
     lora_path: str | None = Field(None, description="LoRA weights loaded into the pipeline at start-up.")
-    attention_backend: str | None = Field(
-        None, description="diffusers attention backend, e.g. `flash`, if available."
-    )
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. `flash`, if available.")
     cache_dir: Path = Field(Path.home() / ".cache" / "gcr", description="Where `tiny:*` pipelines are built.")
     edit_max_edge: int = Field(1024, ge=64, description="Edit outputs: long edge bound (rounded to 16).")
 
     # --- Worker: scheduling -------------------------------------------------------
-    worker_id: str = Field(
-        default_factory=_default_worker_id, description="Consumer name in the Redis group."
-    )
+    worker_id: str = Field(default_factory=_default_worker_id, description="Consumer name in the Redis group.")
     max_batch: int = Field(4, ge=1, description="Most requests coalesced into one pipeline call.")
-    batch_window_ms: float = Field(
-        10.0, ge=0, description="How long the batcher waits for compatible requests."
-    )
+    batch_window_ms: float = Field(10.0, ge=0, description="How long the batcher waits for compatible requests.")
     max_inflight_jobs: int = Field(16, ge=1, description="Jobs one worker runs at once.")
     max_inflight_critiques: int = Field(16, ge=1, description="Critic requests one worker keeps in flight.")
     heartbeat_s: float = Field(2.0, gt=0, description="Worker heartbeat period.")
@@ -108,17 +90,13 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running jobs may finish before they are released."
     )
-    progress_interval_s: float = Field(
-        0.25, ge=0, description="Least time between two progress events of a job."
-    )
+    progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress events of a job.")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the worker; 0: off.")
 
     # --- Critic: any OpenAI-compatible vision endpoint ------------------------------
     critic_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible base URL (vLLM).")
     critic_model: str = Field("TIGER-Lab/RationalRewards-8B-T2I", description="Served model name for t2i.")
-    critic_edit_model: str | None = Field(
-        None, description="Served model name for edits; default: critic_model."
-    )
+    critic_edit_model: str | None = Field(None, description="Served model name for edits; default: critic_model.")
     critic_api_key: SecretStr | None = Field(None, description="Bearer token for a hosted endpoint.")
     critic_timeout_s: float = Field(180.0, gt=0, description="Per-request timeout of one critique.")
     critic_max_tokens: int = Field(2048, ge=256, description="max_tokens of one critique.")
@@ -128,9 +106,7 @@ class Settings(BaseSettings):
     critic_structured_outputs: bool = Field(
         False, description="Constrain the re-ask of an unparseable answer with vLLM `structured_outputs`."
     )
-    critic_templates_dir: Path | None = Field(
-        None, description="Folder of your own templates, replacing ours."
-    )
+    critic_templates_dir: Path | None = Field(None, description="Folder of your own templates, replacing ours.")
     critic_edit_template: Literal["edit", "edit_tuning"] = Field(
         "edit", description="`edit_tuning`: the variant of the authors' test-time script."
     )

@@ -114,7 +114,7 @@ class JobStore:
             pipe.zrank(self.keys.queued_index(), job_id)
             fields, rounds, rank = await pipe.execute()
         if not fields:
-            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+            raise NotFound.job(job_id)
         doc = {k.decode(): json.loads(v) for k, v in fields.items()}
         doc["rounds"] = [json.loads(r) for r in rounds]
         if doc.get("status") == "queued" and rank is not None:
@@ -131,7 +131,7 @@ class JobStore:
         """The job's tenant; `NotFound` for unknown or expired ids."""
         fields = await self.redis.hmget(self.keys.job(job_id), ["status", "owner"])
         if fields[0] is None:
-            raise NotFound(f"no job {job_id!r} (unknown, or its results expired)", field="id")
+            raise NotFound.job(job_id)
         return None if fields[1] is None else json.loads(fields[1])
 
     @translate_errors

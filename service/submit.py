@@ -15,7 +15,7 @@ from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.netguard import check_public_url
 from service.protocol import MAX_SEED, GenerateRequest, JobDocument
 from service.settings import Settings
-from service.uploads import check_image, decode_base64_image
+from service.uploads import check_image, check_mode_images, decode_base64_image
 
 JSON_OVERHEAD_BYTES = 1024 * 1024
 
@@ -38,16 +38,12 @@ async def parse_generate_body(request: Request, settings: Settings) -> tuple[Gen
             raise _validation_error(exc) from exc
         source = None
         if spec.source_image is not None:
-            source = decode_base64_image(
-                spec.source_image, field="source_image", max_bytes=settings.max_image_bytes
-            )
+            source = decode_base64_image(spec.source_image, field="source_image", max_bytes=settings.max_image_bytes)
         return spec, source
     if content_type == "multipart/form-data":
         async with request.form(max_files=1, max_fields=4, max_part_size=limit) as form:
             return await _parse_multipart(form, settings)
-    raise UnsupportedMediaType(
-        f"content type {content_type!r} is not accepted; use JSON or multipart/form-data"
-    )
+    raise UnsupportedMediaType(f"content type {content_type!r} is not accepted; use JSON or multipart/form-data")
 
 
 async def _parse_multipart(form: FormData, settings: Settings) -> tuple[GenerateRequest, bytes | None]:
@@ -62,9 +58,7 @@ async def _parse_multipart(form: FormData, settings: Settings) -> tuple[Generate
     if isinstance(upload, UploadFile):
         source = await upload.read(settings.max_image_bytes + 1)
         if len(source) > settings.max_image_bytes:
-            raise PayloadTooLarge(
-                f"source_image is larger than {settings.max_image_bytes} bytes", field="source_image"
-            )
+            raise PayloadTooLarge(f"source_image is larger than {settings.max_image_bytes} bytes", field="source_image")
         return spec, source
     if spec.source_image is not None:
         return spec, decode_base64_image(spec.source_image, field="source_image", max_bytes=settings.max_image_bytes)
@@ -80,12 +74,7 @@ async def prepare_job(
             f"prompt has {len(spec.prompt)} characters; the limit is {settings.max_prompt_chars}",
             field="prompt",
         )
-    if spec.mode == "edit" and source is None:
-        raise InvalidInput("mode `edit` needs a source_image", field="source_image")
-    if spec.mode == "t2i" and source is not None:
-        raise InvalidInput(
-            "mode `t2i` takes no source_image; use mode `edit` to edit an image", field="source_image"
-        )
+    check_mode_images(spec.mode, source is not None)
     if spec.callback_url is not None:
         await check_public_url(spec.callback_url, field="callback_url", allow_private=settings.webhook_allow_private)
     source_png = None

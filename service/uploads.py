@@ -21,6 +21,14 @@ ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
+def check_mode_images(mode: str, has_source: bool) -> None:
+    """An edit needs a source image; text-to-image takes none."""
+    if mode == "edit" and not has_source:
+        raise InvalidInput("mode `edit` needs a source_image", field="source_image")
+    if mode == "t2i" and has_source:
+        raise InvalidInput("mode `t2i` takes no source_image; use mode `edit` to edit an image", field="source_image")
+
+
 def decode_base64_image(value: str, *, field: str, max_bytes: int) -> bytes:
     """Bytes of a base64 string or a `data:image/...;base64,` URI."""
     payload = _DATA_URI.sub("", value.strip(), count=1)

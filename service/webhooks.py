@@ -115,8 +115,7 @@ class WebhookNotifier:
                 await asyncio.sleep(min(BACKOFF_MAX_S, self.settings.webhook_backoff_s * 2 ** (attempt - 1)))
         if status.state != "delivered":
             status.state = "failed"
-            log.warning("webhook for job %s failed after %d attempt(s): %s", doc.id, status.attempts,
-                        status.last_error)
+            log.warning("webhook for job %s failed after %d attempt(s): %s", doc.id, status.attempts, status.last_error)
         try:
             await self.store.force_update(doc.id, webhook=status)
         except GcrError as exc:

@@ -7,12 +7,11 @@ from collections.abc import Mapping
 
 from PIL import Image, PngImagePlugin
 
-# Text chunks we write into every generated PNG. The stand-in critic reads
-# gcr:round and gcr:candidate to follow its score schedule.
-PROVENANCE_KEYS = ("gcr:job", "gcr:round", "gcr:candidate", "gcr:seed", "gcr:prompt", "gcr:model")
-
 
 def encode_png(image: Image.Image, text: Mapping[str, str] | None = None) -> bytes:
+    """PNG bytes with `text` as iTXt chunks (the worker writes gcr:job, gcr:round,
+    gcr:candidate, gcr:seed, gcr:prompt, gcr:model; the stand-in critic reads round and
+    candidate to follow its score schedule)."""
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_itxt(key, value)

@@ -102,10 +102,11 @@ class _Job:
         assert self.spec.generation.seed is not None, "the gateway draws a seed for every job"
         self.policy = LoopPolicy(self.spec.loop, self.spec.generation.seed, self.spec.prompt)
         self.cancelled = False
+        self._progress_tasks: set[asyncio.Task[None]] = set()
         self.source_png: bytes | None = None
         self.source_image: Image.Image | None = None
         self.generator_calls = sum(len(r.candidates) for r in self.rounds)
-        self.critic_calls = sum(1 for r in self.rounds for c in r.candidates if c.critique or c.error)
+        self.critic_calls = sum(1 for r in self.rounds for c in r.candidates if c.image_url)
 
     # --- helpers -----------------------------------------------------------------------
     async def emit(self, type_: EventType, **data: Any) -> None:
@@ -274,11 +275,15 @@ class _Job:
             if step < total and now - last[0] < self.r.progress_interval_s:
                 return
             last[0] = now
-            loop.call_soon_threadsafe(
-                lambda: asyncio.ensure_future(self._emit_quietly("progress", round=round_index, step=step, total=total))
-            )
+            loop.call_soon_threadsafe(self._spawn_progress, round_index, step, total)
 
         return on_step
+
+    def _spawn_progress(self, round_index: int, step: int, total: int) -> None:
+        # Keep a reference: the loop holds tasks weakly, and a collected one is lost.
+        task = asyncio.create_task(self._emit_quietly("progress", round=round_index, step=step, total=total))
+        self._progress_tasks.add(task)
+        task.add_done_callback(self._progress_tasks.discard)
 
     async def _emit_quietly(self, type_: EventType, **data: Any) -> None:
         with contextlib.suppress(GcrError):

@@ -87,7 +87,8 @@ class GenerationScheduler:
         for pending in [*self._running, *self._waiting]:
             if not pending.future.done():
                 pending.future.cancel()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # Waits for the call in progress (at most one generation) off the event loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def generate(
         self,

@@ -75,11 +75,13 @@ class Worker:
             "max_inflight_jobs": self.settings.max_inflight_jobs,
             "inflight_jobs": len(self.active),
             "generator_busy_s": round(self.scheduler.busy_s, 3),
-            "critic": "down" if self.breaker.state == "open" else "ok",
+            "critic": "ok" if self.breaker.state == "closed" else "down",
             "at": time.time(),
         }
 
     async def run(self, drain_grace_s: float = 30.0) -> None:
+        if self.settings.webhook_secret is None:
+            log.warning("GCR_WEBHOOK_SECRET is not set: webhooks of callback_url jobs go out unsigned")
         await self._wait_for_redis()
         await self.scheduler.start()
         heartbeats_done = asyncio.Event()
@@ -115,7 +117,9 @@ class Worker:
                 # Claiming now would only fail jobs fast; leave them queued for a healthier worker.
                 await asyncio.sleep(min(1.0, self.settings.critic_breaker_cooldown_s))
                 continue
-            free = self.settings.max_inflight_jobs - len(self.active)
+            # Half-open: one job at a time, whose critique is the breaker's trial call.
+            limit = self.settings.max_inflight_jobs if self.breaker.state == "closed" else 1
+            free = limit - len(self.active)
             if free <= 0:
                 self._changed.clear()
                 await self._changed.wait()

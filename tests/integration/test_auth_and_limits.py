@@ -229,3 +229,24 @@ async def test_crafted_ids_and_event_ids_are_refused_cleanly(stack: Stack) -> No
             assert (await http.delete(path)).status_code == 404, path
         response = await http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": "garbage"})
         assert response.status_code == 422 and response.json()["error"]["field"] == "Last-Event-ID"
+
+
+async def test_oversized_bodies_are_refused_before_they_are_read(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    async with Stack(redis_url, redis_prefix, standin_url, max_image_bytes=3000) as stack:
+        limit = 2 * (3000 * 4 // 3) + 1024 * 1024
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            declared = await http.post(
+                "/critique", content=b"x" * (limit + 1), headers={"content-type": "application/json"}
+            )
+            assert declared.status_code == 413 and declared.json()["error"]["code"] == "payload_too_large"
+
+            async def chunks():  # type: ignore[no-untyped-def]
+                for _ in range(limit // 65536 + 2):
+                    yield b"x" * 65536
+
+            streamed = await http.post("/critique", content=chunks(), headers={"content-type": "application/json"})
+            assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+            long_instruction = await http.post("/critique", json={"instruction": "x" * 5000, "image": "AAAA"})
+            assert long_instruction.status_code == 422

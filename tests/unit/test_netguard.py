@@ -19,6 +19,9 @@ from service.netguard import check_public_url, is_public
         "http://[::ffff:127.0.0.1]/hook",
         "http://192.168.1.20/hook",
         "http://0.0.0.0/hook",
+        "http://100.100.100.200/latest/meta-data",  # shared address space: a cloud metadata service
+        "http://[2002:7f00:1::]/hook",  # 6to4 wrapping 127.0.0.1
+        "http://[fd00::1]/hook",
     ],
 )
 async def test_private_targets_are_refused(url: str) -> None:

@@ -49,6 +49,10 @@ class CircuitBreaker:
     def success(self) -> None:
         self.consecutive, self.opened_at, self._trial_running = 0, None, False
 
+    def abandon(self) -> None:
+        """A call ended without telling whether the critic is up: free the trial slot."""
+        self._trial_running = False
+
     def failure(self, message: str) -> None:
         self.consecutive += 1
         self.last_error = message
@@ -75,6 +79,9 @@ class GuardedCritic:
             raise
         except CriticError:
             self.breaker.success()  # it answered, however badly: the server is up
+            raise
+        except BaseException:
+            self.breaker.abandon()  # cancelled or broken before an answer: says nothing either way
             raise
         self.breaker.success()
         return result
