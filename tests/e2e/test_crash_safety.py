@@ -73,8 +73,12 @@ async def test_sigkilled_workers_lose_no_job_and_repeat_no_round(stack: Stack) -
     ]
     rng = random.Random(7)
     for kill in range(4):
-        proc = worker_process(stack, f"doomed-{kill}")
-        await asyncio.sleep(rng.uniform(1.0, 2.0))  # start-up plus some rounds, cut at a random point
+        worker_id = f"doomed-{kill}"
+        proc = worker_process(stack, worker_id)
+        async with asyncio.timeout(30):  # until it runs jobs (start-up time varies with load)
+            while worker_id not in [(await stack.client.job(i)).worker for i in ids]:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(rng.uniform(0.1, 0.8))  # then cut it at a random point of a round
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     survivor = worker_process(stack, "survivor")

@@ -45,7 +45,7 @@ async def test_deadline_stops_a_slow_run_and_keeps_the_best(stack: Stack) -> Non
     assert doc.best.overall == max(r.overall or 0 for r in doc.rounds)
     assert doc.finished_at is not None and doc.started_at is not None
     # at most one stage (0.3 s here) beyond the deadline, plus scheduling slack
-    assert doc.finished_at - doc.started_at < 1.5 + 0.3 + 0.5
+    assert doc.finished_at - doc.started_at < 1.5 + 0.3 + 1.0
 
 
 async def test_seed_policies(stack: Stack) -> None:

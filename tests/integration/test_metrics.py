@@ -17,7 +17,7 @@ async def test_gateway_and_worker_metrics(stack: Stack) -> None:
     batches_before = sample("gcr_generator_batch_size_count")
     await stack.start_worker(generator="sim:0.05")
     await stack.wait(await stack.submit("measured", loop={"max_rounds": 2, "threshold": 1.0}))
-    assert sample("gcr_generator_busy_seconds_total") - busy_before >= 0.1
+    assert sample("gcr_generator_busy_seconds_total") - busy_before >= 0.09
     assert sample("gcr_generator_batch_size_count") - batches_before == 2
     assert sample("gcr_stage_seconds_count", {"stage": "critique"}) >= 2
 
