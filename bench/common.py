@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,12 +34,6 @@ from service.keys import Keys  # noqa: E402
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STARTUP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- uvicorn factories (zero-argument: uvicorn --factory calls them in the subprocess) ------

@@ -50,7 +50,6 @@ from bench.common import (  # noqa: E402
     Column,
     HttpConnection,
     delete_prefix,
-    free_port,
     gateway_env,
     machine_info,
     percentile,
@@ -59,6 +58,7 @@ from bench.common import (  # noqa: E402
     uvicorn_argv,
     write_json,
 )
+from service.devstack import free_port  # noqa: E402
 
 TARGETS = ("gateway", "bare")
 OPERATIONS = ("submit", "poll")

@@ -72,7 +72,6 @@ from bench.common import (  # noqa: E402
     DEFAULT_REDIS_URL,
     Column,
     delete_prefix,
-    free_port,
     gateway_env,
     machine_info,
     print_table,
@@ -81,6 +80,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from service.client import GcrClient  # noqa: E402
+from service.devstack import free_port  # noqa: E402
 from service.protocol import JobDocument  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.client import OpenAICritic  # noqa: E402

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from typing import Any
 
 import httpx
@@ -12,18 +11,13 @@ import uvicorn
 
 from service.api import create_app
 from service.client import GcrClient
+from service.devstack import free_port
 from service.protocol import JobDocument
 from service.settings import Settings
 from workers.critics.client import OpenAICritic
 from workers.critics.standin_config import StandinConfig
 from workers.generators import load_generator
 from workers.worker import Worker
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Stack:

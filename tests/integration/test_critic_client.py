@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import re
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 from PIL import Image, PngImagePlugin
 
+from service.devstack import free_port
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
 from service.settings import Settings
 from workers.critics import client as client_module
@@ -84,13 +84,6 @@ def settings_for(url: str, **overrides: Any) -> Settings:
         "critic_max_image_edge": 1024,
     }
     return Settings(**{**fields, **overrides})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- success ---------------------------------------------------------------------------

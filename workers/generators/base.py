@@ -92,3 +92,10 @@ class Generator(Protocol):
         """Blocking: make one image per request, in order. Raises `GeneratorError`
         (`GeneratorOutOfMemory` on CUDA OOM, `GenerationInterrupted` when `interrupt` stopped it)."""
         ...
+
+
+def resolve_batch(generator: Generator, requests: Sequence[GenRequest]) -> list[GenRequest]:
+    """The checks every backend's `generate` starts with: within `max_batch`, defaults filled."""
+    if len(requests) > generator.max_batch:
+        raise GeneratorError(f"{len(requests)} requests exceed this generator's batch of {generator.max_batch}")
+    return [generator.resolve(r) for r in requests]

@@ -46,6 +46,7 @@ from workers.generators.base import (
     GenRequest,
     InterruptCheck,
     StepCallback,
+    resolve_batch,
 )
 from workers.generators.loading import FolderDefaults, load_pipeline, one_line, takes_image
 from workers.generators.sizing import edit_size
@@ -184,9 +185,7 @@ class DiffusersGenerator:
         """Make one image per request in ONE pipeline call. Raises `GeneratorError`."""
         if not requests:
             return []
-        if len(requests) > self.max_batch:
-            raise GeneratorError(f"{len(requests)} requests exceed this generator's batch of {self.max_batch}")
-        resolved = [self.resolve(r) for r in requests]
+        resolved = resolve_batch(self, requests)
         first_key = resolved[0].batch_key()
         if any(r.batch_key() != first_key for r in resolved[1:]):
             raise GeneratorError("requests in one call must share one batch key")

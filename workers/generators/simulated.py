@@ -26,6 +26,7 @@ from workers.generators.base import (
     GenRequest,
     InterruptCheck,
     StepCallback,
+    resolve_batch,
 )
 from workers.generators.sizing import edit_size
 
@@ -86,9 +87,7 @@ class SimulatedGenerator:
         """Sleep the call's simulated time in steps, then draw one image per request."""
         if not requests:
             return []
-        if len(requests) > self.max_batch:
-            raise GeneratorError(f"{len(requests)} requests exceed this generator's batch of {self.max_batch}")
-        resolved = [self.resolve(r) for r in requests]
+        resolved = resolve_batch(self, requests)
         steps = resolved[0].steps or DEFAULT_STEPS
         step_s = (self.seconds + self.per_image * (len(resolved) - 1)) / steps
         for step in range(1, steps + 1):
