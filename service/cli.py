@@ -177,6 +177,38 @@ def critique(instruction: str, image: Path, source_image: Path | None, mode: str
     click.echo(f"refined request: {result.refined_request}")
 
 
+@main.command("model-defaults")
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the defaults as JSON.")
+def model_defaults(model: str, as_json: bool) -> None:
+    """What a job on MODEL (hub id or local folder) gets for each value it leaves unset.
+
+    Reads the per-model table and the folder's gcr_defaults.json; loads no weights."""
+    from workers.generators.model_defaults import job_defaults, known_models
+
+    defaults = job_defaults(model)
+    if as_json:
+        click.echo(json.dumps(defaults, indent=2))
+        return
+    if not defaults["known"]:
+        click.echo(f"{model}: not in the table of known models; a job gets the pipeline's own defaults.")
+        click.echo("known models: " + ", ".join(known_models()))
+        return
+    click.echo(f"{model} (defaults of {defaults['defaults_of']}):")
+    for name in (
+        "width",
+        "height",
+        "steps",
+        "guidance_scale",
+        "true_cfg_scale",
+        "negative_prompt",
+        "max_sequence_length",
+    ):
+        if defaults[name] is not None:
+            click.echo(f"  {name:20s} {defaults[name]!r}")
+    click.echo(f"  source: {defaults['source']}")
+
+
 @main.command()
 @click.option("--dev", is_flag=True, required=True, help="Offline stack: tiny pipeline and stand-in critic.")
 @click.option("--port", type=int, default=8000, show_default=True)

@@ -16,7 +16,9 @@ Mode = Literal["t2i", "edit"]
 Priority = Literal["high", "normal", "low"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
-StopReason = Literal["accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed"]
+StopReason = Literal[
+    "accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed", "unclaimed"
+]
 Stage = Literal["queued", "generating", "critiquing", "refining"]
 
 # Dimension keys of a critique. t2i has the first three (text_rendering may be N/A);
@@ -47,7 +49,8 @@ class ClientBody(BaseModel):
 
 
 class GenerationParams(ClientBody):
-    """How each image is generated. `None` means the loaded model's own default."""
+    """How each image is generated. `None` means the loaded model's own default; once a
+    worker starts the job, the stored spec shows every value it used."""
 
     width: Annotated[int, Field(ge=16, le=2048, multiple_of=16)] | None = None
     height: Annotated[int, Field(ge=16, le=2048, multiple_of=16)] | None = None
@@ -57,6 +60,9 @@ class GenerationParams(ClientBody):
         None, description="Qwen-Image's real CFG; needs a negative prompt (a space is enough)."
     )
     negative_prompt: Annotated[str, Field(max_length=4000)] | None = None
+    max_sequence_length: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        None, description="Text tokens of FLUX's T5 encoder (FLUX.1-schnell: at most 256)."
+    )
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = Field(
         None, description="Base seed of the job; drawn at submit time when absent and echoed in the job."
     )

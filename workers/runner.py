@@ -16,6 +16,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import ValidationError
+
 from service.errors import CriticError, GcrError, GeneratorError, StoreUnavailable
 from service.logs import current_job
 from service.protocol import (
@@ -23,6 +25,7 @@ from service.protocol import (
     Candidate,
     Critique,
     EventType,
+    GenerationParams,
     JobDocument,
     JobError,
     JobEvent,
@@ -154,6 +157,7 @@ class _Job:
         if self.spec.mode == "edit":
             self.source_png = await self.r.store.get_source_image(self.id)
             self.source_image = await asyncio.to_thread(decode_image, self.source_png)
+        await self.record_effective_spec()
         while True:
             if await self.check_cancel():
                 return await self.finish("cancelled")
@@ -252,6 +256,7 @@ class _Job:
 
     def gen_request(self, prompt: str, seed: int) -> GenRequest:
         g = self.spec.generation
+        extra = {} if g.max_sequence_length is None else {"max_sequence_length": g.max_sequence_length}
         return GenRequest(
             prompt=prompt,
             seed=seed,
@@ -263,7 +268,33 @@ class _Job:
             true_cfg_scale=g.true_cfg_scale,
             negative_prompt=g.negative_prompt,
             source_image=self.source_image,
+            extra=extra,
         )
+
+    async def record_effective_spec(self) -> None:
+        """Write the values the generator fills in (size, steps, guidance, ...) into the
+        stored spec, so the job document shows everything that ran."""
+        assert self.spec.generation.seed is not None
+        try:
+            resolved = self.r.scheduler.generator.resolve(self.gen_request(self.spec.prompt, self.spec.generation.seed))
+        except GeneratorError:
+            return  # the first round fails with the same error, recorded on the job
+        filled = {
+            "width": resolved.width,
+            "height": resolved.height,
+            "steps": resolved.steps,
+            "guidance_scale": resolved.guidance_scale,
+            "true_cfg_scale": resolved.true_cfg_scale,
+            "negative_prompt": resolved.negative_prompt,
+            "max_sequence_length": resolved.extra.get("max_sequence_length"),
+        }
+        try:
+            generation = GenerationParams.model_validate({**self.spec.generation.model_dump(), **filled})
+        except ValidationError as exc:  # a model default outside what clients may ask for
+            log.warning("not recording the effective generation values: %s", exc.errors()[0]["msg"])
+            return
+        self.spec = self.spec.model_copy(update={"generation": generation})
+        await self.set(spec=self.spec)
 
     def progress_listener(self, round_index: int) -> Any:
         """Throttled step events, sent from the executor thread to the event loop."""

@@ -7,13 +7,15 @@ Decisions, in one place:
   depends on its seed alone, never on which batch it shared.
 - Modes: a pipeline whose `__call__` takes `image` edits (`{"edit"}`), any other
   makes images from text (`{"t2i"}`).
-- Defaults filled by `resolve` (so batch keys compare real values): t2i size =
+- Defaults filled by `resolve` (so batch keys compare real values), each from the
+  first that sets it: the request; the folder's `gcr_defaults.json` (the tiny test
+  pipelines use it); the per-model table (`model_defaults`: FLUX.1-schnell gets 4
+  steps, guidance 0, 256 text tokens); then the pipeline itself. There, t2i size =
   the pipeline's native size (`default_sample_size` or the UNet's `sample_size`, times
   the VAE scale); edit size = the source's, long edge ≤ `edit_max_edge`, sides
   rounded down to 16 (upstream RationalRewards); steps = 40 for Qwen-Image
   (upstream RationalRewards), 28 for Flux (BFL's default), 30 otherwise;
-  `guidance_scale` / `true_cfg_scale` = the pipeline's own defaults. A local folder's
-  `gcr_defaults.json` overrides these (the tiny test pipelines use it).
+  `guidance_scale` / `true_cfg_scale` = the pipeline's signature defaults.
 - Real CFG (`true_cfg_scale`, Qwen-Image and Flux) only runs when a negative prompt is
   given, so a request with `true_cfg_scale > 1` and none gets a single space.
 - `QwenImageEditPlusPipeline` refuses more than one prompt per call (diffusers ≥ 0.37),
@@ -48,7 +50,8 @@ from workers.generators.base import (
     StepCallback,
     resolve_batch,
 )
-from workers.generators.loading import FolderDefaults, load_pipeline, one_line, takes_image
+from workers.generators.loading import FolderDefaults, load_pipeline, one_line, runtime_info, takes_image
+from workers.generators.model_defaults import ModelDefaults, lookup
 from workers.generators.sizing import edit_size
 
 if TYPE_CHECKING:
@@ -93,6 +96,7 @@ class DiffusersGenerator:
         name: str | None = None,
         pipeline: Any | None = None,
         defaults: FolderDefaults | None = None,
+        model_defaults: ModelDefaults | None = None,
     ) -> None:
         model = model or settings.generator
         if pipeline is None:
@@ -102,12 +106,16 @@ class DiffusersGenerator:
             pipeline = load_pipeline(settings, model)
         self._pipe = pipeline
         self._defaults = defaults or FolderDefaults()
+        if model_defaults is None and model:
+            model_defaults = lookup(self._defaults.defaults_of or model)
+        self._known = model_defaults or ModelDefaults(model="")
         self._class = type(pipeline).__name__
         self._params = inspect.signature(type(pipeline).__call__).parameters
         self._edit_max_edge = min(settings.edit_max_edge, self._defaults.max_edge or settings.edit_max_edge)
         self.name = name or model or self._class
         self.modes = frozenset({"edit"}) if takes_image(type(pipeline)) else frozenset({"t2i"})
         self.max_batch = 1 if self._class in SINGLE_PROMPT_PIPELINES else settings.max_batch
+        self.runtime = runtime_info(pipeline)
 
     @property
     def pipeline(self) -> Any:
@@ -133,21 +141,22 @@ class DiffusersGenerator:
             width, height = edit_size(request.source_image.size, self._edit_max_edge, request.width, request.height)
         else:
             native = self._native_size()
-            width = request.width or self._defaults.width or native
-            height = request.height or self._defaults.height or native
+            width = request.width or self._defaults.width or self._known.width or native
+            height = request.height or self._defaults.height or self._known.height or native
 
-        steps = request.steps or self._defaults.steps or default_steps(self._class)
-        guidance = request.guidance_scale
-        if guidance is None:
-            guidance = self._defaults.guidance_scale
+        steps = request.steps or self._defaults.steps or self._known.steps or default_steps(self._class)
+        guidance = _first(request.guidance_scale, self._defaults.guidance_scale, self._known.guidance_scale)
         if guidance is None:
             guidance = self._signature_default("guidance_scale")
-        true_cfg = request.true_cfg_scale
+        true_cfg = _first(request.true_cfg_scale, self._known.true_cfg_scale)
         if true_cfg is None:
             true_cfg = self._signature_default("true_cfg_scale")
         negative = request.negative_prompt
         if negative is None and true_cfg is not None and true_cfg > 1 and "negative_prompt" in self._params:
-            negative = NEGATIVE_PROMPT_FOR_TRUE_CFG
+            # Real CFG runs only with a negative prompt; without real CFG one means nothing.
+            negative = _first(self._known.negative_prompt, NEGATIVE_PROMPT_FOR_TRUE_CFG)
+        if self._known.max_sequence_length and "max_sequence_length" in self._params:
+            extra.setdefault("max_sequence_length", self._known.max_sequence_length)
         return dataclasses.replace(
             request,
             width=width,
@@ -254,6 +263,11 @@ class DiffusersGenerator:
             # A list given to QwenImageEditPlus means several references for ONE image.
             wanted["image"] = sources[0] if len(sources) == 1 else sources
         return {k: v for k, v in wanted.items() if k in self._params}
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (0 and "" are values: guidance 0 is a choice)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _source(request: GenRequest, params: Any) -> Image.Image:
