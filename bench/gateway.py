@@ -6,7 +6,8 @@ Two servers run side by side as subprocesses under the same uvicorn settings (on
 process each, loopback, no access log), on the same Redis, each under its own key
 prefix (deleted at the end):
 - the REAL gateway (`service.api`, auth disabled, rate limit 0, a queue cap it never
-  reaches; no worker, so submitted jobs stay queued);
+  reaches; no real worker, so submitted jobs stay queued: an idle heartbeat stands for
+  one, since the gateway refuses jobs of modes no live worker serves);
 - a BARE Starlette app doing the same Redis work with nothing around it:
   submit = ZCARD of the queued index (the gateway's queue-cap check), then the same
   MULTI pipeline as `JobStore.create` (HSET of the job's fields, EXPIRE, ZADD queued,
@@ -226,7 +227,36 @@ class Series:
         }
 
 
-async def measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Any]:
+async def idle_worker(redis_url: str, prefix: str, first: asyncio.Event) -> None:
+    """Heartbeat as a worker that serves t2i and claims nothing, so the gateway admits the jobs."""
+    from service.keys import Keys
+    from service.queue import JobQueue
+    from service.redis_client import connect
+
+    client = connect(redis_url)
+    queue = JobQueue(client, Keys(prefix))
+    info = {"id": "bench-idle-worker", "state": "ready", "modes": ["t2i"], "generator": "none (claims nothing)"}
+    try:
+        while True:
+            await queue.heartbeat("bench-idle-worker", info, ttl_s=10)
+            first.set()
+            await asyncio.sleep(2)
+    finally:
+        await client.aclose()
+
+
+async def measure(args: argparse.Namespace, ports: dict[str, int], prefix: str) -> dict[str, Any]:
+    first = asyncio.Event()
+    heartbeat = asyncio.create_task(idle_worker(args.redis_url, prefix, first))
+    try:
+        await asyncio.wait_for(first.wait(), timeout=10)
+        return await _measure(args, ports)
+    finally:
+        heartbeat.cancel()
+        await asyncio.wait({heartbeat}, timeout=5)
+
+
+async def _measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Any]:
     series = {(t, op): Series() for t in TARGETS for op in OPERATIONS}
     ids: dict[str, list[str]] = {t: [] for t in TARGETS}
     options = {"total": args.requests, "clients": args.clients, "max_seconds": args.max_seconds}
@@ -337,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env=gateway_env(args.redis_url, prefixes["bare"]),
             ),
         ):
-            measured = run_loop(lambda: measure(args, ports))
+            measured = run_loop(lambda: measure(args, ports, prefixes["gateway"]))
     finally:
         for prefix in prefixes.values():
             delete_prefix(args.redis_url, prefix)

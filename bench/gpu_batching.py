@@ -136,6 +136,7 @@ class Sized:
     def __init__(self, inner: Generator, size: int | None, steps: int | None) -> None:
         self.inner, self.size, self.steps = inner, size, steps
         self.name, self.modes, self.max_batch = inner.name, inner.modes, inner.max_batch
+        self.runtime = inner.runtime
 
     def resolve(self, request: GenRequest) -> GenRequest:
         import dataclasses

@@ -152,7 +152,7 @@ def check_oom_split(gen: DiffusersGenerator, size: int, steps: int) -> OomCheck:
     ooms = 0
 
     class Recording:
-        name, modes, max_batch = gen.name, gen.modes, gen.max_batch
+        name, modes, max_batch, runtime = gen.name, gen.modes, gen.max_batch, gen.runtime
 
         def resolve(self, request: GenRequest) -> GenRequest:
             return gen.resolve(request)

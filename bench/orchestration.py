@@ -127,6 +127,7 @@ class RecordingGenerator:
         self.name = inner.name
         self.modes = inner.modes
         self.max_batch = inner.max_batch
+        self.runtime = inner.runtime
         self.calls: list[Call] = []
         # Keyed by id() of the resolved request; the request is kept so its id stays unique.
         self._arrivals: dict[int, tuple[GenRequest, float]] = {}

@@ -139,9 +139,12 @@ def create_app(settings: Settings) -> FastAPI:
             log.warning("AUTH IS DISABLED (GCR_AUTH_DISABLED=true): anyone who reaches this port can use it")
         elif not settings.api_keys and not settings.admin_keys:
             log.warning("no API keys configured (GCR_API_KEYS): every request will answer 401")
+        sweeper = asyncio.create_task(_expire_unclaimed(state), name="gcr-expire-unclaimed")
         try:
             yield
         finally:
+            sweeper.cancel()
+            await asyncio.wait({sweeper}, timeout=5)
             await state.aclose()
 
     app = FastAPI(
@@ -192,11 +195,13 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> JSONResponse:
         """Queue a job. JSON body, or multipart with a `request` JSON field and a `source_image` file.
 
-        Answers 202 with the job id and links; 429 with Retry-After when the queue is full.
+        Answers 202 with the job id and links; 429 with Retry-After when the queue is full;
+        503 `no_worker` when no live worker serves the job's mode (it would never run).
         The same `Idempotency-Key` with the same body returns the same job."""
         spec, source = await parse_generate_body(request, settings)
         if idempotency_key is not None and (replay := await state.replay(caller, idempotency_key, spec)):
             return _submitted(request, settings, replay, status=200)
+        await state.require_worker(spec.mode)
         if await state.queue.queued_count() >= settings.queue_max:
             raise QueueFull(f"the queue holds {settings.queue_max} jobs; retry later")
         doc, source_png = await prepare_job(spec, source, settings, owner=caller.tenant)
@@ -338,6 +343,18 @@ def _submitted(request: Request, settings: Settings, doc: JobDocument, status: i
     links = _links(_base_url(request, settings), doc.id)
     body = SubmitResponse(id=doc.id, status=doc.status, links=links)
     return JSONResponse(body.model_dump(), status_code=status, headers={"Location": links["self"]})
+
+
+async def _expire_unclaimed(state: GatewayState) -> None:
+    """End queued jobs that no worker claimed within GCR_QUEUE_TIMEOUT_S (every replica runs this)."""
+    period = min(5.0, state.settings.queue_timeout_s / 4)
+    while True:
+        await asyncio.sleep(period)
+        try:
+            for job_id in await state.store.expire_unclaimed(state.settings.queue_timeout_s):
+                log.warning("job %s expired: no worker claimed it in %.0fs", job_id, state.settings.queue_timeout_s)
+        except GcrError as exc:
+            log.warning("could not expire unclaimed jobs: %s", exc.message)
 
 
 async def _event_stream(state: GatewayState, job_id: str, after: str) -> AsyncIterator[dict[str, str]]:

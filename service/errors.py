@@ -10,16 +10,18 @@
     ├── QueueFull              429  the queue cap is reached; retry later
     ├── RateLimited            429  this key's token bucket is empty; retry after Retry-After
     ├── StoreUnavailable       503  Redis cannot be reached
+    ├── NoWorker               503  no live worker serves the job's mode; nothing would run it
     ├── CriticError            502  the reward model could not give a usable critique
     │   ├── CriticTimeout      504
     │   ├── CriticUnavailable  503  connection refused, 5xx or 429 after retries
     │   └── CritiqueUnparseable 502 the answer was read but could not be parsed
     └── GeneratorError         500  the diffusion pipeline failed
-        └── GeneratorOutOfMemory    CUDA OOM even at batch size 1
+        ├── GeneratorOutOfMemory    CUDA OOM even at batch size 1
+        └── DeviceUnavailable       the configured device (cuda) is not usable: the worker exits
 
 Dependencies' exceptions (redis, httpx, torch) are translated into these at the
 boundary of the client that calls them, nowhere else. A job's failure is stored
-as data (`JobError`), built from one of these by `to_job_error`.
+as data (`JobError`: code, message, retryable), built from one of these.
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ class StoreUnavailable(GcrError):
     retryable = True
 
 
+class NoWorker(GcrError):
+    """Refused at submit: no worker that serves this mode has heartbeated recently."""
+
+    code = "no_worker"
+    status_code = 503
+    retryable = True
+
+
 class CriticError(GcrError):
     code = "critic_error"
     status_code = 502
@@ -136,3 +146,9 @@ class GeneratorError(GcrError):
 
 class GeneratorOutOfMemory(GeneratorError):
     code = "generator_out_of_memory"
+
+
+class DeviceUnavailable(GeneratorError):
+    """The worker was told to use a GPU it cannot use (no driver, too old a driver, no such index)."""
+
+    code = "device_unavailable"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError, ResponseError
 
 from service.auth import Principal
-from service.errors import Conflict, GcrError, InvalidInput, NotFound, Unauthorized
+from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized
 from service.keys import CONSUMER_GROUP, MODES, PRIORITIES, Keys
 from service.protocol import Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
@@ -40,6 +40,7 @@ class GatewayState:
         self.queue = JobQueue(self.redis, self.keys)
         self.rate_limiter = RateLimiter(self.redis, self.keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         self._critic: OpenAICritic | None = None
+        self._served_until: dict[str, float] = {}
 
     async def aclose(self) -> None:
         if self._critic is not None:
@@ -164,6 +165,22 @@ class GatewayState:
         check_mode_images(mode, source is not None)
         return await self.critic().critique(body.instruction, image, source_image=source, mode=mode)
 
+    # --- which modes live workers serve ---------------------------------------------------------
+    async def require_worker(self, mode: str) -> None:
+        """`NoWorker` unless a worker serving `mode` heartbeated within `worker_stale_s`.
+
+        A mode found served is remembered for `MODE_CACHE_S`, so a busy gateway does not
+        read the heartbeats on every submit; a mode found unserved is read again each time."""
+        now = time.monotonic()
+        if self._served_until.get(mode, 0.0) > now:
+            return
+        workers = await self.queue.live_workers(self.settings.worker_stale_s)
+        serving = [w for w in workers if is_ready(w) and mode in w.get("modes", ())]
+        if serving:
+            self._served_until[mode] = now + MODE_CACHE_S
+            return
+        raise NoWorker(no_worker_message(mode, workers, self.settings.worker_stale_s), field="mode")
+
     # --- readiness ----------------------------------------------------------------------------
     async def readiness(self) -> dict[str, Any]:
         report: dict[str, Any] = {"ready": False, "redis": "down", "workers": [], "queued": None}
@@ -176,13 +193,56 @@ class GatewayState:
             report["reason"] = exc.message
             return report
         workers = report["workers"]
-        report["generators"] = sorted({w.get("generator", "?") for w in workers})
+        ready_workers = [w for w in workers if is_ready(w)]
+        report["generators"] = sorted({w.get("generator", "?") for w in ready_workers})
         # Workers see the critic; its breaker state rides on their heartbeats.
-        report["critic"] = "down" if workers and all(w.get("critic") == "down" for w in workers) else "ok"
-        report["ready"] = bool(workers) and report["critic"] == "ok"
-        if not workers:
-            report["reason"] = f"no worker heartbeat in the last {self.settings.worker_stale_s:.0f}s"
+        down = ready_workers and all(w.get("critic") == "down" for w in ready_workers)
+        report["critic"] = "down" if down else "ok"
+        report["modes"] = {mode: _mode_readiness(mode, workers, self.settings.worker_stale_s) for mode in MODES}
+        report["ready"] = bool(ready_workers) and report["critic"] == "ok"
+        if not ready_workers:
+            report["reason"] = no_worker_message(None, workers, self.settings.worker_stale_s)
         elif report["critic"] == "down":
             report["reason"] = "every worker reports the critic down (circuit breaker open)"
         report["checked_at"] = time.time()
         return report
+
+
+MODE_CACHE_S = 1.0
+
+
+def is_ready(worker: dict[str, Any]) -> bool:
+    """A worker that loaded its model and claims jobs (not one that refused to load)."""
+    return worker.get("state", "ready") == "ready"
+
+
+def no_worker_message(mode: str | None, workers: list[dict[str, Any]], stale_s: float) -> str:
+    """Why nothing would run a job of `mode` (any mode when None), and what to do about it."""
+    wanted = f"mode {mode!r}" if mode else "jobs"
+    if not workers:
+        return (
+            f"no worker serves {wanted}: no worker has sent a heartbeat in the last {stale_s:.0f}s. "
+            "Start one (`gcr worker`, or check `docker compose logs worker`)."
+        )
+    unfit = [w for w in workers if not is_ready(w)]
+    served = sorted({m for w in workers if is_ready(w) for m in w.get("modes", ())})
+    parts = [f"no live worker serves {wanted}"]
+    if served:
+        parts.append(f"live workers serve {', '.join(served)}")
+    for w in unfit:
+        parts.append(f"worker {w.get('id', '?')} is not serving: {w.get('reason', w.get('state'))}")
+    if mode == "edit" and not unfit:
+        parts.append(
+            "start a worker on an edit model (e.g. GCR_GENERATOR=Qwen/Qwen-Image-Edit-2509; deploy/compose.edit.yml)"
+        )
+    elif mode == "t2i" and not unfit:
+        parts.append("start a worker on a text-to-image model (e.g. GCR_GENERATOR=black-forest-labs/FLUX.1-schnell)")
+    return "; ".join(parts)
+
+
+def _mode_readiness(mode: str, workers: list[dict[str, Any]], stale_s: float) -> dict[str, Any]:
+    serving = [w.get("id", "?") for w in workers if is_ready(w) and mode in w.get("modes", ())]
+    entry: dict[str, Any] = {"ready": bool(serving), "workers": serving}
+    if not serving:
+        entry["reason"] = no_worker_message(mode, workers, stale_s)
+    return entry

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image.")
     worker_stale_s: float = Field(15.0, gt=0, description="A worker whose last heartbeat is older is not alive.")
+    queue_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="A queued job no worker claims within this ends as `expired` (stop reason `unclaimed`).",
+    )
 
     # --- Auth, limits, webhooks ---------------------------------------------------------
     auth_disabled: bool = Field(False, description="Turn API-key auth off (dev only; logged loudly).")

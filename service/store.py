@@ -24,6 +24,7 @@ from service.redis_client import translate_errors
 EVENTS_MAXLEN = 5000
 # Queue position orders by priority first, then by submit time.
 PRIORITY_RANK = {priority: rank for rank, priority in enumerate(PRIORITIES)}
+ORDER_SPAN = 10**13  # above any creation time in ms: a score is rank * ORDER_SPAN + created ms
 
 # Fields are JSON; statuses compare as JSON strings ('"queued"').
 _CANCEL = """
@@ -39,6 +40,16 @@ elseif status == '"running"' then
   return 'requested'
 end
 return 'terminal'
+"""
+
+# A job still queued ends as expired (nobody claimed it in time); any other status is left alone.
+_EXPIRE_QUEUED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+redis.call('ZREM', KEYS[2], ARGV[1])
+if status ~= '"queued"' then return 0 end
+redis.call('HSET', KEYS[1], 'status', '"expired"', 'stop_reason', '"unclaimed"', 'stage', 'null',
+           'finished_at', ARGV[2], 'error', ARGV[3])
+return 1
 """
 
 _START = """
@@ -103,6 +114,7 @@ class JobStore:
         self._start = client.register_script(_START)
         self._owned_set = client.register_script(_OWNED_SET)
         self._checkpoint = client.register_script(_CHECKPOINT)
+        self._expire_queued = client.register_script(_EXPIRE_QUEUED)
 
     # --- reading -------------------------------------------------------------------
     @translate_errors
@@ -180,7 +192,7 @@ class JobStore:
         fields = {key: value for key, value in dumped.items() if value is not None}
         fields["owner"] = doc.owner
         priority = doc.spec.priority
-        order = PRIORITY_RANK[priority] * 10**13 + int(doc.created_at * 1000)
+        order = PRIORITY_RANK[priority] * ORDER_SPAN + int(doc.created_at * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.job(doc.id), mapping=_encoded(fields))
             pipe.expire(self.keys.job(doc.id), self.ttl_s)
@@ -203,6 +215,37 @@ class JobStore:
         if outcome == "cancelled":
             await self.publish_end(job_id, "cancelled", "cancelled")
         return str(outcome)
+
+    @translate_errors
+    async def expire_unclaimed(self, max_wait_s: float, batch: int = 100) -> list[str]:
+        """End as `expired` (stop reason `unclaimed`) the queued jobs no worker claimed within
+        `max_wait_s`: workers may vanish after a job was accepted, and nobody should wait forever.
+
+        Safe to run from every gateway replica at once: each job ends once."""
+        now = time.time()
+        expired: list[str] = []
+        for priority, rank in PRIORITY_RANK.items():
+            low = rank * ORDER_SPAN
+            ids = await self.redis.zrangebyscore(
+                self.keys.queued_index(), low, low + int((now - max_wait_s) * 1000), start=0, num=batch
+            )
+            for raw in ids:
+                job_id = raw.decode()
+                spec = await self.get_field(job_id, "spec") or {}
+                error = JobError(
+                    code="unclaimed",
+                    message=f"no worker claimed this job within {max_wait_s:.0f}s (GCR_QUEUE_TIMEOUT_S); "
+                    f"check that a worker serving mode {spec.get('mode', '?')!r} ({priority} priority) runs",
+                    retryable=True,
+                )
+                ended = await self._expire_queued(
+                    keys=[self.keys.job(job_id), self.keys.queued_index()],
+                    args=[job_id, _encode(now), _encode(error)],
+                )
+                if ended:
+                    await self.publish_end(job_id, "expired", "unclaimed", error)
+                    expired.append(job_id)
+        return expired
 
     # --- writing: the worker ------------------------------------------------------------------
     @translate_errors

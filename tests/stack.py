@@ -12,7 +12,11 @@ import uvicorn
 from service.api import create_app
 from service.client import GcrClient
 from service.devstack import free_port
+from service.errors import GcrError
+from service.keys import Keys
 from service.protocol import JobDocument
+from service.queue import JobQueue
+from service.redis_client import connect
 from service.settings import Settings
 from workers.critics.client import OpenAICritic
 from workers.critics.standin_config import StandinConfig
@@ -45,6 +49,8 @@ class Stack:
         self._server_task: asyncio.Task[None] | None = None
         self.url = ""
         self.client: GcrClient
+        self._background: list[asyncio.Task[None]] = []
+        self._redis_client: Any = None
 
     async def __aenter__(self) -> Stack:
         port = free_port()
@@ -60,6 +66,12 @@ class Stack:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+        if self._redis_client is not None:
+            await self._redis_client.aclose()
         await self.stop_workers()
         await self.client.aclose()
         if self._server is not None and self._server_task is not None:
@@ -78,14 +90,47 @@ class Stack:
             response = await http.get(f"{base}/standin/stats")
             return dict(response.json())
 
-    async def start_worker(self, **overrides: Any) -> Worker:
+    async def register_idle_worker(self, modes: tuple[str, ...] = ("t2i", "edit")) -> None:
+        """Heartbeat, until the stack stops, as a worker that serves `modes` and claims nothing.
+
+        The gateway refuses jobs that no live worker serves; tests that need jobs to stay
+        queued (cancel while queued, queue caps, workers started later) register this
+        instead of a real worker. Its info says what it is."""
+        queue = JobQueue(self._redis(), Keys(self.settings.redis_prefix))
+        info = {"id": "idle-test-worker", "state": "ready", "modes": list(modes), "generator": "none (claims nothing)"}
+
+        async def beat() -> None:
+            while True:
+                with contextlib.suppress(GcrError):
+                    await queue.heartbeat("idle-test-worker", info, ttl_s=5)
+                await asyncio.sleep(min(0.5, self.settings.worker_stale_s / 3))
+
+        await queue.heartbeat("idle-test-worker", info, ttl_s=5)
+        self._background.append(asyncio.create_task(beat()))
+
+    def _redis(self) -> Any:
+        if self._redis_client is None:
+            self._redis_client = connect(self.settings.redis_url)
+        return self._redis_client
+
+    async def start_worker(self, *, wait: bool = True, **overrides: Any) -> Worker:
         settings = self.settings.model_copy(update={"worker_id": f"w{len(self.workers)}", **overrides})
         generator = await asyncio.to_thread(load_generator, settings)
         critic = OpenAICritic(settings)
         worker = Worker(settings, generator, critic)
         task = asyncio.create_task(worker.run(drain_grace_s=2.0))
         self.workers.append((worker, task, critic))
+        if wait:
+            await self.wait_for_heartbeat(worker, task)
         return worker
+
+    async def wait_for_heartbeat(self, worker: Worker, task: asyncio.Task[None], timeout_s: float = 10.0) -> None:
+        """Until the gateway can see the worker (it refuses jobs of modes no live worker serves)."""
+        async with asyncio.timeout(timeout_s):
+            while not any(w.get("id") == worker.id for w in await worker.queue.live_workers(60)):
+                if task.done():
+                    await task
+                await asyncio.sleep(0.02)
 
     async def stop_workers(self) -> None:
         for worker, task, critic in self.workers:

@@ -132,10 +132,7 @@ class LoopPolicy:
             return Stop("max_rounds")
         if self.deadline_passed(elapsed_s):
             return Stop("deadline")
-        if (
-            self.params.patience is not None
-            and self._rounds_without_improvement(rounds) >= self.params.patience
-        ):
+        if self.params.patience is not None and self._rounds_without_improvement(rounds) >= self.params.patience:
             return Stop("no_improvement")
         source = self._refinement_source(rounds)
         if source.refined_request is None or not source.refined_request.strip():

@@ -70,8 +70,10 @@ class Worker:
     def info(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "state": "ready",
             "generator": self.generator.name,
             "modes": sorted(self.generator.modes),
+            **self.generator.runtime,
             "max_inflight_jobs": self.settings.max_inflight_jobs,
             "inflight_jobs": len(self.active),
             "generator_busy_s": round(self.scheduler.busy_s, 3),

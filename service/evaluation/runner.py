@@ -203,6 +203,8 @@ class EvalRunner:
         except GatewayError as exc:
             if exc.status in (401, 403):
                 raise EvalAborted(f"the gateway refused the request: {exc}") from exc
+            if exc.code == "no_worker":  # nothing would ever run it: say so rather than wait
+                raise EvalAborted(f"cannot evaluate {item.mode} items: {exc.message}") from exc
             if exc.status == 0 or exc.status >= 500 or exc.status in (409, 429):
                 # 409: the same idempotency key is still being stored; the next run replays it.
                 raise _Unrecorded(str(exc)) from exc

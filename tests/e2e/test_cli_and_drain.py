@@ -64,6 +64,7 @@ async def test_gcr_generate_reports_a_refusal_clearly(stack: Stack) -> None:
 
 
 async def test_sigterm_drains_then_releases_unfinished_jobs(stack: Stack) -> None:
+    await stack.register_idle_worker()
     await stack.configure_critic(StandinConfig(latency_s=0.5))
     short = await stack.submit("short job", loop={"max_rounds": 1})
     long = await stack.submit("long job", loop={"max_rounds": 20, "threshold": 1.0, "patience": None})

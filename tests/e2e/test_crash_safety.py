@@ -65,6 +65,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def test_sigkilled_workers_lose_no_job_and_repeat_no_round(stack: Stack) -> None:
+    await stack.register_idle_worker()
     await stack.configure_critic(StandinConfig(latency_s=0.05))
     rounds = 3
     ids = [
@@ -94,6 +95,7 @@ async def test_sigkilled_workers_lose_no_job_and_repeat_no_round(stack: Stack) -
 
 
 async def test_a_job_that_keeps_crashing_workers_is_dead_lettered(stack: Stack) -> None:
+    await stack.register_idle_worker()
     await stack.configure_critic(StandinConfig(latency_s=2.0))
     job_id = await stack.submit("a poison job", loop={"max_rounds": 3})
     for attempt in range(2):
@@ -166,6 +168,7 @@ async def test_redis_restart_with_aof_loses_nothing(own_redis, standin_url: str)
     url, (start, kill) = own_redis
     async with Stack(url, "gcr-aof", standin_url) as stack:
         await stack.start_worker()
+        await stack.register_idle_worker()
         finished = [await stack.submit(f"done {i}", loop={"max_rounds": 1}) for i in range(2)]
         for job_id in finished:
             await stack.wait(job_id)
@@ -177,7 +180,7 @@ async def test_redis_restart_with_aof_loses_nothing(own_redis, standin_url: str)
             down = await http.get(f"/jobs/{finished[0]}")
             assert down.status_code == 503 and down.headers["Retry-After"]
             assert down.json()["error"]["code"] == "store_unavailable"
-            worker = await stack.start_worker()  # starts while Redis is down: reconnects with backoff
+            worker = await stack.start_worker(wait=False)  # starts while Redis is down: reconnects with backoff
             await asyncio.sleep(0.5)
             start()
             # the gateway recovers by itself

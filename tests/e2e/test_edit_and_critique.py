@@ -76,6 +76,7 @@ async def test_a_t2i_worker_leaves_edit_jobs_to_edit_workers(
 ) -> None:
     cache = generator_settings().cache_dir
     await stack.start_worker(generator="tiny:sd", cache_dir=cache, generator_device="cpu", generator_dtype="float32")
+    await stack.register_idle_worker(modes=("edit",))  # admits the edit job, claims nothing
     job_id = await stack.submit(
         "add a hat", mode="edit", source_image=base64.b64encode(png((64, 64), "red")).decode(), loop={"max_rounds": 1}
     )

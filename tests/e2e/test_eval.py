@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from service.client import GcrClient
 from service.evaluation.cli import eval_command, run_eval
@@ -208,3 +209,16 @@ async def test_unreachable_gateway_records_nothing(tmp_path: Path) -> None:
     assert outcome.exit_code == 1, outcome.output
     assert read_jsonl(tmp_path / "out" / "default" / "results.jsonl") == []
     assert "2 item(s) not finished" in outcome.output
+
+
+async def test_items_of_a_mode_no_worker_serves_abort_with_the_reason(stack: Stack, tmp_path: Path) -> None:
+    await stack.start_worker(generator="tiny:sd", generator_device="cpu")  # text-to-image only
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"id": "e1", "prompt": "make it blue", "source_image": "red.png"}) + "\n")
+    args = [str(edits), "--out", str(tmp_path / "out"), "--url", stack.url]
+
+    outcome = await asyncio.wait_for(asyncio.to_thread(CliRunner().invoke, eval_command, args), timeout=60)
+
+    assert outcome.exit_code == 1
+    assert "cannot evaluate edit items" in outcome.output and "no live worker serves mode 'edit'" in outcome.output

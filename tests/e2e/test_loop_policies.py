@@ -71,6 +71,7 @@ async def test_refine_from_best_uses_the_best_critique(stack: Stack) -> None:
 
 
 async def test_the_job_echoes_the_effective_policy_and_seed(stack: Stack) -> None:
+    await stack.register_idle_worker()
     job_id = await stack.submit("echo", loop={"max_rounds": 2})
     doc = await stack.client.job(job_id)
     assert doc.spec.loop == LoopParams(max_rounds=2)

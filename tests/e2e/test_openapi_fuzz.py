@@ -5,6 +5,7 @@ Bounded: a fixed number of examples per operation, derandomized, so CI time is s
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -19,6 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from service.api import create_app
+from service.keys import Keys
+from service.queue import JobQueue
+from service.redis_client import connect
 from service.settings import Settings
 from tests.stack import free_port
 from workers.critics.standin import running_standin
@@ -39,8 +43,11 @@ def gateway_url(redis_url: str) -> Iterator[str]:
             critic_base_url=critic_url,
             critic_model="gcr-standin-critic",
             critic_retries=0,
+            worker_stale_s=3600,
         )
     )
+    # A worker that serves every mode and claims nothing: without one, every submit is a 503.
+    asyncio.run(_idle_worker_heartbeat(redis_url, prefix))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -54,6 +61,13 @@ def gateway_url(redis_url: str) -> Iterator[str]:
     keys = list(client.scan_iter(match=f"{prefix}:*"))
     if keys:
         client.delete(*keys)
+
+
+async def _idle_worker_heartbeat(redis_url: str, prefix: str) -> None:
+    client = connect(redis_url)
+    info = {"id": "idle-fuzz-worker", "state": "ready", "modes": ["t2i", "edit"], "generator": "none (claims nothing)"}
+    await JobQueue(client, Keys(prefix)).heartbeat("idle-fuzz-worker", info, ttl_s=3600)
+    await client.aclose()
 
 
 # positive_data_acceptance is off: schema-valid bodies can still break rules the schema cannot
@@ -77,9 +91,7 @@ def fuzz(operation: Any) -> None:
     # /readyz answers 503 on purpose while no worker is alive (its schema says so).
     excluded = [positive_data_acceptance] + ([not_a_server_error] if operation.path == "/readyz" else [])
 
-    @settings(
-        max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
-    )
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy())
     def check(case: Any) -> None:
         case.call_and_validate(timeout=20, excluded_checks=excluded)

@@ -74,6 +74,7 @@ async def test_another_tenants_job_answers_404_everywhere(secured: Stack) -> Non
 
 
 async def test_job_ids_are_unguessable(secured: Stack) -> None:
+    await secured.register_idle_worker()
     async with httpx.AsyncClient(base_url=secured.url, headers=bearer(ALICE)) as http:
         ids = [(await http.post("/generate", json={"prompt": f"p{i}"})).json()["id"] for i in range(5)]
     assert len(set(ids)) == 5
@@ -95,6 +96,7 @@ async def test_rate_limit_answers_429_with_retry_after(redis_url: str, redis_pre
 
 async def test_queue_cap_answers_429(redis_url: str, redis_prefix: str, standin_url: str) -> None:
     async with Stack(redis_url, redis_prefix, standin_url, queue_max=2) as stack:
+        await stack.register_idle_worker()
         async with httpx.AsyncClient(base_url=stack.url) as http:
             assert (await http.post("/generate", json={"prompt": "a"})).status_code == 202
             assert (await http.post("/generate", json={"prompt": "b"})).status_code == 202
@@ -107,6 +109,7 @@ async def test_queue_cap_answers_429(redis_url: str, redis_prefix: str, standin_
 
 
 async def test_idempotency_key_returns_the_same_job(stack: Stack) -> None:
+    await stack.register_idle_worker()
     async with httpx.AsyncClient(base_url=stack.url) as http:
         first = await http.post("/generate", json={"prompt": "once"}, headers={"Idempotency-Key": "k1"})
         again = await http.post("/generate", json={"prompt": "once"}, headers={"Idempotency-Key": "k1"})
@@ -160,6 +163,7 @@ def small_png() -> bytes:
     ],
 )
 async def test_bad_input_is_a_clear_4xx(stack: Stack, body: dict[str, object], field: str, code: str) -> None:
+    await stack.register_idle_worker()
     async with httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.post("/generate", json=body)
     assert 400 <= response.status_code < 500, response.text
@@ -180,6 +184,7 @@ async def test_oversized_upload_is_refused_before_decoding(redis_url: str, redis
 
 
 async def test_multipart_edit_upload_is_accepted_and_linked(stack: Stack) -> None:
+    await stack.register_idle_worker()
     async with httpx.AsyncClient(base_url=stack.url) as http:
         files = {"source_image": ("src.png", small_png(), "image/png")}
         response = await http.post(
@@ -199,6 +204,7 @@ async def test_unsupported_content_type(stack: Stack) -> None:
 
 async def test_idempotent_retry_after_a_failed_store_creates_the_job(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The key is freed when the job could not be stored, so the client's retry works."""
+    await stack.register_idle_worker()
     from service.errors import StoreUnavailable
     from service.store import JobStore
 
@@ -222,6 +228,7 @@ async def test_idempotent_retry_after_a_failed_store_creates_the_job(stack: Stac
 
 
 async def test_crafted_ids_and_event_ids_are_refused_cleanly(stack: Stack) -> None:
+    await stack.register_idle_worker()
     job_id = await stack.submit("a real job")
     async with httpx.AsyncClient(base_url=stack.url) as http:
         for path in (f"/jobs/{job_id}:events", f"/jobs/{job_id}:rounds", "/jobs/a*b"):

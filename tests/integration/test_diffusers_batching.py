@@ -100,6 +100,7 @@ class _OomAbove:
     def __init__(self, settings: Settings, limit: int) -> None:
         self._inner = SimulatedGenerator("sim:0", settings)
         self.name, self.modes, self.max_batch = "oom-above", self._inner.modes, self._inner.max_batch
+        self.runtime = self._inner.runtime
         self.limit = limit
         self.calls: list[int] = []
 

@@ -15,7 +15,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import uvicorn
@@ -38,6 +38,7 @@ class RecordingGenerator:
 
     name = "recording"
     modes = frozenset({"t2i"})
+    runtime: ClassVar[dict[str, str]] = {"device": "none (test recorder)"}
 
     def __init__(self, max_batch: int = 8, hold_first: bool = True) -> None:
         self.max_batch = max_batch
@@ -265,9 +266,7 @@ async def test_max_inflight_critiques_bounds_the_critic_requests_at_once(
 ) -> None:
     stack, counter = counted_stack
     await stack.start_worker(generator=QUICK, max_inflight_jobs=8, max_inflight_critiques=2)
-    ids = [
-        await stack.submit(f"critiqued job {i}", loop={**ONE_ROUND, "candidates_per_round": 3}) for i in range(2)
-    ]
+    ids = [await stack.submit(f"critiqued job {i}", loop={**ONE_ROUND, "candidates_per_round": 3}) for i in range(2)]
     docs = [await stack.wait(job_id) for job_id in ids]
 
     assert all(d.status == "succeeded" for d in docs)

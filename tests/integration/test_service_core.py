@@ -63,6 +63,7 @@ async def test_every_candidate_is_judged_against_the_original_instruction(stack:
 
 
 async def test_cancel_while_queued_never_runs(stack: Stack) -> None:
+    await stack.register_idle_worker()
     job_id = await stack.submit("a queued cat")
     doc = await stack.client.cancel(job_id)
     assert doc.status == "cancelled" and doc.stop_reason == "cancelled"
@@ -156,6 +157,7 @@ async def test_readyz_needs_a_live_worker(stack: Stack) -> None:
 async def test_sse_outlives_a_long_queue_wait(stack: Stack) -> None:
     """A stream on a job that waits longer than redis-py's default socket timeout (5 s)
     keeps streaming; it used to end with a store_unavailable error event."""
+    await stack.register_idle_worker()
     job_id = await stack.submit("a patient client", loop={"max_rounds": 1})
     types: list[str] = []
 

@@ -79,6 +79,9 @@ class Generator(Protocol):
     max_batch: int
     """Most requests one `generate` call accepts; 1 for pipelines that cannot batch."""
 
+    runtime: dict[str, Any]
+    """Where it runs, for heartbeats: device, dtype, torch and CUDA versions."""
+
     def resolve(self, request: GenRequest) -> GenRequest:
         """Fill the backend's defaults (size, steps, guidance), so that batch keys compare resolved values."""
         ...

@@ -18,12 +18,13 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.errors import GeneratorError
+from service.errors import DeviceUnavailable, GeneratorError
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 EDIT_PIPELINES: frozenset[str] = frozenset(
     {"QwenImageEditPlusPipeline", "QwenImageEditPipeline", "FluxKontextPipeline"}
 )
+
+DRIVER_VERSION_FILE = Path("/proc/driver/nvidia/version")
 
 DEFAULTS_FILE = "gcr_defaults.json"
 """Optional file in a local pipeline folder overriding the backend's defaults (the tiny
@@ -56,6 +59,8 @@ class FolderDefaults:
     guidance_scale: float | None = None
     max_edge: int | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    defaults_of: str | None = None
+    """A hub id whose table defaults this folder takes (`model_defaults`)."""
 
     @classmethod
     def read(cls, model: str) -> FolderDefaults:
@@ -77,12 +82,74 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def resolve_device(setting: str) -> str:
-    """`auto` → `cuda` when torch sees a GPU, else `cpu`; anything else as given."""
+    """`auto` → `cuda` when torch sees a GPU, else `cpu` (logged loudly); `cuda`/`cuda:N` must be usable.
+
+    A worker told to use a GPU never falls back to the CPU in silence: it raises
+    `DeviceUnavailable` saying why (torch build, CUDA version, driver), and the
+    worker exits with that line."""
     import torch
 
     if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            return "cuda"
+        log.warning("GCR_GENERATOR_DEVICE=auto found no usable GPU (%s): generating on the CPU", cuda_diagnosis())
+        return "cpu"
+    if setting.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"GCR_GENERATOR_DEVICE={setting} but no GPU is usable: {cuda_diagnosis()}")
+        index = int(setting.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(
+                f"GCR_GENERATOR_DEVICE={setting} but this container sees {torch.cuda.device_count()} GPU(s) "
+                "(check the GPU reservation: compose device_ids, or the k8s nvidia.com/gpu limit)"
+            )
     return setting
+
+
+def cuda_diagnosis() -> str:
+    """One line on why CUDA is not usable: torch's build, its CUDA version, the driver, CUDA's own error."""
+    import torch
+
+    parts = [f"torch {torch.__version__}"]
+    if torch.version.cuda is None:
+        parts.append("a CPU-only build (install a CUDA build of torch: see TORCH_INDEX_URL in the Dockerfile)")
+    else:
+        parts.append(f"built for CUDA {torch.version.cuda}")
+    driver = driver_version()
+    parts.append(f"NVIDIA driver {driver}" if driver else "no NVIDIA driver visible (/proc/driver/nvidia/version)")
+    if torch.version.cuda is not None:
+        try:
+            torch.cuda.init()
+        except Exception as exc:  # torch's own words: "The NVIDIA driver on your system is too old", ...
+            parts.append(one_line(exc, limit=200))
+    return "; ".join(parts)
+
+
+def driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version, if any (the container toolkit mounts this file)."""
+    try:
+        text = DRIVER_VERSION_FILE.read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+    return match.group(1) if match else text.strip().splitlines()[0][:80]
+
+
+def runtime_info(pipe: Any) -> dict[str, Any]:
+    """What a worker reports in its heartbeat: device, dtype, torch and CUDA versions, the GPU."""
+    import torch
+
+    device = str(getattr(pipe, "device", "?"))
+    info: dict[str, Any] = {
+        "device": device,
+        "dtype": str(getattr(pipe, "dtype", "?")).removeprefix("torch."),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "driver": driver_version(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
 
 
 def resolve_dtype(setting: str, device: str) -> torch.dtype:

@@ -15,7 +15,7 @@ import hashlib
 import textwrap
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
 
@@ -61,6 +61,7 @@ class SimulatedGenerator:
         self.seconds, self.per_image = parse_spec(spec)
         self.name = spec
         self.max_batch = settings.max_batch
+        self.runtime: dict[str, Any] = {"device": "none (simulated generator)"}
         self._edit_max_edge = settings.edit_max_edge
 
     def resolve(self, request: GenRequest) -> GenRequest:

@@ -1,0 +1,67 @@
+"""No job waits for a worker that does not exist: refused at submit, expired when nobody claims it,
+and readiness per mode. Also: the stored spec shows every value the generator used."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+from PIL import Image
+
+from tests.stack import Stack
+
+
+def _png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+async def test_a_job_nobody_serves_is_refused_at_submit_with_the_reason(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        none = await http.post("/generate", json={"prompt": "a fox"})
+        assert none.status_code == 503 and none.headers["Retry-After"]
+        error = none.json()["error"]
+        assert (
+            error["code"] == "no_worker" and error["retryable"] and "no worker has sent a heartbeat" in error["message"]
+        )
+
+        await stack.start_worker(generator="tiny:sd", generator_device="cpu")
+        edit = await http.post("/generate", json={"prompt": "add a hat", "mode": "edit", "source_image": _png()})
+        assert edit.status_code == 503
+        message = edit.json()["error"]["message"]
+        assert "mode 'edit'" in message and "live workers serve t2i" in message and "Qwen-Image-Edit" in message
+        assert (await http.post("/generate", json={"prompt": "a hat", "loop": {"max_rounds": 1}})).status_code == 202
+
+        ready = (await http.get("/readyz")).json()
+        assert ready["modes"]["t2i"] == {"ready": True, "workers": ["w0"]}
+        assert ready["modes"]["edit"]["ready"] is False and "mode 'edit'" in ready["modes"]["edit"]["reason"]
+        worker = ready["workers"][0]
+        assert worker["state"] == "ready" and worker["device"] == "cpu" and worker["dtype"] == "float32"
+        assert worker["torch"] and "cuda" in worker
+
+
+async def test_a_queued_job_no_worker_claims_expires_with_that_reason(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    async with Stack(redis_url, redis_prefix, standin_url, queue_timeout_s=0.5) as stack:
+        await stack.register_idle_worker()  # admits the job, then never claims it
+        job_id = await stack.submit("nobody comes", loop={"max_rounds": 1})
+        doc = await stack.wait(job_id, timeout_s=10)
+        assert doc.status == "expired" and doc.stop_reason == "unclaimed"
+        assert doc.error is not None and doc.error.code == "unclaimed" and "GCR_QUEUE_TIMEOUT_S" in doc.error.message
+        assert doc.queue_position is None
+        # a worker that arrives later acknowledges the stale entry and leaves the job as it is
+        await stack.start_worker()
+        fresh = await stack.wait(await stack.submit("somebody came", loop={"max_rounds": 1}))
+        assert fresh.status == "succeeded"
+        assert (await stack.client.job(job_id)).status == "expired"
+
+
+async def test_a_finished_jobs_spec_shows_every_effective_value(stack: Stack) -> None:
+    await stack.start_worker()
+    doc = await stack.wait(await stack.submit("spec echo", loop={"max_rounds": 1}))
+    generation = doc.spec.generation
+    assert (generation.width, generation.height, generation.steps) == (64, 64, 4)  # the simulator's defaults
+    assert generation.seed is not None
