@@ -76,8 +76,16 @@ async def run_worker(settings: Settings) -> None:
     """Build the worker's backends and run it; SIGTERM/SIGINT drain it."""
     from workers.critics.client import OpenAICritic
     from workers.generators import load_generator
+    from workers.generators.loading import resolve_device
+    from workers.preflight import checked_model, hold_until_it_fits
     from workers.worker import Worker
 
+    model = checked_model(settings)
+    if model is not None:
+        # Before anything is downloaded: a cuda worker without a usable GPU exits here, saying why.
+        device = await asyncio.to_thread(resolve_device, settings.generator_device)
+        if device.startswith("cuda"):
+            await hold_until_it_fits(settings, model, device)
     generator = await asyncio.to_thread(load_generator, settings)
     logging.getLogger("gcr.worker").info("loaded generator %s (modes %s)", generator.name, sorted(generator.modes))
     if settings.worker_metrics_port:

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="`torch.compile` the denoiser at load time.")
     lora_path: str | None = Field(None, description="LoRA weights loaded into the pipeline at start-up.")
     attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. `flash`, if available.")
+    memory_check: bool = Field(
+        True, description="Before loading, estimate the model's GPU memory and wait (reported) until it fits."
+    )
+    memory_retry_s: float = Field(30.0, gt=0, description="How often a worker whose model does not fit checks again.")
     cache_dir: Path = Field(Path.home() / ".cache" / "gcr", description="Where `tiny:*` pipelines are built.")
     edit_max_edge: int = Field(1024, ge=64, description="Edit outputs: long edge bound (rounded to 16).")
 
