@@ -7,6 +7,7 @@ up` does with no `.env`.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -23,11 +24,19 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "docker-compose.yml"
 DEV = ROOT / "deploy" / "compose.dev.yml"
 EDIT = ROOT / "deploy" / "compose.edit.yml"
+ONE_GPU = ROOT / "deploy" / "compose.one-gpu.yml"
+MORE_WORKERS = ROOT / "deploy" / "compose.more-workers.yml"
 K8S = ROOT / "deploy" / "k8s"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-CONFIGS = {"base": [BASE], "dev": [BASE, DEV], "edit": [BASE, EDIT]}
+CONFIGS = {
+    "base": [BASE],
+    "dev": [BASE, DEV],
+    "edit": [BASE, EDIT],
+    "one-gpu": [BASE, ONE_GPU],
+    "more-workers": [BASE, MORE_WORKERS],
+}
 VLLM_IMAGE = "vllm/vllm-openai"
 VLLM_DEFAULT_PORT = 8000
 # Not a settings name: no trailing underscore, so "GCR_" in prose does not count.
@@ -270,6 +279,111 @@ def test_vllm_runs_the_upstream_launch_settings() -> None:
     edit_models = {"TIGER-Lab/RationalRewards-8B-T2I", "TIGER-Lab/RationalRewards-8B-Edit"}
     served = {command(services(load_compose(*CONFIGS["edit"]))[n])[0] for n in ("vllm", "vllm-edit")}
     assert served == edit_models
+
+
+# --- GPU placement: no two services share a GPU unless their memory shares fit -----------
+
+CARD_GIB = 80  # the ordinary GPU host the defaults are sized for (A100/H100 80GB)
+FLUX_SCHNELL = ROOT / "workers" / "generators" / "data" / "flux1-schnell"
+# Models whose configs ship with the repo; any other generator is taken to need a whole card.
+CONFIG_FOLDERS = {"black-forest-labs/FLUX.1-schnell": FLUX_SCHNELL}
+
+
+@functools.cache
+def _parameters(folder: Path) -> dict[str, int]:
+    from workers.generators.memory import count_parameters
+
+    return count_parameters(folder)
+
+
+def gpu_ids(service: dict[str, Any]) -> set[str]:
+    """The host GPUs Docker hands a service: `device_ids` as given; `count: N` is GPUs 0..N-1
+    for EVERY container that asks (moby's countToDevices); `all` or no count is every GPU."""
+    ids: set[str] = set()
+    for device in gpu_devices(service):
+        assert not ("count" in device and "device_ids" in device), "count and device_ids are mutually exclusive"
+        if "device_ids" in device:
+            ids |= {str(i) for i in device["device_ids"]}
+        elif str(device.get("count", "all")) == "all":
+            ids.add("*")
+        else:
+            ids |= {str(i) for i in range(int(device["count"]))}
+    return ids
+
+
+def memory_share(service: dict[str, Any]) -> float:
+    """The fraction of a CARD_GIB card a GPU service needs."""
+    from workers.generators.memory import GIB, MemoryEstimate
+
+    if is_vllm(service):
+        return float(flag(command(service), "--gpu-memory-utilization") or 0.9)  # vLLM's own default: 0.9
+    values = env(service)
+    folder = CONFIG_FOLDERS.get(values.get("GCR_GENERATOR", ""))
+    if folder is None:
+        return 1.0
+    needs = MemoryEstimate(
+        _parameters(folder),
+        dtype_bytes=2,
+        max_batch=int(values.get("GCR_MAX_BATCH", "4")),
+        megapixels=1024 * 1024 / 1e6,
+        cpu_offload=values.get("GCR_CPU_OFFLOAD", "false") == "true",
+    )
+    return needs.total / (CARD_GIB * GIB)
+
+
+def placement_problems(config: dict[str, Any]) -> list[str]:
+    on_gpu: dict[str, list[str]] = {}
+    svcs = services(config)
+    for name in active(config):
+        for gpu in gpu_ids(svcs[name]):
+            on_gpu.setdefault(gpu, []).append(name)
+    everywhere = on_gpu.pop("*", [])
+    problems = []
+    for gpu, names in sorted(on_gpu.items()):
+        sharing = sorted(names + everywhere)
+        shares = {name: memory_share(svcs[name]) for name in sharing}
+        if len(sharing) > 1 and sum(shares.values()) > 1.0:
+            problems.append(f"GPU {gpu}: {shares} add up to more than one {CARD_GIB} GB card")
+    return problems
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_no_two_services_share_a_gpu_unless_their_memory_fits(name: str) -> None:
+    assert placement_problems(load_compose(*CONFIGS[name])) == []
+
+
+def test_the_placement_rule_catches_count_1_on_every_service() -> None:
+    """The old default: `count: 1` everywhere put vLLM (0.8) and FLUX.1-schnell on GPU 0."""
+    config = load_compose(BASE)
+    for name in ("vllm", "worker"):
+        services(config)[name]["deploy"]["resources"]["reservations"]["devices"] = [
+            {"driver": "nvidia", "capabilities": ["gpu"], "count": 1}
+        ]
+    [problem] = placement_problems(config)
+    assert problem.startswith("GPU 0:") and "vllm" in problem and "worker" in problem
+
+
+def test_default_placement_pins_each_gpu_service_to_its_own_card() -> None:
+    base = services(load_compose(BASE))
+    assert gpu_ids(base["vllm"]) == {"0"} and gpu_ids(base["worker"]) == {"1"}
+    edit = services(load_compose(*CONFIGS["edit"]))
+    assert gpu_ids(edit["vllm-edit"]) == {"2"} and gpu_ids(edit["worker-edit"]) == {"3"}
+    one = services(load_compose(*CONFIGS["one-gpu"]))
+    assert gpu_ids(one["vllm"]) == gpu_ids(one["worker"]) == {"0"}
+    assert float(flag(command(one["vllm"]), "--gpu-memory-utilization") or 1) <= 0.5
+    assert 0.4 < memory_share(one["worker"]) < 0.55  # FLUX.1-schnell at batch 2: ~38 GiB of 80
+    more = services(load_compose(*CONFIGS["more-workers"]))
+    assert [gpu_ids(more[n]) for n in ("worker", "worker-2", "worker-3")] == [{"1"}, {"2"}, {"3"}]
+    for config in CONFIGS.values():
+        for name, svc in services(load_compose(*config)).items():
+            if gpu_devices(svc) and not is_vllm(svc):
+                assert env(svc)["GCR_GENERATOR_DEVICE"] == "cuda", f"{name}: a GPU worker pins its device"
+
+
+def test_the_k8s_worker_pins_its_device() -> None:
+    worker = next(d for d in yaml.safe_load_all((K8S / "worker.yaml").read_text()) if d and d["kind"] == "Deployment")
+    [container] = worker["spec"]["template"]["spec"]["containers"]
+    assert {"name": "GCR_GENERATOR_DEVICE", "value": "cuda"} in container["env"]
 
 
 def test_gpu_reservations() -> None:
