@@ -288,3 +288,45 @@ def test_a_pipeline_without_interrupt_support_is_stopped_by_the_callback(
             [_edit(steps=5)], on_step=lambda step, _total: steps.append(step), interrupt=lambda: bool(steps)
         )
     assert steps == [1]
+
+
+# --- an out-of-memory decode keeps the denoising ---------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["tiny_flux", "tiny_sd"])
+def test_an_oom_in_the_vae_decode_decodes_the_denoised_latents_one_by_one(
+    fixture: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator: DiffusersGenerator = request.getfixturevalue(fixture)
+    requests = _requests(["a harbour", "a forest"])
+    reference = generator.generate(requests)
+    vae = generator.pipeline.vae
+    real_decode = vae.decode
+    decoded_batches: list[int] = []
+
+    def decode_oom_once(z: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        decoded_batches.append(z.shape[0])
+        if len(decoded_batches) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_decode(z, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", decode_oom_once)
+    steps: list[int] = []
+    images = generator.generate(requests, on_step=lambda step, _total: steps.append(step))
+
+    assert steps == list(range(1, len(steps) + 1)), "denoised once, not again"
+    assert decoded_batches == [2, 1, 1]  # the pipeline's decode, then ours, image by image
+    for image, expected in zip(images, reference, strict=True):
+        assert _max_pixel_diff(image, expected) <= 1
+
+
+def test_large_images_decode_in_tiles_and_batches_image_by_image(tiny_flux: DiffusersGenerator) -> None:
+    from workers.generators.decoding import prepare_vae
+
+    vae = tiny_flux.pipeline.vae
+    prepare_vae(tiny_flux.pipeline, 1024, 1024)
+    assert vae.use_slicing and not vae.use_tiling
+    prepare_vae(tiny_flux.pipeline, 2048, 1536)
+    assert vae.use_slicing and vae.use_tiling
+    prepare_vae(tiny_flux.pipeline, 32, 32)
+    assert not vae.use_tiling

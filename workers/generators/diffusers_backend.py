@@ -30,7 +30,9 @@ Decisions, in one place:
   that property is stopped by an exception raised from the callback. Either way the
   call raises `GenerationInterrupted` and returns no images.
 - Errors: CUDA OOM → `GeneratorOutOfMemory` (the caller may split the batch), any
-  other exception from the pipeline → `GeneratorError` with a one-line reason.
+  other exception from the pipeline → `GeneratorError` with a one-line reason. An OOM
+  in the VAE decode, after the last denoising step, is not one: the denoised latents
+  are decoded again one image at a time (`decoding`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from workers.generators.base import (
     StepCallback,
     resolve_batch,
 )
+from workers.generators.decoding import can_decode, decode_one_by_one, prepare_vae
 from workers.generators.loading import FolderDefaults, load_pipeline, one_line, runtime_info, takes_image
 from workers.generators.model_defaults import ModelDefaults, lookup
 from workers.generators.sizing import edit_size
@@ -202,14 +205,20 @@ class DiffusersGenerator:
             raise GenerationInterrupted("interrupted before the first step")
 
         kwargs = self._call_kwargs(resolved)
+        first = resolved[0]
+        assert first.width is not None and first.height is not None
+        prepare_vae(self._pipe, first.width, first.height)
         # The pipeline's own count wins: img2img runs fewer steps (strength), 2nd-order schedulers more.
-        total = resolved[0].steps or 1
+        total = first.steps or 1
         interrupted_at: int | None = None
+        denoised: Any = None  # the last step's latents: decoded again here if the decode runs out of memory
         cooperative = isinstance(getattr(type(self._pipe), "interrupt", None), property)
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            nonlocal interrupted_at, total
+            nonlocal interrupted_at, total, denoised
             total = getattr(pipe, "_num_timesteps", None) or total
+            if step + 1 >= total:
+                denoised = tensors.get("latents")
             if on_step is not None:
                 on_step(step + 1, total)
             if interrupt is not None and interrupt():
@@ -228,12 +237,25 @@ class DiffusersGenerator:
         except GcrError:
             raise
         except Exception as exc:
-            raise translate_error(exc) from exc
+            error = translate_error(exc)
+            if not (isinstance(error, GeneratorOutOfMemory) and denoised is not None and can_decode(self._pipe)):
+                raise error from exc
+            log.warning("out of GPU memory after denoising; decoding the %d image(s) one by one", len(resolved))
+            images = self._decode_after_oom(denoised, first.width, first.height)
         if interrupted_at is not None:
             raise GenerationInterrupted(f"interrupted after step {interrupted_at} of {total}")
         if len(images) != len(resolved):
             raise GeneratorError(f"{self._class} returned {len(images)} images for {len(resolved)} requests")
         return images
+
+    def _decode_after_oom(self, latents: Any, width: int, height: int) -> list[Image.Image]:
+        from workers.generators.oom import free_cuda_cache
+
+        free_cuda_cache()
+        try:
+            return decode_one_by_one(self._pipe, latents, width, height)
+        except Exception as exc:
+            raise translate_error(exc) from exc
 
     def _call_kwargs(self, requests: Sequence[GenRequest]) -> dict[str, Any]:
         import torch

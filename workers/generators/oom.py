@@ -38,7 +38,7 @@ def generate_splitting_on_oom(
     try:
         return list(generator.generate(requests, on_step, interrupt))
     except GeneratorOutOfMemory as exc:
-        _free_cuda_cache()
+        free_cuda_cache()
         if len(requests) == 1:
             return [exc]
         half = (len(requests) + 1) // 2
@@ -50,7 +50,7 @@ def generate_splitting_on_oom(
         return [exc] * len(requests)
 
 
-def _free_cuda_cache() -> None:
+def free_cuda_cache() -> None:
     # Only if torch is already loaded: the simulated generator runs without it.
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
