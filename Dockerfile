@@ -36,8 +36,10 @@ RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------
 FROM base AS gateway
+# constraints/*.txt (scripts/lock) pin every package, so two builds install the same.
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install /wheels/gcr-*.whl
+    --mount=type=bind,source=constraints,target=/constraints \
+    pip install -c /constraints/gateway.txt /wheels/gcr-*.whl
 USER gcr
 WORKDIR /home/gcr
 EXPOSE 8000
@@ -50,18 +52,20 @@ CMD ["gcr", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------------------------
 FROM base AS worker
-# Default: torch from PyPI, whose Linux x86_64 wheels are CUDA builds (the CUDA
-# version that torch release defaults to; it needs a recent enough host driver).
-# To choose the CUDA version, use the PyTorch index, e.g.
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126   (older drivers)
+# torch and torchvision at the versions of constraints/worker.in (torchvision: Qwen-Image-
+# Edit's processor needs it). From PyPI by default, whose Linux x86_64 torch 2.13.0 is a
+# CUDA 13.0 build (torch.version.cuda == "13.0"): it needs NVIDIA driver >= 580. For
+# another CUDA, use PyTorch's index (its +cuXXX builds sort above PyPI's), e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126   (driver >= 525)
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     (no GPU; see deploy/compose.dev.yml)
-# TORCH_VERSION follows the version CI tests with (pyproject.toml).
-ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 # Own layer before the project: torch (several GB) stays cached across code changes.
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN --mount=type=bind,source=constraints,target=/constraints \
+    pip install -c /constraints/worker.txt \
+        --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple torch torchvision
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install "$(echo /wheels/gcr-*.whl)[worker]"
+    --mount=type=bind,source=constraints,target=/constraints \
+    pip install -c /constraints/worker.txt "$(echo /wheels/gcr-*.whl)[worker]"
 # NOTE: a named volume mounted on an empty image directory starts with the image's
 # ownership, so these two must exist and belong to gcr before the volume is attached.
 RUN mkdir -p /cache/huggingface /cache/gcr && chown -R gcr:gcr /cache

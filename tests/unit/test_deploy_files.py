@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from service.settings import Settings
 
@@ -515,3 +519,46 @@ def test_prometheus_scrapes_gateway_and_worker() -> None:
     assert ("gateway", 8000) in targets["gateway"]
     assert ("worker", 9100) in targets["worker"]
     assert scrape["gateway"]["metrics_path"] == "/metrics"
+
+
+# --- reproducible images ----------------------------------------------------------------
+
+CONSTRAINTS = ROOT / "constraints"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_images_install_from_the_lock_files() -> None:
+    dockerfile = DOCKERFILE.read_text()
+    assert "-c /constraints/gateway.txt /wheels/gcr-*.whl" in dockerfile
+    assert dockerfile.count("-c /constraints/worker.txt") == 2  # torch and torchvision, then gcr[worker]
+    assert "!constraints/" in (ROOT / ".dockerignore").read_text()
+
+
+@pytest.mark.parametrize(("lock", "extras"), [("gateway.txt", ()), ("worker.txt", ("worker",))])
+def test_lock_files_pin_every_dependency_within_pyproject(lock: str, extras: tuple[str, ...]) -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    for extra in extras:
+        wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    pins = _pins(CONSTRAINTS / lock)
+    for requirement in wanted:
+        pinned = pins.get(canonicalize_name(requirement.name))
+        assert pinned is not None, f"{lock} does not pin {requirement.name}; run scripts/lock"
+        assert requirement.specifier.contains(pinned, prereleases=True), f"{lock}: {requirement} vs {pinned}"
+
+
+def test_the_worker_image_gets_the_torch_ci_tests_with_and_its_torchvision() -> None:
+    pins = _pins(CONSTRAINTS / "worker.txt")
+    setup = (ROOT / "scripts" / "setup").read_text()
+    tested = re.search(r"torch==([0-9.]+)", setup)
+    assert tested and pins["torch"] == tested.group(1)
+    assert pins["torchvision"], "Qwen-Image-Edit's processor imports torchvision"
+    assert Version(pins["diffusers"]) >= Version("0.36")  # the first release with QwenImageEditPlusPipeline
