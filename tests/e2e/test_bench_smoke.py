@@ -62,3 +62,22 @@ def test_gateway_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
             assert stats["errors"] == 0 and stats["requests"] == 60
             assert stats["req_per_s"] > 0
             assert 0 < stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
+
+
+def test_gpu_validation_script_runs_on_cpu_with_the_tiny_flag(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_validate.json"
+    args = ["--tiny", "--device", "cpu", "--calls", "1", "--json", str(out)]
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_validate.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["batches"]] == [1, 2, 4]
+    assert all(row["s_per_image"] > 0 for row in result["batches"])
+    assert result["cancel"]["ok"] and result["cancel"]["latency_s"] >= 0
+    assert "interrupted after step 2" in result["cancel"]["message"]
+    assert result["estimate_gib"] > 0 and result["ok"]

@@ -224,7 +224,7 @@ def load_pipeline(settings: Settings, model: str) -> Any:
     log.info("loaded %s as %s (%s, %s)", model, type(pipe).__name__, device, dtype)
 
     try:
-        _configure(pipe, settings, device)
+        prepare_pipeline(pipe, settings, device)
     except GeneratorError:
         raise
     except Exception as exc:
@@ -237,7 +237,9 @@ def denoiser(pipe: Any) -> Any:
     return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
 
 
-def _configure(pipe: Any, settings: Settings, device: str) -> None:
+def prepare_pipeline(pipe: Any, settings: Settings, device: str) -> None:
+    """Place and configure a built pipeline as the worker runs it: LoRA, attention backend,
+    device or CPU offload, compilation."""
     # Order matters: LoRA layers must exist before compiling, and compile last so it
     # traces the modules as they will run (placed, with the chosen attention backend).
     if settings.lora_path:

@@ -102,12 +102,14 @@ def count_parameters(folder: Path) -> dict[str, int]:
         if library not in WEIGHTED_LIBRARIES or class_name is None or not config.is_file():
             continue
         with torch.device("meta"):
-            module = _build(library, class_name, config)
+            module = build_module(library, class_name, config)
         counts[name] = sum(p.numel() for p in module.parameters())
     return counts
 
 
-def _build(library: str, class_name: str, config: Path) -> Any:
+def build_module(library: str, class_name: str, config: Path) -> Any:
+    """A diffusers or transformers model from its `config.json`, on whatever device is current
+    (`with torch.device("meta")`: no memory at all)."""
     if library == "diffusers":
         import diffusers
 
