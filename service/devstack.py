@@ -185,6 +185,14 @@ async def dev_stack(
         gateway_task: asyncio.Task[None] | None = None
         try:
             gateway, gateway_task = await _serve(create_app(stack_settings), port or free_port())
+            # The gateway refuses jobs of modes no live worker serves: wait for the first heartbeat.
+            visible = asyncio.create_task(worker.visible.wait())
+            await asyncio.wait({visible, worker_task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if worker_task.done():
+                await worker_task  # its own error says why it stopped
+            if not worker.visible.is_set():
+                visible.cancel()
+                raise RuntimeError("the dev worker did not start (no heartbeat within 30 s); see the log above")
             log.info("dev stack: gateway on port %d, Redis %s (prefix %s)", gateway.config.port, redis_url, prefix)
             yield f"http://127.0.0.1:{gateway.config.port}"
         finally:

@@ -126,11 +126,13 @@ class Stack:
 
     async def wait_for_heartbeat(self, worker: Worker, task: asyncio.Task[None], timeout_s: float = 10.0) -> None:
         """Until the gateway can see the worker (it refuses jobs of modes no live worker serves)."""
-        async with asyncio.timeout(timeout_s):
-            while not any(w.get("id") == worker.id for w in await worker.queue.live_workers(60)):
-                if task.done():
-                    await task
-                await asyncio.sleep(0.02)
+        visible = asyncio.create_task(worker.visible.wait())
+        await asyncio.wait({visible, task}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            await task
+        if not worker.visible.is_set():
+            visible.cancel()
+            raise TimeoutError(f"worker {worker.id} sent no heartbeat within {timeout_s}s")
 
     async def stop_workers(self) -> None:
         for worker, task, critic in self.workers:

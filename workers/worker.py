@@ -61,6 +61,8 @@ class Worker:
         self.active: dict[asyncio.Task[None], Claim] = {}
         self._stopping = asyncio.Event()
         self._changed = asyncio.Event()
+        self.visible = asyncio.Event()
+        """Set after the first heartbeat: the gateway now admits jobs of this worker's modes."""
 
     def stop(self) -> None:
         """Stop claiming; `run` then drains and returns."""
@@ -213,6 +215,7 @@ class Worker:
         while not done.is_set():
             try:
                 await self.queue.heartbeat(self.id, self.info(), ttl)
+                self.visible.set()
                 if self.active:
                     for lost in await self.queue.keep_alive(self.id, list(self.active.values())):
                         log.warning(
