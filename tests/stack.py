@@ -50,6 +50,7 @@ class Stack:
         self.url = ""
         self.client: GcrClient
         self._background: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._redis_client: Any = None
 
     async def __aenter__(self) -> Stack:
@@ -66,8 +67,7 @@ class Stack:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for task in self._background:
-            task.cancel()
+        self._stopping.set()
         if self._background:
             await asyncio.wait(self._background, timeout=5)
         if self._redis_client is not None:
@@ -100,10 +100,12 @@ class Stack:
         info = {"id": "idle-test-worker", "state": "ready", "modes": list(modes), "generator": "none (claims nothing)"}
 
         async def beat() -> None:
-            while True:
+            # Stopped by an event, never cancelled mid-command (see workers/runner.py).
+            while not self._stopping.is_set():
                 with contextlib.suppress(GcrError):
                     await queue.heartbeat("idle-test-worker", info, ttl_s=5)
-                await asyncio.sleep(min(0.5, self.settings.worker_stale_s / 3))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), min(0.5, self.settings.worker_stale_s / 3))
 
         await queue.heartbeat("idle-test-worker", info, ttl_s=5)
         self._background.append(asyncio.create_task(beat()))
