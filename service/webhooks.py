@@ -81,7 +81,14 @@ class WebhookNotifier:
             return
         task = asyncio.create_task(self.deliver(doc, doc.spec.callback_url))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[WebhookStatus]) -> None:
+        self._tasks.discard(task)
+        # `deliver` records every failure itself; this only retrieves what would otherwise
+        # end as "Task exception was never retrieved" if that ever regressed.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("webhook delivery task crashed", exc_info=exc)
 
     async def aclose(self, grace_s: float = 5.0) -> None:
         if self._tasks:
@@ -91,9 +98,28 @@ class WebhookNotifier:
         await self._http.aclose()
 
     async def deliver(self, doc: JobDocument, url: str) -> WebhookStatus:
+        """Deliver with retries and record the outcome, delivered or failed, on the job."""
+        status = WebhookStatus(state="pending")
+        try:
+            await self._attempt(doc, url, status)
+        except Exception as exc:
+            # Not an HTTP failure (httpx lets a bad port out as ValueError or an exception
+            # group, for one): retrying will not help, but the job must still say it failed.
+            log.exception("webhook for job %s could not be sent", doc.id)
+            status.last_error = f"{type(exc).__name__}: {exc}"
+        if status.state != "delivered":
+            status.state = "failed"
+            log.warning("webhook for job %s failed after %d attempt(s): %s", doc.id, status.attempts, status.last_error)
+        try:
+            await self.store.force_update(doc.id, webhook=status)
+        except GcrError as exc:
+            log.warning("could not record webhook status of job %s: %s", doc.id, exc.message)
+        return status
+
+    async def _attempt(self, doc: JobDocument, url: str, status: WebhookStatus) -> None:
+        """POST until delivered or out of attempts, keeping `status` current after each."""
         body = json.dumps(payload(doc, self.settings.public_url)).encode()
         secret = self.settings.webhook_secret
-        status = WebhookStatus(state="pending")
         for attempt in range(1, self.settings.webhook_attempts + 1):
             status.attempts = attempt
             try:
@@ -104,20 +130,12 @@ class WebhookNotifier:
                 response = await self._http.post(url, content=body, headers=headers)
                 if response.status_code < 300:
                     status.state, status.delivered_at, status.last_error = "delivered", time.time(), None
-                    break
+                    return
                 status.last_error = f"receiver answered {response.status_code}"
             except InvalidInput as exc:
                 status.last_error = exc.message
-                break  # the address is refused: retrying will not change that
+                return  # the address is refused: retrying will not change that
             except httpx.HTTPError as exc:
                 status.last_error = f"{type(exc).__name__}: {exc}"
             if attempt < self.settings.webhook_attempts:
                 await asyncio.sleep(min(BACKOFF_MAX_S, self.settings.webhook_backoff_s * 2 ** (attempt - 1)))
-        if status.state != "delivered":
-            status.state = "failed"
-            log.warning("webhook for job %s failed after %d attempt(s): %s", doc.id, status.attempts, status.last_error)
-        try:
-            await self.store.force_update(doc.id, webhook=status)
-        except GcrError as exc:
-            log.warning("could not record webhook status of job %s: %s", doc.id, exc.message)
-        return status

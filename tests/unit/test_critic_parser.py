@@ -141,3 +141,53 @@ def test_regex_admits_the_training_format(name: str) -> None:
     assert re.fullmatch(regex, answer)
     assert re.fullmatch(regex, answer.replace("## Score: 3.25", "## Score: 0")) is None
     assert parse_critique(answer, template.dimensions).overall == pytest.approx(2.25 / 3)
+
+
+def _t2i_answer(text_rendering_justification: str, physical_quality_score: str = "3") -> str:
+    return (
+        "# User Request Analysis\nA sign.\n# Detailed Judgement\n1. Text Faithfulness:\n## Justification: ok\n"
+        f"## Score: 3.5\n2. Physical and Visual Quality:\n## Justification: ok\n## Score: {physical_quality_score}\n"
+        f"3. Text Rendering:\n## Justification: {text_rendering_justification}\n## Score: 2\n# Summary: s\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "line", ["image Faithfulness", "Text Faithfulness:", "2. Image Faithfulness", "Physical and Visual Quality"]
+)
+def test_a_dimension_name_in_running_text_is_not_a_header(line: str) -> None:
+    # Found by the property test: the score under such a line went to the named dimension.
+    raw = _t2i_answer(f"the letters are fine\n{line}\nis not what is judged here")
+    critique = parse_critique(raw, TEMPLATES["t2i"].dimensions)
+    assert critique.score("text_rendering") == 2.0
+    assert critique.score(TEXT_FAITHFULNESS) == 3.5 and critique.score("physical_quality") == 3.0
+    assert line in critique.dimensions["text_rendering"].justification
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["3. Text Rendering:", "3) Text Rendering:", "### Text Rendering", "**3. Text Rendering**", "**Text Rendering:**"],
+)
+def test_headers_in_the_format_still_open_a_block(header: str) -> None:
+    critique = parse_critique(_t2i_answer("x").replace("3. Text Rendering:", header), TEMPLATES["t2i"].dimensions)
+    assert critique.score("text_rendering") == 2.0
+
+
+@pytest.mark.parametrize(
+    ("template", "raw", "gone", "why"),
+    [
+        ("t2i", _t2i_answer("x", physical_quality_score="N/A"), "physical_quality", "N/A"),
+        (
+            "t2i",
+            _t2i_answer("x", physical_quality_score="[ float score ]"),
+            "physical_quality",
+            "missing or unreadable",
+        ),
+        ("edit", _t2i_answer("x"), "image_faithfulness", "missing or unreadable"),
+    ],
+)
+def test_an_answer_lacking_a_required_dimension_is_incomplete(template: str, raw: str, gone: str, why: str) -> None:
+    # An overall averaged over the other dimensions would measure something else.
+    with pytest.raises(CritiqueUnparseable) as info:
+        parse_critique(raw, TEMPLATES[template].dimensions)
+    assert info.value.missing == [f"score: {gone}"]
+    assert f"{gone} ({why})" in info.value.message and "incomplete" in info.value.message

@@ -23,14 +23,22 @@ a leading `<think>...</think>` block. Only a header line (`## Score:` or a bold
 A score belongs to the dimension block it stands in: blocks run from one
 dimension header to the next, so the order of fields inside a block is free.
 
+A dimension header looks like one in the format: numbered with a colon (`2.
+Image Faithfulness:`, `2) ...:`), or marked up (`### Image Faithfulness`, `**2.
+Image Faithfulness**`, a line that is only `**Image Faithfulness:**`). A line of
+running text that merely says a dimension's name (`image Faithfulness`) is text
+of the block it stands in, never a new block.
+
 What makes an answer unparseable (`CritiqueUnparseable`, never a score of 0):
-- no score for `text_faithfulness` (missing, unreadable or N/A): it is the core
-  of the judgement, and without it the overall would measure something else;
-- no declared dimension with a numeric score (truncated, all N/A, refusal).
-Any other declared dimension that is missing or unreadable gets `score=None`,
-exactly like N/A, and the overall is the mean of the rest. A missing refined
-request gives `refined_request=None` (the loop then stops with `no_refinement`).
-Dimensions the template does not declare are ignored.
+- no declared dimension with a numeric score (truncated, all N/A, refusal);
+- no numeric score for a required dimension (missing, unreadable or N/A): every
+  declared one but text rendering, the only one the format lets be N/A
+  (t2i: text faithfulness, physical and visual quality; edit adds image
+  faithfulness). Without one the overall would measure something else, so the
+  answer is incomplete rather than averaged over what is left.
+Text rendering, missing or unreadable, gets `score=None` exactly like N/A. A
+missing refined request gives `refined_request=None` (the loop then stops with
+`no_refinement`). Dimensions the template does not declare are ignored.
 """
 
 from __future__ import annotations
@@ -55,7 +63,8 @@ from service.protocol import (
 Dimensions = Sequence[tuple[str, str]]
 """(key, header label) pairs, in the order the template asks for them."""
 
-REQUIRED_DIMENSION = TEXT_FAITHFULNESS
+NOT_APPLICABLE_ALLOWED = frozenset({TEXT_RENDERING})
+"""The dimensions the format lets be N/A; every other declared one is required."""
 
 # Labels of the standard dimensions and the variants models write. A template's
 # own labels are added at parse time; undeclared ones still delimit blocks, so an
@@ -182,11 +191,14 @@ def parse_critique(
             missing=gone,
             raw=raw,
         )
-    if REQUIRED_DIMENSION in scores and scores[REQUIRED_DIMENSION].score is None:
-        what = "missing or unreadable" if f"score: {REQUIRED_DIMENSION}" in missing else "N/A"
+    lacking = [key for key in declared if key not in NOT_APPLICABLE_ALLOWED and scores[key].score is None]
+    if lacking:
+        what = ", ".join(
+            f"{key} ({'missing or unreadable' if f'score: {key}' in missing else 'N/A'})" for key in lacking
+        )
         raise CritiqueUnparseable(
-            f"critic answer's {REQUIRED_DIMENSION} score is {what}; it is required",
-            missing=[f"score: {REQUIRED_DIMENSION}"],
+            f"critic answer is incomplete: no score for required dimension(s) {what}",
+            missing=[f"score: {key}" for key in lacking],
             raw=raw,
         )
     return Critique(
@@ -225,17 +237,20 @@ def _classify(line: str, labels: dict[str, str]) -> _Header | None:
         if marked or (title != "score" and match["colon"]):
             return _Header("field", _FIELDS[title], rest, hashed)
         return None
-    # A bold label followed by text is emphasis in running text, not a header.
-    if title in labels and (hashed or match["num"] is not None or not rest):
-        return _Header("dimension", labels[title], rest, hashed)
+    if title in labels:
+        bold = bool(match["b1"] or match["b2"])
+        numbered = match["num"] is not None and bool(match["colon"] or bold)
+        # A bare label is a dimension's name said in running text, and a bold label
+        # followed by text is emphasis: neither opens a block.
+        if hashed or numbered or (bold and not rest):
+            return _Header("dimension", labels[title], rest, hashed)
     return None
 
 
 def _read(text: str, labels: dict[str, str]) -> _Reading:
     lines = [line for line in text.split("\n") if not _FENCE.match(line)]
     has_judgement = any(
-        (h := _classify(line, labels)) is not None and h.kind == "section" and h.name == "judgement"
-        for line in lines
+        (h := _classify(line, labels)) is not None and h.kind == "section" and h.name == "judgement" for line in lines
     )
     reading = _Reading()
     section = "preamble"
@@ -246,9 +261,7 @@ def _read(text: str, labels: dict[str, str]) -> _Reading:
         if header is not None and header.kind == "dimension":
             # Before the judgement section a numbered label is part of the analysis,
             # unless the answer has no judgement header at all.
-            in_judgement = section == "judgement" or (
-                not has_judgement and section in ("preamble", "analysis")
-            )
+            in_judgement = section == "judgement" or (not has_judgement and section in ("preamble", "analysis"))
             if not in_judgement:
                 header = None
         if header is None:
@@ -376,12 +389,12 @@ def critique_regex(dimensions: Dimensions, *, score_first: bool = False) -> str:
     """A regex of a well-formed answer, for vLLM `structured_outputs: {"regex": ...}`.
 
     It follows the training format (justification then score, or the reverse for
-    the tuning variant); only text rendering may be N/A. Every answer it admits
+    the tuning variant); only `NOT_APPLICABLE_ALLOWED` may be N/A. Every answer it admits
     parses (tested).
     """
     parts = [r"# User Request Analysis\n", _FREE, r"# Detailed Judgement\n"]
     for number, (key, label) in enumerate(dimensions, start=1):
-        score = rf"({_SCORE}|N/A)" if key == TEXT_RENDERING else _SCORE
+        score = rf"({_SCORE}|N/A)" if key in NOT_APPLICABLE_ALLOWED else _SCORE
         justification = r"## Justification:" + _FREE
         score_line = rf"## Score: {score}\n"
         parts.append(rf"{number}\. {_escape(label)}:\n")
