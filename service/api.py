@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import http_metrics
 from service.auth import Principal, authenticate
 from service.body_limit import BodyLimitMiddleware
-from service.errors import GcrError, InvalidInput, NotFound, QueueFull, RateLimited, Unauthorized
+from service.errors import GcrError, InvalidInput, NotFound, RateLimited, StoreUnavailable, Unauthorized
 from service.gateway_state import GatewayState
 from service.protocol import (
     Critique,
@@ -48,6 +49,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415)}
 HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 SSE_BLOCK_MS = 10_000  # below redis_client.SOCKET_TIMEOUT_S
+SSE_BLIP_S = 30.0  # how long a stream waits for Redis to come back before it gives up
 RETRY_AFTER_S = 5
 
 
@@ -202,11 +204,9 @@ def create_app(settings: Settings) -> FastAPI:
         if idempotency_key is not None and (replay := await state.replay(caller, idempotency_key, spec)):
             return _submitted(request, settings, replay, status=200)
         await state.require_worker(spec.mode)
-        if await state.queue.queued_count() >= settings.queue_max:
-            raise QueueFull(f"the queue holds {settings.queue_max} jobs; retry later")
         doc, source_png = await prepare_job(spec, source, settings, owner=caller.tenant)
         if idempotency_key is None:
-            await state.store.create(doc, source_png)
+            await state.store.create(doc, source_png, settings.queue_max)
         else:
             replay = await state.create_once(caller, idempotency_key, spec, doc, source_png)
             if replay is not None:
@@ -277,7 +277,9 @@ def create_app(settings: Settings) -> FastAPI:
         state: State,
         caller: Caller,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        before: Annotated[float | None, Query(description="Only jobs created before this timestamp.")] = None,
+        before: Annotated[
+            float | None, Query(allow_inf_nan=False, description="Only jobs created before this timestamp.")
+        ] = None,
     ) -> JobList:
         """Admin keys only: every tenant's jobs, newest first."""
         state.require_admin(caller)
@@ -358,20 +360,31 @@ async def _expire_unclaimed(state: GatewayState) -> None:
 
 
 async def _event_stream(state: GatewayState, job_id: str, after: str) -> AsyncIterator[dict[str, str]]:
-    try:
-        while True:
+    """The job's events from `after` on. A Redis blip is ridden out (reads resume from the last
+    id sent, for up to SSE_BLIP_S); past that the error becomes an event, then the end marker."""
+    lost_since: float | None = None
+    delay = 0.1
+    while True:
+        try:
             events = await state.store.read_events(job_id, after=after, block_ms=SSE_BLOCK_MS)
-            for entry_id, event in events:
-                after = entry_id
-                yield {"event": event.type, "id": entry_id, "data": event.model_dump_json()}
-                if event.type == "end":
-                    return
-            if not events and not await state.store.exists(job_id):
-                yield {"event": "end", "data": json.dumps({"job_id": job_id, "status": "expired"})}
+            exists = bool(events) or await state.store.exists(job_id)
+        except StoreUnavailable as exc:
+            now = time.monotonic()
+            lost_since = lost_since or now
+            if now - lost_since > SSE_BLIP_S:
+                # The status line is already sent: the error becomes an event, then the end marker.
+                yield {"event": "error", "data": json.dumps({"code": exc.code, "message": exc.message})}
+                yield {"event": "end", "data": json.dumps({"job_id": job_id, "status": "unknown"})}
                 return
-    except GcrError as exc:
-        # The status line is already sent: the error becomes an event, then the end marker.
-        yield {"event": "error", "data": json.dumps({"code": exc.code, "message": exc.message})}
-        yield {"event": "end", "data": json.dumps({"job_id": job_id, "status": "unknown"})}
-    except asyncio.CancelledError:
-        raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        lost_since, delay = None, 0.1
+        for entry_id, event in events:
+            after = entry_id
+            yield {"event": event.type, "id": entry_id, "data": event.model_dump_json()}
+            if event.type == "end":
+                return
+        if not exists:
+            yield {"event": "end", "data": json.dumps({"job_id": job_id, "status": "expired"})}
+            return

@@ -253,7 +253,10 @@ def keys() -> None:
 def keys_new(tenant: str) -> None:
     """Make a new API key; prints the key (give it to the client) and the GCR_API_KEYS entry (keep only that)."""
     from service.auth import new_key
+    from service.settings import TENANT_NAME, TENANT_RULE
 
+    if not TENANT_NAME.fullmatch(tenant):
+        raise click.BadParameter(TENANT_RULE, param_hint="--tenant")
     key, digest = new_key()
     click.echo(f"key:   {key}")
     click.echo(f'entry: "{digest}": "{tenant}"   (GCR_API_KEYS=\'{{"{digest}": "{tenant}"}}\')')

@@ -8,15 +8,13 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError, ResponseError
-
 from service.auth import Principal
 from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized
-from service.keys import CONSUMER_GROUP, MODES, PRIORITIES, Keys
+from service.keys import MODES, Keys
 from service.protocol import Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
 from service.ratelimit import RateLimiter
-from service.redis_client import connect, translate_errors
+from service.redis_client import connect
 from service.settings import Settings
 from service.store import JobStore
 from service.uploads import check_image, check_mode_images, decode_base64_image
@@ -34,7 +32,7 @@ class GatewayState:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
         self.keys = Keys(settings.redis_prefix)
         self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
         self.queue = JobQueue(self.redis, self.keys)
@@ -73,23 +71,10 @@ class GatewayState:
                 continue
         return docs
 
-    @translate_errors
     async def queue_stats(self) -> dict[str, Any]:
-        streams: dict[str, Any] = {}
-        for mode in MODES:
-            for priority in PRIORITIES:
-                key = self.keys.queue(mode, priority)
-                length = await self.redis.xlen(key)
-                pending = 0
-                if length:
-                    try:
-                        pending = (await self.redis.xpending(key, CONSUMER_GROUP))["pending"]
-                    except ResponseError:  # no group yet: no worker ever read this stream
-                        pending = 0
-                streams[f"{mode}:{priority}"] = {"entries": length, "pending": pending}
         return {
             "queued": await self.queue.queued_count(),
-            "streams": streams,
+            "streams": await self.queue.stream_stats(),
             "workers": await self.queue.live_workers(self.settings.worker_stale_s),
         }
 
@@ -99,10 +84,10 @@ class GatewayState:
 
         `InvalidInput` when the key was used with another body; `Conflict` while the first
         request is still storing its job (the client retries and gets it)."""
-        raw = await translate_errors(self.redis.get)(self.keys.idempotency(f"{caller.tenant}:{key}"))
-        if raw is None:
+        found = await self.store.idempotent_job(caller.tenant, key)
+        if found is None:
             return None
-        job_id, _, fingerprint = raw.decode().partition(":")
+        job_id, fingerprint = found
         if fingerprint != _fingerprint(spec):
             raise InvalidInput(
                 "Idempotency-Key was already used with a different request body", field="Idempotency-Key"
@@ -118,17 +103,14 @@ class GatewayState:
         self, caller: Principal, key: str, spec: GenerateRequest, doc: JobDocument, source_png: bytes | None
     ) -> JobDocument | None:
         """Create `doc` unless another request took `key` first (then replay that one's job)."""
-        scoped = self.keys.idempotency(f"{caller.tenant}:{key}")
-        value = f"{doc.id}:{_fingerprint(spec)}"
-        claimed = await translate_errors(self.redis.set)(scoped, value, nx=True, ex=self.settings.result_ttl_s)
-        if not claimed:
+        if not await self.store.claim_idempotency(caller.tenant, key, doc.id, _fingerprint(spec)):
             return await self.replay(caller, key, spec)
         try:
-            await self.store.create(doc, source_png)
+            await self.store.create(doc, source_png, self.settings.queue_max)
         except GcrError:
             # The job was not stored: free the key so the client's retry creates it.
-            with contextlib.suppress(GcrError, RedisError):
-                await self.redis.delete(scoped)
+            with contextlib.suppress(GcrError):
+                await self.store.release_idempotency(caller.tenant, key)
             raise
         return None
 
@@ -185,7 +167,7 @@ class GatewayState:
     async def readiness(self) -> dict[str, Any]:
         report: dict[str, Any] = {"ready": False, "redis": "down", "workers": [], "queued": None}
         try:
-            await translate_errors(self.redis.ping)()
+            await self.queue.ping()
             report["redis"] = "ok"
             report["workers"] = await self.queue.live_workers(self.settings.worker_stale_s)
             report["queued"] = await self.queue.queued_count()

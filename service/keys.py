@@ -6,6 +6,7 @@ deployments, or a test suite, can share one Redis without touching each other.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
@@ -42,8 +43,15 @@ class Keys:
     def source_image(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}:source"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
+    def idempotency(self, tenant: str, key: str) -> str:
+        """String: the job an `Idempotency-Key` created, per tenant. Tenant and key are
+        length-prefixed, then hashed: no pair of (tenant, key) can name another's entry."""
+        digest = hashlib.sha256(f"{len(tenant)}:{tenant}:{key}".encode()).hexdigest()
+        return f"{self.prefix}:idem:{digest}"
+
+    def pattern(self) -> str:
+        """`SCAN MATCH` pattern of every key under this prefix (clean-up of a dev stack or a test)."""
+        return f"{self.prefix}:*"
 
     def rate_limit(self, key_id: str) -> str:
         """Hash: one API key's token bucket."""

@@ -23,7 +23,7 @@ import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
 
 from service.keys import CONSUMER_GROUP, MODES, PRIORITIES, Keys
-from service.redis_client import translate_errors
+from service.redis_client import idempotent_read, translate_errors
 
 # Which priority each claim slot tries first (then the others, highest first):
 # out of 8 claims under full load, high gets 5, normal 2 and low 1.
@@ -183,9 +183,30 @@ class JobQueue:
             pipe.xdel(key, claim.entry_id)
             await pipe.execute()
 
-    @translate_errors
+    @idempotent_read
     async def queued_count(self) -> int:
         return int(await self.redis.zcard(self.keys.queued_index()))
+
+    @idempotent_read
+    async def stream_stats(self) -> dict[str, dict[str, int]]:
+        """Entries and pending (claimed, not yet acknowledged) entries per mode:priority stream."""
+        streams: dict[str, dict[str, int]] = {}
+        for mode in MODES:
+            for priority in PRIORITIES:
+                key = self.keys.queue(mode, priority)
+                length = await self.redis.xlen(key)
+                pending = 0
+                if length:
+                    try:
+                        pending = (await self.redis.xpending(key, CONSUMER_GROUP))["pending"]
+                    except redis_exceptions.ResponseError:  # no group yet: no worker ever read this stream
+                        pending = 0
+                streams[f"{mode}:{priority}"] = {"entries": length, "pending": pending}
+        return streams
+
+    @idempotent_read
+    async def ping(self) -> None:
+        await self.redis.ping()
 
     # --- worker liveness -------------------------------------------------------------------
     @translate_errors
@@ -202,7 +223,7 @@ class JobQueue:
         await self.redis.zrem(self.keys.heartbeats(), worker_id)
         await self.redis.delete(self.keys.worker_info(worker_id))
 
-    @translate_errors
+    @idempotent_read
     async def live_workers(self, stale_s: float) -> list[dict[str, Any]]:
         """Workers whose last heartbeat is within `stale_s`, with what they reported."""
         ids = await self.redis.zrangebyscore(self.keys.heartbeats(), time.time() - stale_s, "+inf")

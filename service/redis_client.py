@@ -1,8 +1,20 @@
-"""Connecting to Redis, and turning redis-py's exceptions into ours at this boundary."""
+"""Connecting to Redis, and turning redis-py's exceptions into ours at this boundary.
+
+- One pooled client per process, from a *blocking* pool of `GCR_REDIS_MAX_CONNECTIONS`:
+  under load a request waits up to `GCR_REDIS_POOL_TIMEOUT_S` for a free connection
+  instead of failing (redis-py's default pool raises "Too many connections" at 100).
+- Reads retry once on a fresh connection (`idempotent_read`): after a Redis restart
+  every pooled connection is dead, and the first request on each would otherwise fail
+  although Redis is back. Writes are never retried here: a write whose reply was lost
+  may have been applied, and its caller decides (jobs resume from their checkpoint).
+- What clients see says that the store is unavailable, never its address; the cause,
+  with the host, stays in the exception chain and the logs.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -14,6 +26,8 @@ from service.errors import StoreUnavailable
 P = ParamSpec("P")
 T = TypeVar("T")
 
+log = logging.getLogger("gcr.redis")
+
 _UNAVAILABLE = (
     redis_exceptions.ConnectionError,
     redis_exceptions.TimeoutError,
@@ -21,23 +35,35 @@ _UNAVAILABLE = (
     OSError,
 )
 
-
 # Every reply must arrive within this, blocking reads included: so the longest
 # XREAD BLOCK anyone issues (SSE: 10 s) stays well below it. redis-py's own default
 # (5 s) would cut a 10 s block short and report Redis as down.
 SOCKET_TIMEOUT_S = 30.0
+# A connection idle longer than this is PINGed before use (a busy one never is).
+HEALTH_CHECK_S = 2
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, max_connections: int = 200, pool_timeout_s: float = 10.0) -> redis.Redis:
     """One pooled client per process; binary replies, since images are bytes."""
-    return redis.Redis.from_url(
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=pool_timeout_s,
         decode_responses=False,
         socket_connect_timeout=2.0,
         socket_timeout=SOCKET_TIMEOUT_S,
-        health_check_interval=10,
-        retry_on_timeout=False,
+        health_check_interval=HEALTH_CHECK_S,
     )
+    return redis.Redis.from_pool(pool)
+
+
+def unavailable(exc: Exception) -> StoreUnavailable:
+    """Ours, for the client: no address, no credentials (the cause stays chained)."""
+    if isinstance(exc, redis_exceptions.ResponseError):
+        # OOM under noeviction, READONLY after a failover, ...: Redis answered but refused.
+        kind = str(exc).split(" ", 1)[0] or "an error"
+        return StoreUnavailable(f"the job store refused the command ({kind}); retry shortly")
+    return StoreUnavailable("the job store (Redis) is unavailable; retry shortly")
 
 
 def translate_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -47,11 +73,28 @@ def translate_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Cor
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await fn(*args, **kwargs)
+        except (*_UNAVAILABLE, redis_exceptions.ResponseError) as exc:
+            log.warning("Redis call %s failed: %s", fn.__name__, exc)
+            raise unavailable(exc) from exc
+
+    return wrapper
+
+
+def idempotent_read(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Like `translate_errors`, for methods that only read (`self.redis` is their client):
+    a connection error drops the pool's idle connections and the call runs once more."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
         except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+            client = getattr(args[0], "redis", None) if args else None
+            if client is not None:
+                await client.connection_pool.disconnect(inuse_connections=False)
+            log.info("Redis call %s failed (%s); retrying once on a fresh connection", fn.__name__, exc)
         except redis_exceptions.ResponseError as exc:
-            # OOM under noeviction, READONLY after a failover, ...: Redis answered but
-            # refused. Retryable for the caller; never a crash or a bare 500.
-            raise StoreUnavailable(f"Redis refused the command: {exc}") from exc
+            raise unavailable(exc) from exc
+        return await translate_errors(fn)(*args, **kwargs)
 
     return wrapper

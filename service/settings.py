@@ -8,12 +8,16 @@ table lists these fields; `tests/unit/test_docs.py` keeps the two in step.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+TENANT_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 
 def _default_worker_id() -> str:
@@ -28,6 +32,12 @@ class Settings(BaseSettings):
     # --- Redis: queue and state -------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue and all job state.")
     redis_prefix: str = Field("gcr", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
+    redis_max_connections: int = Field(
+        200, ge=1, description="Connections per process; beyond it requests wait for a free one."
+    )
+    redis_pool_timeout_s: float = Field(
+        10.0, gt=0, description="How long a request waits for a free Redis connection before 503."
+    )
     result_ttl_s: int = Field(86_400, ge=60, description="How long job documents, events and images live.")
 
     # --- Gateway ----------------------------------------------------------------
@@ -125,6 +135,16 @@ class Settings(BaseSettings):
     critic_breaker_cooldown_s: float = Field(
         30.0, gt=0, description="How long an open breaker fails calls fast before one trial call."
     )
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _tenant_names(cls, table: dict[str, str]) -> dict[str, str]:
+        for digest, tenant in table.items():
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError(f"{digest[:12]}...: keys are SHA-256 hex digests (make one with `gcr keys new`)")
+            if not TENANT_NAME.fullmatch(tenant):
+                raise ValueError(f"tenant {tenant!r}: {TENANT_RULE}")
+        return table
 
     @property
     def effective_edit_model(self) -> str:

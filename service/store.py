@@ -16,10 +16,10 @@ from typing import Any
 import redis.asyncio as redis
 from pydantic import BaseModel
 
-from service.errors import NotFound
+from service.errors import NotFound, QueueFull
 from service.keys import PRIORITIES, Keys
 from service.protocol import JobDocument, JobError, JobEvent, Round
-from service.redis_client import translate_errors
+from service.redis_client import idempotent_read, translate_errors
 
 EVENTS_MAXLEN = 5000
 # Queue position orders by priority first, then by submit time.
@@ -40,6 +40,21 @@ elseif status == '"running"' then
   return 'requested'
 end
 return 'terminal'
+"""
+
+# Admission and enqueue in one step, so concurrent submits cannot overshoot the queue cap.
+# KEYS: job, source image, queued index, all jobs, queue stream.
+# ARGV: cap (0: none), ttl, queue order, created_at, id, oldest kept, has source, source bytes, field pairs...
+_CREATE = """
+if tonumber(ARGV[1]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
+for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+if ARGV[7] == '1' then redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[2]) end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
+redis.call('XADD', KEYS[5], '*', 'job', ARGV[5])
+return 1
 """
 
 # A job still queued ends as expired (nobody claimed it in time); any other status is left alone.
@@ -115,9 +130,10 @@ class JobStore:
         self._owned_set = client.register_script(_OWNED_SET)
         self._checkpoint = client.register_script(_CHECKPOINT)
         self._expire_queued = client.register_script(_EXPIRE_QUEUED)
+        self._create = client.register_script(_CREATE)
 
     # --- reading -------------------------------------------------------------------
-    @translate_errors
+    @idempotent_read
     async def get(self, job_id: str) -> JobDocument:
         """The whole document, rounds included; `NotFound` for unknown or expired ids."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -133,12 +149,12 @@ class JobStore:
             doc["queue_position"] = rank
         return JobDocument.model_validate(doc)
 
-    @translate_errors
+    @idempotent_read
     async def get_field(self, job_id: str, name: str) -> Any:
         raw = await self.redis.hget(self.keys.job(job_id), name)
         return None if raw is None else json.loads(raw)
 
-    @translate_errors
+    @idempotent_read
     async def owner(self, job_id: str) -> str | None:
         """The job's tenant; `NotFound` for unknown or expired ids."""
         fields = await self.redis.hmget(self.keys.job(job_id), ["status", "owner"])
@@ -146,32 +162,32 @@ class JobStore:
             raise NotFound.job(job_id)
         return None if fields[1] is None else json.loads(fields[1])
 
-    @translate_errors
+    @idempotent_read
     async def exists(self, job_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.job(job_id)))
 
-    @translate_errors
+    @idempotent_read
     async def recent_ids(self, limit: int, before: float | None = None) -> list[str]:
         """Job ids, newest first, created before `before` (a timestamp)."""
         top = "+inf" if before is None else f"({before}"
         ids = await self.redis.zrevrangebyscore(self.keys.all_jobs(), top, "-inf", start=0, num=limit)
         return [i.decode() for i in ids]
 
-    @translate_errors
+    @idempotent_read
     async def get_image(self, job_id: str, round_index: int, candidate: int) -> bytes:
         data = await self.redis.get(self.keys.image(job_id, round_index, candidate))
         if data is None:
             raise NotFound(f"job {job_id!r} has no image for round {round_index}, candidate {candidate}")
         return bytes(data)
 
-    @translate_errors
+    @idempotent_read
     async def get_source_image(self, job_id: str) -> bytes:
         data = await self.redis.get(self.keys.source_image(job_id))
         if data is None:
             raise NotFound(f"job {job_id!r} has no source image")
         return bytes(data)
 
-    @translate_errors
+    @idempotent_read
     async def read_events(
         self, job_id: str, after: str = "0-0", block_ms: int | None = None
     ) -> list[tuple[str, JobEvent]]:
@@ -185,24 +201,46 @@ class JobStore:
 
     # --- writing: the gateway ---------------------------------------------------------------
     @translate_errors
-    async def create(self, doc: JobDocument, source_png: bytes | None = None) -> None:
-        """Store a new job and queue it, in one transaction: a job is never stored but not queued."""
+    async def create(self, doc: JobDocument, source_png: bytes | None = None, queue_max: int = 0) -> None:
+        """Store a new job and queue it in one atomic step: a job is never stored but not queued,
+        and with `queue_max` the cap holds however many submits race (`QueueFull` beyond it)."""
         # Drop unset top-level fields only: a nested null (e.g. loop.patience) is a choice.
         dumped = doc.model_dump(exclude={"rounds", "queue_position", "links"})
         fields = {key: value for key, value in dumped.items() if value is not None}
         fields["owner"] = doc.owner
         priority = doc.spec.priority
         order = PRIORITY_RANK[priority] * ORDER_SPAN + int(doc.created_at * 1000)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.job(doc.id), mapping=_encoded(fields))
-            pipe.expire(self.keys.job(doc.id), self.ttl_s)
-            if source_png is not None:
-                pipe.set(self.keys.source_image(doc.id), source_png, ex=self.ttl_s)
-            pipe.zadd(self.keys.queued_index(), {doc.id: order})
-            pipe.zadd(self.keys.all_jobs(), {doc.id: doc.created_at})
-            pipe.zremrangebyscore(self.keys.all_jobs(), "-inf", doc.created_at - self.ttl_s)
-            pipe.xadd(self.keys.queue(doc.spec.mode, priority), {"job": doc.id})
-            await pipe.execute()
+        keys = [
+            self.keys.job(doc.id),
+            self.keys.source_image(doc.id),
+            self.keys.queued_index(),
+            self.keys.all_jobs(),
+            self.keys.queue(doc.spec.mode, priority),
+        ]
+        args: list[Any] = [queue_max, self.ttl_s, order, doc.created_at, doc.id, doc.created_at - self.ttl_s]
+        args += ["1", source_png] if source_png is not None else ["0", ""]
+        if not await self._create(keys=keys, args=[*args, *_pairs(fields)]):
+            raise QueueFull(f"the queue holds {queue_max} jobs; retry later")
+
+    # --- idempotency (keys are per tenant) ---------------------------------------------------
+    @idempotent_read
+    async def idempotent_job(self, tenant: str, key: str) -> tuple[str, str] | None:
+        """(job id, request fingerprint) stored under the tenant's `Idempotency-Key`, if any."""
+        raw = await self.redis.get(self.keys.idempotency(tenant, key))
+        if raw is None:
+            return None
+        job_id, _, fingerprint = raw.decode().partition(":")
+        return job_id, fingerprint
+
+    @translate_errors
+    async def claim_idempotency(self, tenant: str, key: str, job_id: str, fingerprint: str) -> bool:
+        """Take the key for `job_id` unless an earlier request holds it."""
+        scoped = self.keys.idempotency(tenant, key)
+        return bool(await self.redis.set(scoped, f"{job_id}:{fingerprint}", nx=True, ex=self.ttl_s))
+
+    @translate_errors
+    async def release_idempotency(self, tenant: str, key: str) -> None:
+        await self.redis.delete(self.keys.idempotency(tenant, key))
 
     @translate_errors
     async def cancel(self, job_id: str) -> str:

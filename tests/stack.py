@@ -29,21 +29,23 @@ class Stack:
 
     def __init__(self, redis_url: str, prefix: str, standin_url: str, **overrides: Any) -> None:
         self.standin_url = standin_url
-        self.settings = Settings(
-            redis_url=redis_url,
-            redis_prefix=prefix,
-            critic_base_url=standin_url,
-            critic_model="gcr-standin-critic",
-            critic_retries=1,
-            critic_timeout_s=10,
-            generator="sim:0.0",
-            heartbeat_s=0.2,
-            visibility_timeout_s=3.0,
-            worker_stale_s=3.0,
-            batch_window_ms=5,
-            progress_interval_s=0.0,
-            **{"auth_disabled": True, "rate_limit_per_s": 0, **overrides},
-        )
+        defaults: dict[str, Any] = {
+            "redis_url": redis_url,
+            "redis_prefix": prefix,
+            "critic_base_url": standin_url,
+            "critic_model": "gcr-standin-critic",
+            "critic_retries": 1,
+            "critic_timeout_s": 10,
+            "generator": "sim:0.0",
+            "heartbeat_s": 0.2,
+            "visibility_timeout_s": 3.0,
+            "worker_stale_s": 3.0,
+            "batch_window_ms": 5,
+            "progress_interval_s": 0.0,
+            "auth_disabled": True,
+            "rate_limit_per_s": 0,
+        }
+        self.settings = Settings(**{**defaults, **overrides})
         self.workers: list[tuple[Worker, asyncio.Task[None], OpenAICritic]] = []
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None

@@ -41,7 +41,7 @@ async def hold_until_it_fits(settings: Settings, model: str, device: str, probe:
     if verdict.fits:
         log.info("memory check for %s: %s", model, verdict.message)
         return verdict
-    redis = connect(settings.redis_url)
+    redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
     queue = JobQueue(redis, Keys(settings.redis_prefix))
     try:
         while not verdict.fits:

@@ -41,7 +41,7 @@ class Worker:
     def __init__(self, settings: Settings, generator: Generator, critic: Critic) -> None:
         self.settings = settings
         self.id = settings.worker_id
-        self.redis = connect(settings.redis_url)
+        self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
         keys = Keys(settings.redis_prefix)
         self.store = JobStore(self.redis, keys, settings.result_ttl_s)
         self.queue = JobQueue(self.redis, keys, modes=generator.modes)

@@ -9,20 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
-import redis as redis_sync
 
-from tests.stack import Stack, free_port
+from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,57 +105,6 @@ async def test_a_job_that_keeps_crashing_workers_is_dead_lettered(stack: Stack) 
     finally:
         stop(last)
     assert doc.status == "failed" and doc.error is not None and doc.error.code == "dead_letter"
-
-
-@pytest.fixture
-def own_redis() -> Iterator[tuple[str, callable]]:  # type: ignore[valid-type]
-    """A redis-server with AOF (appendfsync always) that the test can kill and restart."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; scripts/ensure-redis installs it")
-    port = free_port()
-    folder = tempfile.mkdtemp(prefix="gcr-aof-")
-    argv = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        folder,
-        "--save",
-        "",
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "always",
-    ]
-    procs: list[subprocess.Popen[bytes]] = []
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def start() -> None:
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis_sync.Redis.from_url(url).ping()
-                return
-            except redis_sync.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def kill() -> None:
-        procs[-1].kill()
-        procs[-1].wait()
-
-    start()
-    yield url, (start, kill)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 async def test_redis_restart_with_aof_loses_nothing(own_redis, standin_url: str) -> None:  # type: ignore[no-untyped-def]

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -30,6 +32,8 @@ from service.settings import Settings
 from workers import metrics
 from workers.critics.parser import critique_regex, parse_critique
 from workers.critics.templates import ImageInput, Template, build_messages, load_templates
+
+log = logging.getLogger("gcr.critic")
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 8.0
@@ -160,13 +164,9 @@ class OpenAICritic:
         try:
             return self._parse(answer, template, started, _add_usage(usage, answer.usage))
         except CritiqueUnparseable as exc:
-            raise CritiqueUnparseable(
-                f"{exc.message} (after one re-ask)", missing=exc.missing, raw=exc.raw
-            ) from exc
+            raise CritiqueUnparseable(f"{exc.message} (after one re-ask)", missing=exc.missing, raw=exc.raw) from exc
 
-    def _parse(
-        self, answer: _Answer, template: Template, started: float, usage: dict[str, int] | None
-    ) -> Critique:
+    def _parse(self, answer: _Answer, template: Template, started: float, usage: dict[str, int] | None) -> Critique:
         if answer.truncated:
             raise CritiqueUnparseable(
                 f"critic answer was cut off at max_tokens={self.settings.critic_max_tokens}",
@@ -190,18 +190,20 @@ class OpenAICritic:
                     response = await self._http.post("chat/completions", json=body)
             except _RETRY_ERRORS as exc:
                 if last:
+                    # The address (and any credentials in it) is for the logs, never for clients.
+                    log.warning("critic at %s unreachable: %r", redacted(self.settings.critic_base_url), exc)
                     raise CriticUnavailable(
-                        f"critic at {self.settings.critic_base_url} unreachable: {exc!r}"
+                        f"the critic is unreachable ({type(exc).__name__} after {attempts} attempt(s)); "
+                        "check that the reward model server (vLLM) is up"
                     ) from exc
                 metrics.CRITIC_RETRIES.labels("connection").inc()
                 await self._sleep(self._backoff(attempt))
                 continue
             except (httpx.TimeoutException, TimeoutError) as exc:
-                raise CriticTimeout(
-                    f"critic gave no answer within {self.settings.critic_timeout_s:g}s"
-                ) from exc
+                raise CriticTimeout(f"critic gave no answer within {self.settings.critic_timeout_s:g}s") from exc
             except httpx.HTTPError as exc:
-                raise CriticUnavailable(f"critic request failed: {exc!r}") from exc
+                log.warning("critic request to %s failed: %r", redacted(self.settings.critic_base_url), exc)
+                raise CriticUnavailable(f"the critic request failed ({type(exc).__name__})") from exc
             if response.status_code in _RETRY_STATUSES:
                 if last:
                     raise CriticUnavailable(
@@ -285,6 +287,14 @@ def _retry_after_s(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def redacted(url: str) -> str:
+    """`url` without its user:password part (logs keep the host, never the credentials)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def _error_message(response: httpx.Response) -> str:

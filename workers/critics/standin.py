@@ -363,18 +363,14 @@ def _uvicorn_config(app: Starlette, host: str, port: int, log_level: str) -> uvi
 
 
 @contextmanager
-def running_standin(
-    config: StandinConfig | None = None, host: str = "127.0.0.1", port: int = 0
-) -> Iterator[str]:
+def running_standin(config: StandinConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Run a stand-in on a background thread; yields its base URL (`http://HOST:PORT/v1`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(_uvicorn_config(create_app(config), host, bound_port, "warning"))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="standin-critic", daemon=True
-    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="standin-critic", daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 10

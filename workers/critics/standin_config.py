@@ -78,9 +78,7 @@ class Fault(_Strict):
     kind: Literal["status", "garbage", "timeout"]
     status: int = Field(default=500, ge=400, le=599)
     times: int = Field(default=1, ge=0)
-    instruction: str | None = Field(
-        default=None, description="Only requests whose instruction contains this."
-    )
+    instruction: str | None = Field(default=None, description="Only requests whose instruction contains this.")
     timeout_s: float = Field(default=30.0, ge=0, description="`timeout`: how long the answer is held back.")
 
     def matches(self, instruction: str) -> bool:
@@ -93,9 +91,7 @@ class StandinConfig(_Strict):
     model: str = "gcr-standin-critic"
     default: ScoreSpec = Field(default_factory=lambda: ScoreEntry(overall=0.5))
     rules: list[StandinRule] = Field(default_factory=list)
-    latency_s: float = Field(
-        default=0.0, ge=0, description="Sleep per request: the reward model's decode time."
-    )
+    latency_s: float = Field(default=0.0, ge=0, description="Sleep per request: the reward model's decode time.")
     faults: list[Fault] = Field(default_factory=list)
 
     def entry(self, instruction: str, round_index: int, candidate: int) -> tuple[ScoreEntry, bool]:

@@ -214,9 +214,7 @@ def build_messages(
     as `image_url` parts, the way the model saw them in training.
     """
     if len(images) != template.image_slots:
-        raise ValueError(
-            f"template {template.name!r} takes {template.image_slots} image(s), got {len(images)}"
-        )
+        raise ValueError(f"template {template.name!r} takes {template.image_slots} image(s), got {len(images)}")
     chunks = template.user.split(IMAGE_PLACEHOLDER)
     parts: list[dict[str, Any]] = []
     for index, chunk in enumerate(chunks):
