@@ -39,7 +39,7 @@ from service.protocol import (
     SubmitResponse,
 )
 from service.settings import Settings
-from service.submit import parse_generate_body, prepare_job
+from service.submit import JSON_OVERHEAD_BYTES, parse_generate_body, prepare_job
 
 log = logging.getLogger("gcr.gateway")
 
@@ -47,7 +47,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 429, 502, 503, 504)
 }
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415)}
-HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    413: "payload_too_large",
+}
 SSE_BLOCK_MS = 10_000  # below redis_client.SOCKET_TIMEOUT_S
 SSE_BLIP_S = 30.0  # how long a stream waits for Redis to come back before it gives up
 RETRY_AFTER_S = 5
@@ -156,8 +162,12 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    # Two base64 images (POST /critique) plus room for the JSON around them.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=2 * (settings.max_image_bytes * 4 // 3) + 1024 * 1024)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limits=body_limits(settings),
+        default_bytes=JSON_OVERHEAD_BYTES,
+        timeout_s=settings.request_body_timeout_s,
+    )
     http_metrics.install(app)
 
     @app.post(
@@ -309,6 +319,13 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def body_limits(settings: Settings) -> dict[str, int]:
+    """The largest body each route that takes one accepts: one image, base64 or raw, plus
+    room for the JSON (or the multipart framing) around it; two for POST /critique."""
+    image = settings.max_image_bytes * 4 // 3  # base64 is 4/3 of the bytes; raw multipart less
+    return {"/generate": image + JSON_OVERHEAD_BYTES, "/critique": 2 * image + JSON_OVERHEAD_BYTES}
 
 
 def _base_url(request: Request, settings: Settings) -> str:

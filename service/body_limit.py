@@ -1,50 +1,65 @@
-"""Refuse oversized request bodies before they are buffered.
+"""Refuse oversized or stalled request bodies before they are buffered.
 
-A declared Content-Length over the limit is answered 413 at once; a body without
-one (chunked) is counted as it arrives and cut off at the limit. Route code then
-only ever sees bodies within the limit.
+One limit per route, enforced while the body streams in: a declared Content-Length
+over the route's limit is answered 413 at once, and a body without one (chunked) is
+counted as it arrives and cut off at the limit, so no route ever buffers more than
+its own limit. Routes not named get `default_bytes`. A body that stops arriving (a
+Content-Length with nothing behind it) is answered 408 after `timeout_s`. Both
+answers have the API's error shape (`service.api` turns the HTTPException into it).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
+
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.protocol import ErrorBody, ErrorResponse
+
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, limits: Mapping[str, int], default_bytes: int, timeout_s: float) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.limits = dict(limits)
+        self.default_bytes = default_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limits.get(scope["path"], self.default_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         seen = 0
+        complete = False
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # the body is in: what is left to receive is the disconnect, however late
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g}s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                complete = not message.get("more_body", False)
+                if seen > limit:
                     # Raised into whoever reads the body; FastAPI passes HTTPException through
                     # to the app's handler, which answers with the usual error body.
-                    raise HTTPException(413, f"request body is larger than {self.max_bytes} bytes")
+                    raise HTTPException(413, f"request body is larger than {limit} bytes")
             return message
 
         await self.app(scope, counted, send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = (
-            b'{"error": {"code": "payload_too_large", "message": "request body is larger than '
-            + str(self.max_bytes).encode()
-            + b' bytes", "field": null, "retryable": false}}'
-        )
+    async def _refuse(self, send: Send, limit: int) -> None:
+        error = ErrorBody(code="payload_too_large", message=f"request body is larger than {limit} bytes")
+        body = ErrorResponse(error=error).model_dump_json().encode()
         await send(
             {
                 "type": "http.response.start",

@@ -172,10 +172,15 @@ def critique(instruction: str, image: Path, source_image: Path | None, mode: str
         finally:
             await critic.aclose()
 
+    # One line on failure, below: the client's own warning (with the URL) would be a second.
+    logging.getLogger("gcr.critic").setLevel(logging.ERROR)
     try:
         result = asyncio.run(run())
     except GcrError as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+        from workers.critics.client import redacted
+
+        where = redacted(settings.critic_base_url)
+        raise click.ClickException(f"{exc.code}: {exc.message} (GCR_CRITIC_BASE_URL={where})") from exc
     if as_json:
         click.echo(result.model_dump_json(indent=2))
         return
@@ -229,6 +234,9 @@ def up(dev: bool, port: int, generator: str, demo: bool) -> None:
     _logging("text")
     try:
         code = asyncio.run(run_dev_stack(port=port, generator=generator, demo=demo))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: the stack cleaned up
+        click.echo("gcr dev stack stopped; its Redis keys are deleted", err=True)
+        code = 0
     except (RuntimeError, GcrError) as exc:
         raise click.ClickException(str(exc)) from exc
     sys.exit(code)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -26,6 +27,7 @@ import uvicorn
 
 from service.api import create_app
 from service.console import console, submit_and_follow
+from service.keys import Keys
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -120,6 +122,11 @@ async def run_dev_stack(port: int, generator: str, demo: bool) -> int:
     """`gcr up --dev [--demo]`: serve until interrupted, or run the demo job and return its exit code."""
     if not port_is_free(port):
         raise RuntimeError(f"port {port} is in use; pass --port to choose another")
+    # SIGTERM stops the stack the way Ctrl-C does: the stack's context managers delete its keys.
+    main = asyncio.current_task()
+    if main is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
     async with dev_stack(generator, port=port) as url:
         console.print(
             f"gcr dev stack: gateway {url}, generator {generator}, "
@@ -209,7 +216,7 @@ async def dev_stack(
 def _delete_keys(redis_url: str, prefix: str) -> None:
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
         if keys:
             client.delete(*keys)
     except redis_sync.RedisError as exc:  # best effort: job keys still expire with their TTL

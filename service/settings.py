@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port `gcr serve` binds.")
     public_url: str | None = Field(None, description="Base URL put in links; default: the request's own base URL.")
     queue_max: int = Field(1000, ge=1, description="Queued jobs beyond which POST /generate answers 429.")
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body that stops arriving for this long is answered 408."
+    )
     max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image.")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.errors import GcrError, StoreUnavailable
@@ -32,6 +33,7 @@ from workers.scheduler import GenerationScheduler
 log = logging.getLogger("gcr.worker")
 
 IDLE_WAIT_S = 0.5
+CRITIC_PROBE_S = 2.0
 RECONNECT_MAX_S = 10.0
 
 
@@ -58,6 +60,9 @@ class Worker:
             settings.progress_interval_s,
             self.notifier,
         )
+        # OpenAICritic.probe (GET /models); a critic without one recovers through a trial job.
+        self._probe: Callable[[], Awaitable[Any]] | None = getattr(critic, "probe", None)
+        self._probed_at = 0.0
         self.active: dict[asyncio.Task[None], Claim] = {}
         self._stopping = asyncio.Event()
         self._changed = asyncio.Event()
@@ -214,6 +219,7 @@ class Worker:
         ttl = max(self.settings.heartbeat_s * 3, 1.0)
         while not done.is_set():
             try:
+                await self.probe_critic()
                 await self.queue.heartbeat(self.id, self.info(), ttl)
                 self.visible.set()
                 if self.active:
@@ -225,6 +231,21 @@ class Worker:
                 log.exception("heartbeat failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self.settings.heartbeat_s)
+
+    async def probe_critic(self) -> None:
+        """While the breaker is not closed, ask the critic's `GET /models` every CRITIC_PROBE_S:
+        an answer closes it. Recovery must not wait for a job to try (none may come while
+        /readyz says the critic is down)."""
+        if self._probe is None or self.breaker.state == "closed":
+            return
+        now = time.monotonic()
+        if now - self._probed_at < CRITIC_PROBE_S:
+            return
+        self._probed_at = now
+        if await self._probe():
+            log.info("the critic answers again; closing the circuit breaker")
+            self.breaker.success()
+            self._changed.set()
 
     async def _drain(self, grace_s: float) -> None:
         if not self.active:

@@ -1,17 +1,24 @@
-"""`gcr generate --wait` against a running gateway, and SIGTERM draining a worker process."""
+"""`gcr generate --wait` against a running gateway, SIGTERM draining a worker process, and
+stopping `gcr up --dev` with SIGTERM or Ctrl-C."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
 import signal
 import sys
+import uuid
 from pathlib import Path
 
+import httpx
+import pytest
+import redis as redis_sync
 from PIL import Image
 
 from tests.e2e.test_crash_safety import ROOT, worker_process
-from tests.stack import Stack
+from tests.stack import Stack, free_port
 from workers.critics.standin_config import StandinConfig, StandinRule
 
 
@@ -86,3 +93,40 @@ async def test_sigterm_drains_then_releases_unfinished_jobs(stack: Stack) -> Non
     assert doc.status == "succeeded", doc
     assert [r.index for r in doc.rounds] == list(range(20)), (doc.stop_reason, doc.spec.loop)
     assert done_rounds >= 1 and doc.attempts == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_the_dev_stack_stops_cleanly_and_leaves_no_keys(redis_url: str, sig: signal.Signals) -> None:
+    prefix = f"gcr-uptest-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "service.cli", "up", "--dev", "--port", str(port), "--generator", "sim:0.05"],
+        cwd=ROOT,
+        env={**os.environ, "GCR_REDIS_URL": redis_url, "GCR_REDIS_PREFIX": prefix},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            async with asyncio.timeout(60):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await http.get("/readyz")).status_code == 200:
+                            break
+                    await asyncio.sleep(0.1)
+            job = await http.post("/generate", json={"prompt": "a job before the stop", "loop": {"max_rounds": 1}})
+            assert job.status_code == 202
+        assert list(client.scan_iter(match=f"{prefix}-dev-*"))  # the stack wrote its keys
+        proc.send_signal(sig)
+        _out, raw = await asyncio.wait_for(proc.communicate(), timeout=30)
+        err = raw.decode()
+        assert proc.returncode == 0, err[-2000:]
+        assert "Aborted" not in err and "Traceback" not in err
+        assert "keys are deleted" in err
+        assert list(client.scan_iter(match=f"{prefix}-dev-*")) == []
+    finally:
+        client.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()

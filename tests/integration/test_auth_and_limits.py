@@ -211,11 +211,11 @@ async def test_idempotent_retry_after_a_failed_store_creates_the_job(stack: Stac
     original = JobStore.create
     calls = {"n": 0}
 
-    async def flaky(self, doc, source_png=None):  # type: ignore[no-untyped-def]
+    async def flaky(self, doc, source_png=None, queue_max=0):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 1:
             raise StoreUnavailable("Redis is unavailable: injected")
-        return await original(self, doc, source_png)
+        return await original(self, doc, source_png, queue_max)
 
     monkeypatch.setattr(JobStore, "create", flaky)
     async with httpx.AsyncClient(base_url=stack.url) as http:

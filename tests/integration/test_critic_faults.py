@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.stack import Stack, free_port
+from workers.critics.standin import running_standin
 from workers.critics.standin_config import Fault, StandinConfig, StandinRule
 
 
@@ -69,3 +70,24 @@ async def test_missing_refined_request_stops_with_no_refinement(stack: Stack) ->
     doc = await stack.wait(await stack.submit("a mute critic", loop={"max_rounds": 3}))
     assert doc.status == "succeeded" and doc.stop_reason == "no_refinement"
     assert len(doc.rounds) == 1 and doc.best is not None
+
+
+async def test_readyz_recovers_when_the_critic_comes_back_without_any_job(stack: Stack) -> None:
+    port = free_port()
+    await stack.start_worker(
+        critic_base_url=f"http://127.0.0.1:{port}/v1",
+        critic_retries=0,
+        critic_breaker_failures=1,
+        critic_breaker_cooldown_s=3600,  # no trial job would come for an hour
+    )
+    failed = await stack.wait(await stack.submit("while the critic is down", loop={"max_rounds": 1}))
+    assert failed.status == "failed"
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        async with asyncio.timeout(5):
+            while (await http.get("/readyz")).json().get("critic") != "down":
+                await asyncio.sleep(0.1)
+        with running_standin(port=port):  # the reward model server is back; nobody submits anything
+            async with asyncio.timeout(15):
+                while (ready := await http.get("/readyz")).status_code != 200:
+                    await asyncio.sleep(0.1)
+            assert ready.json()["critic"] == "ok"

@@ -120,3 +120,43 @@ async def test_after_a_redis_restart_the_first_requests_succeed_and_streams_ride
         await asyncio.wait_for(follower, timeout=60)
         assert "error" not in types and types[-1] == "end"
         assert (await stack.client.job(job_id)).status == "succeeded"
+
+
+async def test_each_route_has_its_own_body_limit(redis_url: str, redis_prefix: str, standin_url: str) -> None:
+    from service.api import body_limits
+
+    async with Stack(redis_url, redis_prefix, standin_url, max_image_bytes=3000) as stack:
+        limits = body_limits(stack.settings)
+        assert limits["/generate"] < limits["/critique"]
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            # over /generate's limit, under /critique's: refused by its own route's limit, unread
+            body = b"x" * (limits["/generate"] + 1)
+            generate = await http.post("/generate", content=body, headers={"content-type": "application/json"})
+            assert generate.status_code == 413 and str(limits["/generate"]) in generate.json()["error"]["message"]
+
+            async def chunks():  # type: ignore[no-untyped-def]
+                for _ in range(limits["/generate"] // 65536 + 2):
+                    yield b"x" * 65536
+
+            streamed = await http.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+            assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+            # routes that take no body accept only a small one
+            cancel = await http.request("DELETE", "/jobs/AAAAAAAAAAAAAAAAAAAAAA", content=b"x" * (2 * 1024 * 1024))
+            assert cancel.status_code == 413
+
+
+async def test_a_declared_body_that_never_arrives_is_answered_408(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    async with Stack(redis_url, redis_prefix, standin_url, request_body_timeout_s=0.5) as stack:
+        host, port = stack.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /generate HTTP/1.1\r\nHost: gcr\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), timeout=10)
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b'"code":"request_timeout"' in body
