@@ -115,7 +115,7 @@ def delete_prefix(redis_url: str, prefix: str) -> int:
     """Delete every key under `prefix:` (the benchmark's own); returns how many."""
     client = redis_sync.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{Keys(prefix).prefix}:*", count=1000))
+        keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])
         return len(keys)

@@ -59,7 +59,7 @@ from bench.common import (  # noqa: E402
     uvicorn_argv,
     write_json,
 )
-from service.devstack import free_port  # noqa: E402
+from service.servers import free_port  # noqa: E402
 
 TARGETS = ("gateway", "bare")
 OPERATIONS = ("submit", "poll")

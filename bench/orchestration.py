@@ -80,8 +80,8 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from service.client import GcrClient  # noqa: E402
-from service.devstack import free_port  # noqa: E402
 from service.protocol import JobDocument  # noqa: E402
+from service.servers import free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.client import OpenAICritic  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402

@@ -20,14 +20,16 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis as redis_sync
 import uvicorn
 
+from service import servers
 from service.api import create_app
 from service.console import console, submit_and_follow
 from service.keys import Keys
+from service.servers import free_port
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -40,12 +42,6 @@ DEMO_PROMPT = "a red bicycle leaning against a blue wall, morning light"
 # the refined prompts "improve" the image until it crosses the default threshold.
 DEMO_SCHEDULE = [0.42, 0.61, 0.83]
 DEMO_REQUEST = {"prompt": DEMO_PROMPT, "loop": {"max_rounds": 4, "threshold": 0.75}}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def redis_answers(url: str) -> bool:
@@ -94,19 +90,6 @@ def local_redis(url: str) -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
-
-
-async def _serve(app: Any, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
-    # A bounded graceful shutdown: open SSE streams must not keep the process alive.
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=3)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            await task
-            raise RuntimeError(f"server on port {port} did not start")
-        await asyncio.sleep(0.05)
-    return server, task
 
 
 def port_is_free(port: int) -> bool:
@@ -191,7 +174,8 @@ async def dev_stack(
         gateway: uvicorn.Server | None = None
         gateway_task: asyncio.Task[None] | None = None
         try:
-            gateway, gateway_task = await _serve(create_app(stack_settings), port or free_port())
+            gateway = uvicorn.Server(servers.config(create_app(stack_settings), port or free_port()))
+            gateway_task = await servers.start(gateway)
             # The gateway refuses jobs of modes no live worker serves: wait for the first heartbeat.
             visible = asyncio.create_task(worker.visible.wait())
             await asyncio.wait({visible, worker_task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

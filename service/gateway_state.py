@@ -195,7 +195,7 @@ MODE_CACHE_S = 1.0
 
 def is_ready(worker: dict[str, Any]) -> bool:
     """A worker that loaded its model and claims jobs (not one that refused to load)."""
-    return worker.get("state", "ready") == "ready"
+    return bool(worker.get("state", "ready") == "ready")
 
 
 def no_worker_message(mode: str | None, workers: list[dict[str, Any]], stale_s: float) -> str:

@@ -14,7 +14,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis as redis_sync
 
-from tests.stack import Stack, free_port
+from service.keys import Keys
+from service.servers import free_port
+from tests.stack import Stack
 from workers.critics.standin import running_standin
 
 REDIS_URL = os.environ.get("GCR_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -35,7 +37,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     prefix = f"gcr-test-{uuid.uuid4().hex[:12]}"
     yield prefix
     client = redis_sync.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
     if keys:
         client.delete(*keys)
     client.close()

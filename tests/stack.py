@@ -9,14 +9,15 @@ from typing import Any
 import httpx
 import uvicorn
 
+from service import servers
 from service.api import create_app
 from service.client import GcrClient
-from service.devstack import free_port
 from service.errors import GcrError
 from service.keys import Keys
 from service.protocol import JobDocument
 from service.queue import JobQueue
 from service.redis_client import connect
+from service.servers import free_port
 from service.settings import Settings
 from workers.critics.client import OpenAICritic
 from workers.critics.standin_config import StandinConfig
@@ -57,13 +58,8 @@ class Stack:
 
     async def __aenter__(self) -> Stack:
         port = free_port()
-        config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=port, log_level="warning")
-        self._server = uvicorn.Server(config)
-        self._server_task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._server_task.done():
-                await self._server_task
-            await asyncio.sleep(0.01)
+        self._server = uvicorn.Server(servers.config(create_app(self.settings), port))
+        self._server_task = await servers.start(self._server)
         self.url = f"http://127.0.0.1:{port}"
         self.client = GcrClient(self.url)
         return self

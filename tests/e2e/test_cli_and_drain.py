@@ -17,8 +17,9 @@ import pytest
 import redis as redis_sync
 from PIL import Image
 
+from service.servers import free_port
 from tests.e2e.test_crash_safety import ROOT, worker_process
-from tests.stack import Stack, free_port
+from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
 
 

@@ -6,8 +6,6 @@ Bounded: a fixed number of examples per operation, derandomized, so CI time is s
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,8 +21,8 @@ from service.api import create_app
 from service.keys import Keys
 from service.queue import JobQueue
 from service.redis_client import connect
+from service.servers import config, free_port, serving_in_thread
 from service.settings import Settings
-from tests.stack import free_port
 from workers.critics.standin import running_standin
 
 
@@ -48,17 +46,11 @@ def gateway_url(redis_url: str) -> Iterator[str]:
     )
     # A worker that serves every mode and claims nothing: without one, every submit is a 503.
     asyncio.run(_idle_worker_heartbeat(redis_url, prefix))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving_in_thread(uvicorn.Server(config(app, port, log_level="error"))):
+        yield f"http://127.0.0.1:{port}"
     critic.__exit__(None, None, None)
     client = redis_sync.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    keys = list(client.scan_iter(match=Keys(prefix).pattern()))
     if keys:
         client.delete(*keys)
 
@@ -80,7 +72,7 @@ def test_api_conforms_to_its_schema(gateway_url: str) -> None:
     # NOTE: schemathesis' pytest plugin (from_fixture) breaks on pytest 9, so the
     # operations are driven through hypothesis directly: same strategies, same checks.
     schema = schemathesis.openapi.from_url(f"{gateway_url}/openapi.json")
-    operations = [result.ok() for result in schema.get_all_operations()]
+    operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
     assert len(operations) >= 10
     for operation in operations:
         if operation.path not in SKIPPED_PATHS:

@@ -6,6 +6,7 @@ import base64
 import io
 import struct
 import zlib
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -249,7 +250,7 @@ async def test_oversized_bodies_are_refused_before_they_are_read(
             )
             assert declared.status_code == 413 and declared.json()["error"]["code"] == "payload_too_large"
 
-            async def chunks():  # type: ignore[no-untyped-def]
+            async def chunks() -> AsyncIterator[bytes]:
                 for _ in range(limit // 65536 + 2):
                     yield b"x" * 65536
 

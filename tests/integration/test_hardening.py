@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from service.auth import hash_key
 from service.keys import Keys
+from service.servers import free_port
 from service.settings import Settings
-from tests.stack import Stack, free_port
+from tests.stack import Stack
 
 RestartableRedis = tuple[str, tuple[Callable[[], None], Callable[[], None]]]
 
@@ -134,7 +135,7 @@ async def test_each_route_has_its_own_body_limit(redis_url: str, redis_prefix: s
             generate = await http.post("/generate", content=body, headers={"content-type": "application/json"})
             assert generate.status_code == 413 and str(limits["/generate"]) in generate.json()["error"]["message"]
 
-            async def chunks():  # type: ignore[no-untyped-def]
+            async def chunks() -> AsyncIterator[bytes]:
                 for _ in range(limits["/generate"] // 65536 + 2):
                     yield b"x" * 65536
 

@@ -15,16 +15,16 @@ import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
-import uvicorn
 from PIL import Image
 
 from service.keys import PRIORITIES, Keys
 from service.queue import FAIRNESS, JobQueue
 from service.redis_client import connect
-from tests.stack import Stack, free_port
+from service.servers import serving
+from tests.stack import Stack
 from workers.critics.standin import create_app as create_standin
 from workers.critics.standin_config import StandinConfig
 from workers.generators.base import GenRequest, InterruptCheck, StepCallback
@@ -38,10 +38,10 @@ class RecordingGenerator:
 
     name = "recording"
     modes = frozenset({"t2i"})
-    runtime: ClassVar[dict[str, str]] = {"device": "none (test recorder)"}
 
     def __init__(self, max_batch: int = 8, hold_first: bool = True) -> None:
         self.max_batch = max_batch
+        self.runtime: dict[str, Any] = {"device": "none (test recorder)"}
         self.calls: list[list[GenRequest]] = []
         self.first_started = threading.Event()
         self.release = threading.Event()
@@ -214,20 +214,8 @@ class ConcurrencyCounter:
 async def counted_critic() -> AsyncIterator[tuple[str, ConcurrencyCounter]]:
     """A stand-in critic answering after 0.3 s, counting its concurrent requests."""
     counter = ConcurrencyCounter(create_standin(StandinConfig(latency_s=0.3)))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(counter, host="127.0.0.1", port=port, log_level="warning", lifespan="off", ws="none")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            await task
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1", counter
-    finally:
-        server.should_exit = True
-        await task
+    async with serving(counter, lifespan="off", ws="none") as url:
+        yield f"{url}/v1", counter
 
 
 @pytest.fixture

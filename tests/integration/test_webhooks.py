@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,10 +16,11 @@ from starlette.routing import Route
 from service.keys import Keys
 from service.protocol import GenerateRequest, JobDocument
 from service.redis_client import connect
+from service.servers import serving
 from service.settings import Settings
 from service.store import JobStore
 from service.webhooks import SIGNATURE_HEADER, WebhookNotifier, sign, verify_signature
-from tests.stack import Stack, free_port
+from tests.stack import Stack
 
 SECRET = "s3cret"
 
@@ -41,22 +41,9 @@ class Receiver:
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver(fail_first=1)
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])]),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.01)
-    rec.url = f"http://127.0.0.1:{port}/hook"
-    yield rec
-    server.should_exit = True
-    await task
+    async with serving(Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])])) as url:
+        rec.url = f"{url}/hook"
+        yield rec
 
 
 def test_signature_round_trip_and_tampering() -> None:

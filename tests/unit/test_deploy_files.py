@@ -59,7 +59,7 @@ class _Tagged:
         self.value = value
 
 
-class _ComposeLoader(yaml.SafeLoader):
+class _ComposeLoader(yaml.SafeLoader):  # type: ignore[misc]  # types-PyYAML is not installed
     pass
 
 
@@ -135,7 +135,8 @@ def load_compose(*paths: Path) -> dict[str, Any]:
 
 
 def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return config["services"]
+    found: dict[str, dict[str, Any]] = config["services"]
+    return found
 
 
 def active(config: dict[str, Any]) -> set[str]:
@@ -456,7 +457,8 @@ def find(kind: str, name: str) -> dict[str, Any]:
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
     (only,) = deployment["spec"]["template"]["spec"]["containers"]
-    return only
+    found: dict[str, Any] = only
+    return found
 
 
 def test_every_k8s_document_is_an_object() -> None:
@@ -471,7 +473,8 @@ def test_every_k8s_document_is_an_object() -> None:
 
 
 def find_kustomization() -> dict[str, Any]:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    found: dict[str, Any] = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    return found
 
 
 def test_k8s_wiring() -> None:
@@ -527,7 +530,7 @@ CONSTRAINTS = ROOT / "constraints"
 
 
 def _pins(path: Path) -> dict[str, str]:
-    pins = {}
+    pins: dict[str, str] = {}
     for line in path.read_text().splitlines():
         if line and not line.startswith((" ", "#")):
             name, _, version = line.partition("==")

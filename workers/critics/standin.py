@@ -27,7 +27,6 @@ import binascii
 import io
 import re
 import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service.protocol import overall_score
+from service.servers import serving_in_thread
 from workers.critics.standin_config import ScoreEntry, StandinConfig
 from workers.critics.templates import load_templates
 
@@ -370,19 +370,11 @@ def running_standin(config: StandinConfig | None = None, host: str = "127.0.0.1"
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(_uvicorn_config(create_app(config), host, bound_port, "warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="standin-critic", daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the stand-in critic did not start")
-            time.sleep(0.01)
-        url_host = f"[{host}]" if ":" in host else host
-        yield f"http://{url_host}:{bound_port}/v1"
+        with serving_in_thread(server, sockets=[sock]):
+            url_host = f"[{host}]" if ":" in host else host
+            yield f"http://{url_host}:{bound_port}/v1"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         sock.close()
 
 

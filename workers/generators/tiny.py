@@ -308,7 +308,7 @@ def _clip_tokenizer() -> CLIPTokenizer:
         folder = Path(tmp)
         (folder / "vocab.json").write_text(json.dumps(_clip_vocab(), ensure_ascii=False))
         (folder / "merges.txt").write_text("#version: 0.2\n")
-        tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+        tokenizer: CLIPTokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
     return tokenizer
 
 
