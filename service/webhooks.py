@@ -22,6 +22,7 @@ import httpx
 from service.errors import GcrError, InvalidInput
 from service.netguard import check_public_url
 from service.protocol import JobDocument, WebhookStatus
+from service.retrying import retrying
 from service.settings import Settings
 from service.store import JobStore
 
@@ -65,6 +66,10 @@ def payload(doc: JobDocument, public_url: str | None) -> dict[str, Any]:
         "finished_at": doc.finished_at,
         "job_url": f"{base}/jobs/{doc.id}",
     }
+
+
+class _NotDelivered(Exception):
+    """This attempt did not deliver (the reason is on the status): try again."""
 
 
 class WebhookNotifier:
@@ -119,23 +124,35 @@ class WebhookNotifier:
     async def _attempt(self, doc: JobDocument, url: str, status: WebhookStatus) -> None:
         """POST until delivered or out of attempts, keeping `status` current after each."""
         body = json.dumps(payload(doc, self.settings.public_url)).encode()
+        delivery = retrying(
+            on=_NotDelivered,
+            first_s=self.settings.webhook_backoff_s,
+            cap_s=BACKOFF_MAX_S,
+            attempts=self.settings.webhook_attempts,
+        )
+        try:
+            async for attempt in delivery:
+                with attempt:
+                    status.attempts = attempt.retry_state.attempt_number
+                    await self._post_once(url, body, status)
+        except _NotDelivered:
+            return  # out of attempts; the last error is on `status`
+        except InvalidInput as exc:
+            status.last_error = exc.message  # the address is refused: retrying will not change that
+
+    async def _post_once(self, url: str, body: bytes, status: WebhookStatus) -> None:
+        """One POST; `_NotDelivered` (retried) unless the receiver took it."""
+        await check_public_url(url, field="callback_url", allow_private=self.settings.webhook_allow_private)
+        headers = {"content-type": "application/json", "user-agent": "gcr-webhook/1"}
         secret = self.settings.webhook_secret
-        for attempt in range(1, self.settings.webhook_attempts + 1):
-            status.attempts = attempt
-            try:
-                await check_public_url(url, field="callback_url", allow_private=self.settings.webhook_allow_private)
-                headers = {"content-type": "application/json", "user-agent": "gcr-webhook/1"}
-                if secret is not None:
-                    headers[SIGNATURE_HEADER] = sign(secret.get_secret_value(), body)
-                response = await self._http.post(url, content=body, headers=headers)
-                if response.status_code < 300:
-                    status.state, status.delivered_at, status.last_error = "delivered", time.time(), None
-                    return
-                status.last_error = f"receiver answered {response.status_code}"
-            except InvalidInput as exc:
-                status.last_error = exc.message
-                return  # the address is refused: retrying will not change that
-            except httpx.HTTPError as exc:
-                status.last_error = f"{type(exc).__name__}: {exc}"
-            if attempt < self.settings.webhook_attempts:
-                await asyncio.sleep(min(BACKOFF_MAX_S, self.settings.webhook_backoff_s * 2 ** (attempt - 1)))
+        if secret is not None:
+            headers[SIGNATURE_HEADER] = sign(secret.get_secret_value(), body)
+        try:
+            response = await self._http.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            status.last_error = f"{type(exc).__name__}: {exc}"
+            raise _NotDelivered from exc
+        if response.status_code >= 300:
+            status.last_error = f"receiver answered {response.status_code}"
+            raise _NotDelivered
+        status.state, status.delivered_at, status.last_error = "delivered", time.time(), None

@@ -21,6 +21,7 @@ from service.keys import Keys
 from service.protocol import JobError
 from service.queue import Claim, JobQueue
 from service.redis_client import connect
+from service.retrying import retrying
 from service.settings import Settings
 from service.store import JobStore
 from service.webhooks import WebhookNotifier
@@ -63,6 +64,7 @@ class Worker:
         # OpenAICritic.probe (GET /models); a critic without one recovers through a trial job.
         self._probe: Callable[[], Awaitable[Any]] | None = getattr(critic, "probe", None)
         self._probed_at = 0.0
+        self._last_reclaim = 0.0
         self.active: dict[asyncio.Task[None], Claim] = {}
         self._stopping = asyncio.Event()
         self._changed = asyncio.Event()
@@ -108,47 +110,49 @@ class Worker:
             await self.redis.aclose()
 
     async def _wait_for_redis(self) -> None:
-        delay = 0.2
-        while not self._stopping.is_set():
-            try:
-                await self.queue.ensure_groups()
-                return
-            except StoreUnavailable as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
+        reconnect = retrying(
+            on=StoreUnavailable, first_s=0.2, cap_s=RECONNECT_MAX_S, until=self._stopping.is_set, log=log, what="Redis"
+        )
+        with contextlib.suppress(StoreUnavailable):  # stopped while Redis was still away
+            async for attempt in reconnect:
+                with attempt:
+                    await self.queue.ensure_groups()
 
     async def _claim_loop(self) -> None:
-        last_reclaim = 0.0
-        delay = 0.2
+        """Claim while not stopping; a turn that loses Redis is retried with backoff (each turn
+        starts its backoff afresh)."""
+        reconnect = retrying(
+            on=StoreUnavailable, first_s=0.2, cap_s=RECONNECT_MAX_S, until=self._stopping.is_set, log=log, what="Redis"
+        )
         while not self._stopping.is_set():
-            if self.breaker.state == "open":
-                # Claiming now would only fail jobs fast; leave them queued for a healthier worker.
-                await asyncio.sleep(min(1.0, self.settings.critic_breaker_cooldown_s))
-                continue
-            # Half-open: one job at a time, whose critique is the breaker's trial call.
-            limit = self.settings.max_inflight_jobs if self.breaker.state == "closed" else 1
-            free = limit - len(self.active)
-            if free <= 0:
-                self._changed.clear()
-                await self._changed.wait()
-                continue
-            try:
-                claims: list[Claim] = []
-                now = time.monotonic()
-                if now - last_reclaim >= self.settings.heartbeat_s:
-                    last_reclaim = now
-                    claims += await self.queue.reclaim(self.id, self.settings.visibility_timeout_s, free)
-                claims += await self.queue.claim(self.id, free - len(claims))
-                for claim in claims:
-                    self._start(claim)
-                if not claims:
-                    await self._wait_for_work()
-                delay = 0.2
-            except StoreUnavailable as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
+            with contextlib.suppress(StoreUnavailable):  # stopped while Redis was still away
+                async for attempt in reconnect:
+                    with attempt:
+                        await self._claim_once()
+
+    async def _claim_once(self) -> None:
+        """One turn of the claim loop: wait for room, then claim (and re-claim) what fits."""
+        if self.breaker.state == "open":
+            # Claiming now would only fail jobs fast; leave them queued for a healthier worker.
+            await asyncio.sleep(min(1.0, self.settings.critic_breaker_cooldown_s))
+            return
+        # Half-open: one job at a time, whose critique is the breaker's trial call.
+        limit = self.settings.max_inflight_jobs if self.breaker.state == "closed" else 1
+        free = limit - len(self.active)
+        if free <= 0:
+            self._changed.clear()
+            await self._changed.wait()
+            return
+        claims: list[Claim] = []
+        now = time.monotonic()
+        if now - self._last_reclaim >= self.settings.heartbeat_s:
+            self._last_reclaim = now
+            claims += await self.queue.reclaim(self.id, self.settings.visibility_timeout_s, free)
+        claims += await self.queue.claim(self.id, free - len(claims))
+        for claim in claims:
+            self._start(claim)
+        if not claims:
+            await self._wait_for_work()
 
     async def _wait_for_work(self) -> None:
         # NOTE: a bounded blocking read rather than a cancellable one: redis-py can swallow
@@ -169,33 +173,34 @@ class Worker:
 
     async def _run_claim(self, claim: Claim) -> None:
         """Run one claimed entry to its end; Redis blips resume it here from its checkpoint."""
-        delay = 0.5
-        first = True
-        while True:
-            try:
-                await self._process(claim, count_attempt=first)
-                return
-            except OwnershipLost:
-                # Another worker took the job over while this one stalled: the entry is
-                # theirs now, so neither ack nor touch it.
-                log.info("job %s was taken over by another worker; leaving it", claim.job_id)
-                return
-            except StoreUnavailable as exc:
-                if self._stopping.is_set():
-                    return  # the entry stays pending; whoever holds Redis next re-claims it
-                log.warning("Redis lost while running job %s (%s); resuming in %.1fs", claim.job_id, exc, delay)
-                await asyncio.sleep(delay)
-                delay, first = min(delay * 2, RECONNECT_MAX_S), False
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("job %s crashed the runner", claim.job_id)
-                error = JobError(code="internal", message="the worker crashed while running this job; see its logs")
-                with contextlib.suppress(GcrError):
-                    if await self.store.fail(claim.job_id, error, owner=self.id):
-                        self.notifier.notify(await self.store.get(claim.job_id))
-                    await self.queue.ack(claim)
-                return
+        resume = retrying(
+            on=StoreUnavailable,
+            first_s=0.5,
+            cap_s=RECONNECT_MAX_S,
+            until=self._stopping.is_set,
+            log=log,
+            what=f"job {claim.job_id} (Redis lost; it resumes from its checkpoint)",
+        )
+        try:
+            async for attempt in resume:
+                with attempt:
+                    # A resume after a blip is not the job's fault: it does not count as an attempt.
+                    await self._process(claim, count_attempt=attempt.retry_state.attempt_number == 1)
+        except OwnershipLost:
+            # Another worker took the job over while this one stalled: the entry is
+            # theirs now, so neither ack nor touch it.
+            log.info("job %s was taken over by another worker; leaving it", claim.job_id)
+        except StoreUnavailable:
+            return  # stopping: the entry stays pending; whoever holds Redis next re-claims it
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s crashed the runner", claim.job_id)
+            error = JobError(code="internal", message="the worker crashed while running this job; see its logs")
+            with contextlib.suppress(GcrError):
+                if await self.store.fail(claim.job_id, error, owner=self.id):
+                    self.notifier.notify(await self.store.get(claim.job_id))
+                await self.queue.ack(claim)
 
     async def _process(self, claim: Claim, count_attempt: bool) -> None:
         job_id = claim.job_id

@@ -42,6 +42,7 @@ from service.evaluation.dataset import EvalItem
 from service.evaluation.policies import Policy
 from service.evaluation.records import PolicyFolder, RunLog, exclusive, write_atomic
 from service.protocol import TERMINAL_STATUSES, JobDocument
+from service.retrying import retrying
 
 log = logging.getLogger("gcr.eval")
 T = TypeVar("T")
@@ -246,18 +247,17 @@ class EvalRunner:
 
     async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, again after a pause while the gateway answers 429 (queue full, rate limit)."""
-        delay = 0.5
-        for attempt in range(BUSY_RETRIES + 1):
-            try:
+        # The queue and the rate limit are shared with other clients: wait rather than give up the item.
+        busy = retrying(
+            on=lambda exc: isinstance(exc, GatewayError) and exc.status == 429,
+            first_s=0.5,
+            cap_s=BUSY_MAX_WAIT_S,
+            attempts=BUSY_RETRIES + 1,
+        )
+        async for attempt in busy:
+            with attempt:
                 return await call()
-            except GatewayError as exc:
-                # The queue and the rate limit are shared with other clients: wait rather than
-                # give up the item.
-                if exc.status != 429 or attempt == BUSY_RETRIES:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BUSY_MAX_WAIT_S)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _follow(self, job_id: str) -> JobDocument:
         """Count `round` events until the job ends; poll if the stream breaks off."""

@@ -25,9 +25,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from tenacity import RetryCallState
 
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
 from service.protocol import Critique, Mode
+from service.retrying import retrying
 from service.settings import Settings
 from workers import metrics
 from workers.critics.parser import critique_regex, parse_critique
@@ -182,43 +184,64 @@ class OpenAICritic:
         )
 
     async def _complete(self, body: dict[str, Any]) -> _Answer:
+        """POST the chat completion; connection errors, 429 and 5xx are retried (429 after its
+        Retry-After), `critic_retries` times, then fail as `CriticUnavailable`."""
         attempts = self.settings.critic_retries + 1
-        for attempt in range(attempts):
-            last = attempt == attempts - 1
-            try:
-                async with asyncio.timeout(self.settings.critic_timeout_s):
-                    response = await self._http.post("chat/completions", json=body)
-            except _RETRY_ERRORS as exc:
-                if last:
-                    # The address (and any credentials in it) is for the logs, never for clients.
-                    log.warning("critic at %s unreachable: %r", redacted(self.settings.critic_base_url), exc)
-                    raise CriticUnavailable(
-                        f"the critic is unreachable ({type(exc).__name__} after {attempts} attempt(s)); "
-                        "check that the reward model server (vLLM) is up"
-                    ) from exc
-                metrics.CRITIC_RETRIES.labels("connection").inc()
-                await self._sleep(self._backoff(attempt))
-                continue
-            except (httpx.TimeoutException, TimeoutError) as exc:
-                raise CriticTimeout(f"critic gave no answer within {self.settings.critic_timeout_s:g}s") from exc
-            except httpx.HTTPError as exc:
-                log.warning("critic request to %s failed: %r", redacted(self.settings.critic_base_url), exc)
-                raise CriticUnavailable(f"the critic request failed ({type(exc).__name__})") from exc
-            if response.status_code in _RETRY_STATUSES:
-                if last:
-                    raise CriticUnavailable(
-                        f"critic answered HTTP {response.status_code} after {attempts} attempt(s): "
-                        f"{_error_message(response)}"
-                    )
-                metrics.CRITIC_RETRIES.labels(str(response.status_code)).inc()
-                await self._sleep(self._retry_delay(attempt, response))
-                continue
-            if response.status_code != 200:
-                raise CriticError(
-                    f"critic refused the request (HTTP {response.status_code}): {_error_message(response)}"
-                )
-            return _read_answer(response)
+        calls = retrying(
+            on=_Retry,
+            first_s=self.backoff_base_s,
+            cap_s=BACKOFF_CAP_S,
+            attempts=attempts,
+            wait=self._wait,
+            sleep=self._sleep,
+        )
+        try:
+            async for attempt in calls:
+                with attempt:
+                    return await self._post(body, last=attempt.retry_state.attempt_number == attempts)
+        except _Retry as exc:
+            raise exc.final from exc.__cause__
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _post(self, body: dict[str, Any], last: bool) -> _Answer:
+        """One attempt; `_Retry` carries what to raise if it was the last."""
+        attempts = self.settings.critic_retries + 1
+        try:
+            async with asyncio.timeout(self.settings.critic_timeout_s):
+                response = await self._http.post("chat/completions", json=body)
+        except _RETRY_ERRORS as exc:
+            if last:
+                # The address (and any credentials in it) is for the logs, never for clients.
+                log.warning("critic at %s unreachable: %r", redacted(self.settings.critic_base_url), exc)
+            else:
+                metrics.CRITIC_RETRIES.labels("connection").inc()
+            final = CriticUnavailable(
+                f"the critic is unreachable ({type(exc).__name__} after {attempts} attempt(s)); "
+                "check that the reward model server (vLLM) is up"
+            )
+            raise _Retry(final) from exc
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            raise CriticTimeout(f"critic gave no answer within {self.settings.critic_timeout_s:g}s") from exc
+        except httpx.HTTPError as exc:
+            log.warning("critic request to %s failed: %r", redacted(self.settings.critic_base_url), exc)
+            raise CriticUnavailable(f"the critic request failed ({type(exc).__name__})") from exc
+        if response.status_code in _RETRY_STATUSES:
+            if not last:
+                metrics.CRITIC_RETRIES.labels(str(response.status_code)).inc()
+            final = CriticUnavailable(
+                f"critic answered HTTP {response.status_code} after {attempts} attempt(s): {_error_message(response)}"
+            )
+            raise _Retry(final, response)
+        if response.status_code != 200:
+            raise CriticError(f"critic refused the request (HTTP {response.status_code}): {_error_message(response)}")
+        return _read_answer(response)
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome is not None else None
+        attempt = state.attempt_number - 1
+        if isinstance(error, _Retry) and error.response is not None:
+            return self._retry_delay(attempt, error.response)
+        return self._backoff(attempt)
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(BACKOFF_CAP_S, self.backoff_base_s * 2**attempt)
@@ -287,6 +310,15 @@ def _retry_after_s(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+class _Retry(Exception):
+    """An attempt that may be retried; `final` is what the caller gets if it was the last."""
+
+    def __init__(self, final: CriticError, response: httpx.Response | None = None) -> None:
+        super().__init__(final.message)
+        self.final = final
+        self.response = response
 
 
 def redacted(url: str) -> str:
