@@ -11,6 +11,8 @@
     ├── RateLimited            429  this key's token bucket is empty; retry after Retry-After
     ├── StoreUnavailable       503  Redis cannot be reached
     ├── NoWorker               503  no live worker serves the job's mode; nothing would run it
+    ├── JobStillRunning        504  a waiting call (OpenAI images API) timed out; the job goes on
+    ├── JobFailed              502  a waiting call found its job ended without an image (the job's code)
     ├── CriticError            502  the reward model could not give a usable critique
     │   ├── CriticTimeout      504
     │   ├── CriticUnavailable  503  connection refused, 5xx or 429 after retries
@@ -38,6 +40,8 @@ class GcrError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.headers: dict[str, str] = {}
+        """Extra response headers (e.g. the job id a waiting call gave up on)."""
 
 
 class InvalidInput(GcrError):
@@ -104,6 +108,30 @@ class NoWorker(GcrError):
     code = "no_worker"
     status_code = 503
     retryable = True
+
+
+class JobStillRunning(GcrError):
+    """A call that waits for its job (the OpenAI images API) ran out of time; the job goes on."""
+
+    code = "job_still_running"
+    status_code = 504
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message, field="job_id")
+        self.headers["X-Gcr-Job-Id"] = job_id
+
+
+class JobFailed(GcrError):
+    """A call that waits for its job (the OpenAI images API) found it ended without an image;
+    the code is the job's own (`critic_unavailable`, `generator_error`, ...)."""
+
+    status_code = 502
+
+    def __init__(self, message: str, *, code: str, job_id: str, retryable: bool = False) -> None:
+        super().__init__(message, field="job_id")
+        self.code = code
+        self.retryable = retryable
+        self.headers["X-Gcr-Job-Id"] = job_id
 
 
 class CriticError(GcrError):

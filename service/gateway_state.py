@@ -58,6 +58,18 @@ class GatewayState:
             raise NotFound.job(job_id)
         return doc
 
+    async def wait_for_end(self, job_id: str, timeout_s: float) -> JobDocument:
+        """The job's document once it ended, or as it is after `timeout_s` (follows its events)."""
+        deadline = time.monotonic() + timeout_s
+        after = "0-0"
+        while (left := deadline - time.monotonic()) > 0:
+            events = await self.store.read_events(job_id, after=after, block_ms=max(1, int(min(left, 10.0) * 1000)))
+            for entry_id, event in events:
+                after = entry_id
+                if event.type == "end":
+                    return await self.store.get(job_id)
+        return await self.store.get(job_id)
+
     def require_admin(self, caller: Principal) -> None:
         if not caller.admin:
             raise Unauthorized("this route needs an admin key (GCR_ADMIN_KEYS)")
@@ -162,6 +174,13 @@ class GatewayState:
             self._served_until[mode] = now + MODE_CACHE_S
             return
         raise NoWorker(no_worker_message(mode, workers, self.settings.worker_stale_s), field="mode")
+
+    async def served_models(self, mode: str) -> list[str]:
+        """Generator models that live, ready workers serve for `mode`."""
+        workers = await self.queue.live_workers(self.settings.worker_stale_s)
+        return sorted(
+            {w["generator"] for w in workers if is_ready(w) and mode in w.get("modes", ()) and "generator" in w}
+        )
 
     # --- readiness ----------------------------------------------------------------------------
     async def readiness(self) -> dict[str, Any]:

@@ -174,7 +174,8 @@ class JobError(BaseModel):
 class Candidate(BaseModel):
     index: int
     seed: int
-    image_url: str | None = None
+    has_image: bool = Field(False, description="Its image was stored (the worker writes this, never a URL).")
+    image_url: str | None = Field(None, description="Absolute link to its PNG, made by the gateway.")
     overall: float | None = None
     critique: Critique | None = None
     error: JobError | None = None
@@ -246,6 +247,9 @@ class JobDocument(BaseModel):
     generator_model: str | None = None
     cancel_requested: bool = False
     owner: str | None = Field(None, exclude=True, description="Tenant that submitted the job (never returned).")
+    base_url: str | None = Field(
+        None, exclude=True, description="Base URL the client submitted to: webhooks link back through it."
+    )
     queue_position: int | None = Field(None, description="0-based position among queued jobs, while queued.")
     links: dict[str, str] = Field(default_factory=dict)
 
@@ -275,11 +279,15 @@ class ErrorResponse(BaseModel):
 
 # --- Events -------------------------------------------------------------------------
 
-EventType = Literal["status", "stage", "progress", "round", "end"]
+EventType = Literal["status", "stage", "progress", "round", "error", "end"]
 
 
 class JobEvent(BaseModel):
-    """One event of a job's stream; SSE sends `type` as the event name and this as data."""
+    """One event of a job's stream; SSE sends `type` as the event name and this as data.
+
+    Every event has this shape, `end` and `error` included: `end` (the stream's last)
+    carries `status` (and `stop_reason`); `error` (the stream could not go on) carries
+    `code` and `message` and is followed by `end`."""
 
     type: EventType
     job_id: str

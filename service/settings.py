@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="A request body that stops arriving for this long is answered 408."
     )
+    openai_wait_s: float = Field(
+        300.0, gt=0, le=3600, description="How long /v1/images/* wait for their job before 504 job_still_running."
+    )
     max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image.")

@@ -208,6 +208,8 @@ class JobStore:
         dumped = doc.model_dump(exclude={"rounds", "queue_position", "links"})
         fields = {key: value for key, value in dumped.items() if value is not None}
         fields["owner"] = doc.owner
+        if doc.base_url is not None:
+            fields["base_url"] = doc.base_url
         priority = doc.spec.priority
         order = PRIORITY_RANK[priority] * ORDER_SPAN + int(doc.created_at * 1000)
         keys = [

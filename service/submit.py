@@ -11,7 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
+from service import http_metrics
+from service.auth import Principal
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.gateway_state import GatewayState
 from service.netguard import check_public_url
 from service.protocol import MAX_SEED, GenerateRequest, JobDocument
 from service.settings import Settings
@@ -20,7 +23,8 @@ from service.uploads import check_image, check_mode_images, decode_base64_image
 JSON_OVERHEAD_BYTES = 1024 * 1024
 
 
-def _validation_error(exc: ValidationError) -> RequestValidationError:
+def validation_error(exc: ValidationError) -> RequestValidationError:
+    """A pydantic error of a body read by hand, as FastAPI's own (one 422 shape for both)."""
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
 
 
@@ -35,7 +39,7 @@ async def parse_generate_body(request: Request, settings: Settings) -> tuple[Gen
         try:
             spec = GenerateRequest.model_validate_json(body or b"null")
         except ValidationError as exc:
-            raise _validation_error(exc) from exc
+            raise validation_error(exc) from exc
         source = None
         if spec.source_image is not None:
             source = decode_base64_image(spec.source_image, field="source_image", max_bytes=settings.max_image_bytes)
@@ -53,7 +57,7 @@ async def _parse_multipart(form: FormData, settings: Settings) -> tuple[Generate
     try:
         spec = GenerateRequest.model_validate_json(raw)
     except ValidationError as exc:
-        raise _validation_error(exc) from exc
+        raise validation_error(exc) from exc
     upload = form.get("source_image")
     if isinstance(upload, UploadFile):
         source = await upload.read(settings.max_image_bytes + 1)
@@ -65,8 +69,31 @@ async def _parse_multipart(form: FormData, settings: Settings) -> tuple[Generate
     return spec, None
 
 
+async def submit(
+    state: GatewayState,
+    caller: Principal,
+    spec: GenerateRequest,
+    source: bytes | None,
+    *,
+    base_url: str,
+    idempotency_key: str | None = None,
+) -> tuple[JobDocument, bool]:
+    """Store and queue the job (or find the one an earlier request with this key made).
+    Returns the job and whether it was created now (False: an idempotent replay)."""
+    if idempotency_key is not None and (replay := await state.replay(caller, idempotency_key, spec)):
+        return replay, False
+    await state.require_worker(spec.mode)
+    doc, source_png = await prepare_job(spec, source, state.settings, owner=caller.tenant, base_url=base_url)
+    if idempotency_key is None:
+        await state.store.create(doc, source_png, state.settings.queue_max)
+    elif (replay := await state.create_once(caller, idempotency_key, spec, doc, source_png)) is not None:
+        return replay, False
+    http_metrics.JOBS_SUBMITTED.labels(doc.spec.mode, doc.spec.priority).inc()
+    return doc, True
+
+
 async def prepare_job(
-    spec: GenerateRequest, source: bytes | None, settings: Settings, owner: str
+    spec: GenerateRequest, source: bytes | None, settings: Settings, owner: str, base_url: str | None = None
 ) -> tuple[JobDocument, bytes | None]:
     """Check what the schema cannot, draw the seed, and build the queued document."""
     if len(spec.prompt) > settings.max_prompt_chars:
@@ -98,5 +125,6 @@ async def prepare_job(
         stage="queued",
         created_at=time.time(),
         owner=owner,
+        base_url=base_url,
     )
     return doc, source_png

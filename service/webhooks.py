@@ -52,10 +52,13 @@ def verify_signature(secret: str, body: bytes, header: str, tolerance_s: float =
 
 
 def payload(doc: JobDocument, public_url: str | None) -> dict[str, Any]:
-    base = (public_url or "").rstrip("/")
-    best = doc.best.model_dump() if doc.best else None
-    if best and best.get("image_url", "").startswith("/"):
-        best["image_url"] = base + best["image_url"]
+    """The webhook body. Links are absolute: GCR_PUBLIC_URL, else the base URL the client
+    submitted to (the gateway stores it on the job)."""
+    base = (public_url or doc.base_url or "").rstrip("/")
+    best = None
+    if doc.best is not None:
+        link = f"{base}/jobs/{doc.id}/images/{doc.best.round}/{doc.best.candidate}"
+        best = {**doc.best.model_dump(), "image_url": link}
     return {
         "id": doc.id,
         "status": doc.status,

@@ -61,10 +61,6 @@ class OwnershipLost(Exception):
     """Another worker took the job over (or it ended): stop touching it."""
 
 
-def image_path(job_id: str, round_index: int, candidate: int) -> str:
-    return f"/jobs/{job_id}/images/{round_index}/{candidate}"
-
-
 class JobRunner:
     """Runs jobs for one worker; shared by all of the worker's job tasks."""
 
@@ -109,7 +105,7 @@ class _Job:
         self.source_png: bytes | None = None
         self.source_image: Image.Image | None = None
         self.generator_calls = sum(len(r.candidates) for r in self.rounds)
-        self.critic_calls = sum(1 for r in self.rounds for c in r.candidates if c.image_url)
+        self.critic_calls = sum(1 for r in self.rounds for c in r.candidates if c.has_image or c.image_url)
 
     # --- helpers -----------------------------------------------------------------------
     async def emit(self, type_: EventType, **data: Any) -> None:
@@ -164,6 +160,8 @@ class _Job:
             decision = self.policy.decide(self.rounds, self.elapsed())
             if not isinstance(decision, Continue):
                 return await self.finish(decision.reason)
+            if self.rounds:  # only a round that another follows is refined
+                await self.emit("stage", round=self.rounds[-1].index, stage="refining", prompt=decision.prompt)
             try:
                 round_ = await self.run_round(decision)
             except StoreUnavailable:
@@ -225,7 +223,7 @@ class _Job:
                 candidate.error = _job_error(result.error)
             elif c in images:
                 outcome = critiques[list(images).index(c)]
-                candidate.image_url = image_path(self.id, index, c)
+                candidate.has_image = True
                 if isinstance(outcome, Critique):
                     candidate.critique, candidate.overall = outcome, outcome.overall
                 else:
@@ -237,7 +235,6 @@ class _Job:
         best_before = self.policy.best_before(self.rounds)
         overall = candidates[chosen].overall
         assert overall is not None
-        await self.emit("stage", round=index, stage="refining")
         return Round(
             index=index,
             prompt=decision.prompt,
@@ -361,7 +358,6 @@ class _Job:
             candidate=pick.candidate,
             overall=pick.overall,
             prompt=pick.prompt,
-            image_url=image_path(self.id, pick.round, pick.candidate),
         )
 
     async def finish(self, reason: StopReason, error: GcrError | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -66,12 +67,16 @@ async def test_webhook_is_signed_retried_and_recorded(
         job_id = await stack.submit("a kite", loop={"max_rounds": 1}, callback_url=receiver.url)
         await stack.wait(job_id)
         async with asyncio.timeout(10):
-            while (doc := await stack.client.job(job_id)).webhook is None:
+            while (doc := await stack.client.get(job_id)).webhook is None:
                 await asyncio.sleep(0.05)
     assert doc.webhook.state == "delivered" and doc.webhook.attempts == 2
     body, header = receiver.received[-1]
     assert verify_signature(SECRET, body, header)
     assert b'"status": "succeeded"' in body and job_id.encode() in body
+    sent = json.loads(body)
+    # absolute without GCR_PUBLIC_URL: the base URL the client submitted to
+    assert sent["job_url"] == f"{stack.url}/jobs/{job_id}"
+    assert sent["best"]["image_url"] == f"{stack.url}/jobs/{job_id}/images/0/0"
 
 
 async def test_private_callback_urls_are_refused_at_submit(stack: Stack) -> None:

@@ -1,0 +1,36 @@
+"""Admin keys only: every tenant's jobs, the queue and the live workers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from service import links
+from service.deps import ERROR_RESPONSES, Caller, State
+from service.protocol import JobList
+
+router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+@router.get("/jobs", response_model=JobList, responses=ERROR_RESPONSES)
+async def admin_jobs(
+    request: Request,
+    state: State,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[
+        float | None, Query(allow_inf_nan=False, description="Only jobs created before this timestamp.")
+    ] = None,
+) -> JobList:
+    """Admin keys only: every tenant's jobs, newest first."""
+    state.require_admin(caller)
+    base = links.base_url(request, state.settings)
+    return JobList(jobs=[links.render(doc, base) for doc in await state.recent_jobs(limit, before)])
+
+
+@router.get("/queue", responses=ERROR_RESPONSES)
+async def admin_queue(state: State, caller: Caller) -> dict[str, Any]:
+    """Admin keys only: queue depth by mode and priority, pending entries, live workers."""
+    state.require_admin(caller)
+    return await state.queue_stats()

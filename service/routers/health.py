@@ -1,0 +1,30 @@
+"""Liveness, readiness and metrics: no key needed."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import State
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "not ready"}})
+async def readyz(state: State) -> JSONResponse:
+    """Readiness: Redis answers, a worker heartbeat is recent and the critic is up; per mode too."""
+    report = await state.readiness()
+    return JSONResponse(report, status_code=200 if report["ready"] else 503)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics() -> Response:
+    """Prometheus metrics of this gateway replica."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,204 @@
+"""The native job API: submit, poll, wait, follow (SSE), cancel, fetch images."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+
+from service import links
+from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Caller, JobId, State
+from service.errors import InvalidInput, NotFound, StoreUnavailable
+from service.gateway_state import GatewayState
+from service.protocol import TERMINAL_STATUSES, JobDocument, JobEvent
+from service.submit import parse_generate_body, submit
+
+router = APIRouter(tags=["jobs"])
+
+SSE_BLOCK_MS = 10_000  # below redis_client.SOCKET_TIMEOUT_S
+SSE_BLIP_S = 30.0  # how long a stream waits for Redis to come back before it gives up
+MAX_PREFER_WAIT_S = 60.0
+_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+GENERATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["request"],
+                    "properties": {
+                        "request": {"type": "string", "description": "GenerateRequest as JSON"},
+                        "source_image": {"type": "string", "format": "binary"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def document(doc: JobDocument, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    # The document was validated when read from Redis; returning it as a model would make
+    # FastAPI dump, re-validate and dump it again on the hottest route (polling).
+    return Response(doc.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
+
+
+def prefer_wait_s(prefer: str | None) -> float | None:
+    """Seconds from `Prefer: wait=N` (RFC 7240), capped at MAX_PREFER_WAIT_S."""
+    match = _PREFER_WAIT.search(prefer or "")
+    return min(float(match.group(1)), MAX_PREFER_WAIT_S) if match else None
+
+
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=JobDocument,
+    responses={
+        200: {"model": JobDocument, "description": "Idempotent replay: the existing job"},
+        201: {"model": JobDocument, "description": "`Prefer: wait=N` and the job ended within N seconds"},
+        **ERROR_RESPONSES,
+        **UPLOAD_ERRORS,
+    },
+    openapi_extra=GENERATE_BODY,
+)
+async def generate(
+    request: Request,
+    state: State,
+    caller: Caller,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    prefer: Annotated[str | None, Header(max_length=200, description="`wait=N`: answer when done, N s at most")] = None,
+) -> Response:
+    """Queue a job. JSON body, or multipart with a `request` JSON field and a `source_image` file.
+
+    Answers 202 with the queued job; with `Prefer: wait=N` (N ≤ 60), 201 with the finished
+    job if it ends within N seconds, else 202. 429 with Retry-After when the queue is full;
+    503 `no_worker` when no live worker serves the job's mode (it would never run). The same
+    `Idempotency-Key` with the same body returns the same job (200)."""
+    settings = state.settings
+    spec, source = await parse_generate_body(request, settings)
+    base = links.base_url(request, settings)
+    doc, created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
+    status = 202 if created else 200
+    wait_s = prefer_wait_s(prefer)
+    if wait_s:
+        doc = await state.wait_for_end(doc.id, wait_s)
+        if doc.status in TERMINAL_STATUSES:
+            status = 201
+    headers = {"Location": links.job_url(base, doc.id)}
+    if wait_s:
+        headers["Preference-Applied"] = f"wait={wait_s:g}"
+    return document(links.render(doc, base), status, headers)
+
+
+@router.get("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
+async def get_job(job_id: JobId, request: Request, state: State, caller: Caller) -> Response:
+    """The job: status, effective spec, every round with scores and images, the best candidate."""
+    doc = await state.owned_job(job_id, caller)
+    return document(links.render(doc, links.base_url(request, state.settings)))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
+async def cancel_job(job_id: JobId, request: Request, state: State, caller: Caller) -> Response:
+    """Cancel: a queued job never runs; a running one stops at its next stage boundary."""
+    await state.check_owner(job_id, caller)
+    if await state.store.cancel(job_id) == "missing":
+        raise NotFound.job(job_id)
+    return document(links.render(await state.store.get(job_id), links.base_url(request, state.settings)))
+
+
+@router.get("/jobs/{job_id}/events", responses=ERROR_RESPONSES)
+async def job_events(
+    job_id: JobId,
+    request: Request,
+    state: State,
+    caller: Caller,
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events, each a `JobEvent`: `status`, `stage`, `progress`, `round`, then `end`
+    (after `error` if the stream could not go on). Reconnect with `Last-Event-ID` to resume."""
+    if last_event_id is not None and not _STREAM_ID.match(last_event_id):
+        raise InvalidInput(
+            "Last-Event-ID must be an event id this stream sent (like 1700000000000-0)", field="Last-Event-ID"
+        )
+    await state.check_owner(job_id, caller)
+    base = links.base_url(request, state.settings)
+    return EventSourceResponse(event_stream(state, job_id, last_event_id or "0-0", base), ping=10)
+
+
+@router.get(
+    "/jobs/{job_id}/images/{round_index}/{candidate}",
+    responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
+    response_class=Response,
+)
+async def job_image(job_id: JobId, round_index: int, candidate: int, state: State, caller: Caller) -> Response:
+    """PNG bytes of one candidate image (`round_index` and `candidate` count from 0)."""
+    await state.check_owner(job_id, caller)
+    png = await state.store.get_image(job_id, round_index, candidate)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get(
+    "/jobs/{job_id}/source",
+    responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
+    response_class=Response,
+)
+async def job_source(job_id: JobId, state: State, caller: Caller) -> Response:
+    """PNG bytes of an edit job's source image."""
+    await state.check_owner(job_id, caller)
+    return Response(await state.store.get_source_image(job_id), media_type="image/png")
+
+
+def _sse(event: JobEvent, entry_id: str | None = None) -> dict[str, str]:
+    message = {"event": event.type, "data": event.model_dump_json()}
+    if entry_id is not None:
+        message["id"] = entry_id
+    return message
+
+
+async def event_stream(state: GatewayState, job_id: str, after: str, base: str) -> AsyncIterator[dict[str, str]]:
+    """The job's events from `after` on, round images linked. A Redis blip is ridden out (reads
+    resume from the last id sent, for up to SSE_BLIP_S); past that the error becomes an `error`
+    event, then `end`."""
+    lost_since: float | None = None
+    delay = 0.1
+    while True:
+        try:
+            events = await state.store.read_events(job_id, after=after, block_ms=SSE_BLOCK_MS)
+            exists = bool(events) or await state.store.exists(job_id)
+        except StoreUnavailable as exc:
+            now = time.monotonic()
+            lost_since = lost_since or now
+            if now - lost_since > SSE_BLIP_S:
+                # The status line is already sent: the error becomes an event, then the end marker.
+                yield _sse(
+                    JobEvent(
+                        type="error", job_id=job_id, at=time.time(), data={"code": exc.code, "message": exc.message}
+                    )
+                )
+                yield _sse(JobEvent(type="end", job_id=job_id, at=time.time(), data={"status": "unknown"}))
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        lost_since, delay = None, 0.1
+        for entry_id, event in events:
+            after = entry_id
+            if event.type == "round" and isinstance(event.data.get("round"), dict):
+                event.data["round"] = links.render_round(job_id, event.data["round"], base)
+            yield _sse(event, entry_id)
+            if event.type == "end":
+                return
+        if not exists:
+            yield _sse(JobEvent(type="end", job_id=job_id, at=time.time(), data={"status": "expired"}))
+            return
