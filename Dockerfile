@@ -39,7 +39,7 @@ FROM base AS gateway
 # constraints/*.txt (scripts/lock) pin every package, so two builds install the same.
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     --mount=type=bind,source=constraints,target=/constraints \
-    pip install -c /constraints/gateway.txt /wheels/gcr-*.whl
+    pip install -c /constraints/gateway.txt "$(echo /wheels/gcr-*.whl)[server]"
 USER gcr
 WORKDIR /home/gcr
 EXPOSE 8000

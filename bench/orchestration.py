@@ -79,7 +79,7 @@ from bench.common import (  # noqa: E402
     uvicorn_argv,
     write_json,
 )
-from service.client import GcrClient  # noqa: E402
+from gcr import AsyncClient  # noqa: E402
 from service.protocol import JobDocument  # noqa: E402
 from service.servers import free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -303,31 +303,28 @@ def dump_tasks() -> None:
         task.print_stack(file=sys.stderr)
 
 
-async def wait_for_worker(client: GcrClient, worker_id: str) -> None:
+async def wait_for_worker(client: AsyncClient, worker_id: str) -> None:
     """Until the gateway's /readyz lists this worker's heartbeat (it is claiming then)."""
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
     while time.monotonic() < deadline:
-        report = (await client.http.get("/readyz")).json()
+        report = await client.ready()
         if any(w.get("id") == worker_id for w in report.get("workers", [])):
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"worker {worker_id} did not start in {WORKER_START_TIMEOUT_S:.0f}s")
 
 
-async def wait_all(client: GcrClient, ids: Sequence[str]) -> list[JobDocument]:
+async def wait_all(client: AsyncClient, ids: Sequence[str]) -> list[JobDocument]:
     """Poll the jobs, one at a time in submit order, until all are over; returns the final documents.
 
     One poll in flight keeps the load this client puts on the gateway (and on the two
     cores it shares with the worker) negligible; the measurements use the worker's own
     timestamps in the documents, so how late a finish is noticed does not matter.
-    NOTE: not SSE: the gateway's event stream ends with `store_unavailable` when a job
-    has no event for 5 s (redis-py's default socket timeout is shorter than the
-    stream's 15 s XREAD block), which queued jobs of a big batch run into.
     """
     docs = []
     for job_id in ids:
         # The state lives behind the gateway's HTTP API: polling it is what a client does.
-        while (doc := await client.job(job_id)).status not in TERMINAL:  # noqa: ASYNC110
+        while (doc := await client.get(job_id)).status not in TERMINAL:  # noqa: ASYNC110
             await asyncio.sleep(POLL_S)
         docs.append(doc)
     return docs
@@ -358,7 +355,7 @@ async def run_workload(
     # must fail the benchmark, not hang it.
     limit_s = 60 + 2 * w.jobs * w.rounds * (w.call_seconds(1) + w.t_critic)
     try:
-        async with GcrClient(gateway_url, timeout_s=60.0) as client:
+        async with AsyncClient(gateway_url, timeout_s=60.0) as client:
             await wait_for_worker(client, settings.worker_id)
             first_submit = time.time()
             bodies = [
@@ -367,7 +364,7 @@ async def run_workload(
             ]
             try:
                 async with asyncio.timeout(limit_s):
-                    ids = await asyncio.gather(*(client.submit(body) for body in bodies))
+                    ids = [job.id for job in await asyncio.gather(*(client.submit(body) for body in bodies))]
                     docs = await wait_all(client, ids)
             except TimeoutError:
                 dump_tasks()

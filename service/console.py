@@ -1,4 +1,7 @@
-"""Terminal side of `gcr generate`: build the request, follow the job, print its trajectory."""
+"""Terminal side of `gcr generate`: build the request, follow the job, print its trajectory.
+
+For people, rounds count from 1 ("round 1" is the first); the JSON keeps `index` from 0.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.client import GatewayError, GcrClient
+from gcr import AsyncClient
+from gcr.errors import APIConnectionError, GcrError
 from service.protocol import JobDocument
 
 console = Console(stderr=True)
@@ -42,12 +46,12 @@ def build_request(
 
 def rounds_table(doc: JobDocument) -> Table:
     table = Table(title=f"job {doc.id}: {doc.status} ({doc.stop_reason})")
-    for column in ("round", "prompt", "candidates (overall)", "chosen", "delta", "gen s", "critic s"):
+    for column in ("round", "prompt", "candidates (overall)", "chosen", "delta", "gen s", "critic s"):  # 1-based
         table.add_column(column)
     for r in doc.rounds:
         scores = ", ".join("err" if c.overall is None else f"{c.overall:.3f}" for c in r.candidates)
         table.add_row(
-            str(r.index),
+            str(r.index + 1),
             r.prompt[:60] + ("…" if len(r.prompt) > 60 else ""),
             scores,
             str(r.chosen),
@@ -58,50 +62,56 @@ def rounds_table(doc: JobDocument) -> Table:
     return table
 
 
-async def follow(client: GcrClient, job_id: str) -> JobDocument:
+async def follow(client: AsyncClient, job_id: str) -> JobDocument:
     """Show stage and step progress until the job ends."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
+        # Steps only once a denoising step is known: never "0/None".
+        TextColumn("{task.fields[steps]}"),
         TimeElapsedColumn(),
         console=console,
         transient=True,
     ) as progress:
-        task = progress.add_task("queued", total=None)
+        task = progress.add_task("queued", total=None, steps="")
         async for event in client.events(job_id):
             data = event.data
             if event.type == "stage":
-                progress.update(task, description=f"round {data['round'] + 1}: {data['stage']}", completed=0)
+                label = f"round {data['round'] + 1}: {data['stage']}"
+                progress.update(task, description=label, completed=0, total=None, steps="")
             elif event.type == "progress":
-                progress.update(task, completed=data["step"], total=data["total"])
+                steps = f"step {data['step']}/{data['total']}"
+                progress.update(task, completed=data["step"], total=data["total"], steps=steps)
             elif event.type == "round":
                 overall = data["round"].get("overall")
                 if overall is not None:
                     console.print(f"round {data['round']['index'] + 1}: overall {overall:.3f}")
-    return await client.job(job_id)
+    return await client.get(job_id)
 
 
 async def submit_and_follow(
     url: str, body: dict[str, Any], *, wait: bool, out: Path, as_json: bool, api_key: str | None = None
 ) -> int:
-    async with GcrClient(url, api_key=api_key) as client:
+    async with AsyncClient(url, api_key=api_key) as client:
         try:
-            job_id = await client.submit(body)
+            job = await client.submit(body)
             if not wait:
-                print(job_id)
+                print(job.id)
                 return 0
-            doc = await follow(client, job_id)
-            if doc.best and doc.best.image_url:
-                out.write_bytes(await client.image(doc.best.image_url))
-        except GatewayError as exc:
+            doc = await follow(client, job.id)
+            if doc.best is not None:
+                out.write_bytes(await client.best_image(doc.id))
+        except APIConnectionError as exc:
+            console.print(f"[red]error[/red] {exc.message}")
+            return 2
+        except GcrError as exc:
             console.print(f"[red]error[/red] {exc}")
             return 2
     # The table is for people (stderr); --json puts the document on stdout for programs.
     console.print(rounds_table(doc))
     if doc.best:
         console.print(
-            f"best: round {doc.best.round} candidate {doc.best.candidate}, "
+            f"best: round {doc.best.round + 1} candidate {doc.best.candidate + 1}, "
             f"overall {doc.best.overall:.3f} -> saved {out}"
         )
     if doc.error:

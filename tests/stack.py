@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import uvicorn
 
+from gcr import AsyncClient
 from service import servers
 from service.api import create_app
-from service.client import GcrClient
 from service.errors import GcrError
 from service.keys import Keys
 from service.protocol import JobDocument
@@ -51,7 +51,7 @@ class Stack:
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         self.url = ""
-        self.client: GcrClient
+        self.client: AsyncClient
         self._background: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._redis_client: Any = None
@@ -61,7 +61,7 @@ class Stack:
         self._server = uvicorn.Server(servers.config(create_app(self.settings), port))
         self._server_task = await servers.start(self._server)
         self.url = f"http://127.0.0.1:{port}"
-        self.client = GcrClient(self.url)
+        self.client = AsyncClient(self.url, max_retries=0)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -143,13 +143,13 @@ class Stack:
         self.workers.clear()
 
     async def submit(self, prompt: str, **body: Any) -> str:
-        return await self.client.submit({"prompt": prompt, **body})
+        return (await self.client.submit({"prompt": prompt, **body})).id
 
     async def wait(self, job_id: str, timeout_s: float = 30.0) -> JobDocument:
         """Poll until the job is terminal."""
         async with asyncio.timeout(timeout_s):
             while True:
-                doc = await self.client.job(job_id)
+                doc = await self.client.get(job_id)
                 if doc.status in ("succeeded", "failed", "cancelled", "expired"):
                     return doc
                 await asyncio.sleep(0.05)

@@ -15,7 +15,7 @@ from click.core import ParameterSource
 from rich.console import Console
 from rich.logging import RichHandler
 
-from service.client import GcrClient
+from gcr import AsyncClient
 from service.evaluation.dataset import DatasetError, EvalItem, load_prompts
 from service.evaluation.policies import Policy, PolicyError, build_policies
 from service.evaluation.records import RecordsError
@@ -32,7 +32,7 @@ EXIT_INTERRUPTED = 130
 
 
 async def run_eval(
-    client: GcrClient,
+    client: AsyncClient,
     items: Sequence[EvalItem],
     policies: Sequence[Policy],
     out_dir: Path,
@@ -182,7 +182,7 @@ async def _main(
             from service.devstack import dev_stack
 
             url = await stack.enter_async_context(dev_stack(generator, standin))
-        client = await stack.enter_async_context(GcrClient(url, api_key))
+        client = await stack.enter_async_context(AsyncClient(url, api_key=api_key))
         with RichProgress(console) as progress:
             return await run_eval(
                 client, items, policies, out_dir, concurrency=concurrency, progress=progress, plot=plot

@@ -37,7 +37,8 @@ from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from service.client import GatewayError, GcrClient
+from gcr import AsyncClient
+from gcr.errors import APIStatusError, GcrError
 from service.evaluation.dataset import EvalItem
 from service.evaluation.policies import Policy
 from service.evaluation.records import PolicyFolder, RunLog, exclusive, write_atomic
@@ -101,7 +102,7 @@ class EvalRunner:
 
     def __init__(
         self,
-        client: GcrClient,
+        client: AsyncClient,
         items: Sequence[EvalItem],
         policies: Sequence[Policy],
         out_dir: Path,
@@ -201,19 +202,20 @@ class EvalRunner:
         }
         try:
             job_id = await self._submit(body, self._idempotency_key(policy, item, body))
-        except GatewayError as exc:
-            if exc.status in (401, 403):
+        except GcrError as exc:
+            status = exc.status if isinstance(exc, APIStatusError) else 0
+            if status in (401, 403):
                 raise EvalAborted(f"the gateway refused the request: {exc}") from exc
             if exc.code == "no_worker":  # nothing would ever run it: say so rather than wait
                 raise EvalAborted(f"cannot evaluate {item.mode} items: {exc.message}") from exc
-            if exc.status == 0 or exc.status >= 500 or exc.status in (409, 429):
+            if status == 0 or status >= 500 or status in (409, 429):
                 # 409: the same idempotency key is still being stored; the next run replays it.
                 raise _Unrecorded(str(exc)) from exc
             return {
                 **line,
                 "status": "rejected",
                 "stop_reason": None,
-                "error": {"code": exc.code, "message": exc.message, "status": exc.status},
+                "error": {"code": exc.code, "message": exc.message, "status": status},
                 "job_id": None,
                 "image": None,
                 "recorded_at": time.time(),
@@ -222,7 +224,7 @@ class EvalRunner:
         try:
             doc = await self._follow(job_id)
             image = await self._save_best(policy, item, doc)
-        except (GatewayError, httpx.HTTPError) as exc:
+        except (GcrError, httpx.HTTPError) as exc:
             raise _Unrecorded(f"job {job_id}: {exc}") from exc
         return {
             **line,
@@ -243,13 +245,14 @@ class EvalRunner:
         return f"gcr-eval-{digest.hexdigest()[:40]}"
 
     async def _submit(self, body: dict[str, Any], key: str) -> str:
-        return await self._patiently(lambda: self.client.submit(body, idempotency_key=key))
+        job = await self._patiently(lambda: self.client.submit(body, idempotency_key=key))
+        return job.id
 
     async def _patiently(self, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, again after a pause while the gateway answers 429 (queue full, rate limit)."""
         # The queue and the rate limit are shared with other clients: wait rather than give up the item.
         busy = retrying(
-            on=lambda exc: isinstance(exc, GatewayError) and exc.status == 429,
+            on=lambda exc: isinstance(exc, APIStatusError) and exc.status == 429,
             first_s=0.5,
             cap_s=BUSY_MAX_WAIT_S,
             attempts=BUSY_RETRIES + 1,
@@ -262,15 +265,15 @@ class EvalRunner:
     async def _follow(self, job_id: str) -> JobDocument:
         """Count `round` events until the job ends; poll if the stream breaks off."""
         seen = 0
-        with contextlib.suppress(GatewayError, httpx.HTTPError):
+        with contextlib.suppress(GcrError, httpx.HTTPError):
             async for event in self.client.events(job_id):
                 if event.type == "round":
                     seen += 1
                     self.progress.round_done()
-        doc = await self._patiently(lambda: self.client.job(job_id))
+        doc = await self._patiently(lambda: self.client.get(job_id))
         while doc.status not in TERMINAL_STATUSES:
             await asyncio.sleep(POLL_S)
-            doc = await self._patiently(lambda: self.client.job(job_id))
+            doc = await self._patiently(lambda: self.client.get(job_id))
         for _ in range(len(doc.rounds) - seen):
             self.progress.round_done()
         return doc
@@ -280,7 +283,7 @@ class EvalRunner:
         if doc.best is None or doc.best.image_url is None:
             return None
         url = doc.best.image_url
-        png = await self._patiently(lambda: self.client.image(url))
+        png = await self._patiently(lambda: self.client.download(url))
         path = self.folders[policy.name].image_path(item.id)
         await asyncio.to_thread(write_atomic, path, png)
         return str(path.relative_to(self.folders[policy.name].path))

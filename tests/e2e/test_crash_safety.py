@@ -71,7 +71,7 @@ async def test_sigkilled_workers_lose_no_job_and_repeat_no_round(stack: Stack) -
         worker_id = f"doomed-{kill}"
         proc = worker_process(stack, worker_id)
         async with asyncio.timeout(30):  # until it runs jobs (start-up time varies with load)
-            while worker_id not in [(await stack.client.job(i)).worker for i in ids]:
+            while worker_id not in [(await stack.client.get(i)).worker for i in ids]:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(rng.uniform(0.1, 0.8))  # then cut it at a random point of a round
         proc.send_signal(signal.SIGKILL)
@@ -95,7 +95,7 @@ async def test_a_job_that_keeps_crashing_workers_is_dead_lettered(stack: Stack) 
     for attempt in range(2):
         proc = worker_process(stack, f"crash-{attempt}", GCR_MAX_ATTEMPTS="2")
         async with asyncio.timeout(20):
-            while (await stack.client.job(job_id)).attempts <= attempt:
+            while (await stack.client.get(job_id)).attempts <= attempt:
                 await asyncio.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -132,9 +132,9 @@ async def test_redis_restart_with_aof_loses_nothing(own_redis, standin_url: str)
                     await asyncio.sleep(0.1)
 
         for job_id in finished:
-            doc = await stack.client.job(job_id)
+            doc = await stack.client.get(job_id)
             assert doc.status == "succeeded" and len(doc.rounds) == 1
-            assert doc.best is not None and await stack.client.image(doc.best.image_url or "")
+            assert doc.best is not None and await stack.client.download(doc.best.image_url or "")
         for job_id in queued:  # the queue survived too: the worker picks them up
             assert (await stack.wait(job_id, timeout_s=20)).status == "succeeded"
         assert worker.active == {}

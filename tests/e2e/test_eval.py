@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from service.client import GcrClient
+from gcr import AsyncClient, JobDocument
 from service.evaluation.cli import eval_command, run_eval
 from service.evaluation.dataset import load_prompts
 from service.evaluation.policies import build_policies
@@ -43,17 +44,17 @@ def write_prompts(folder: Path) -> Path:
     return path
 
 
-class CountingClient(GcrClient):
+class CountingClient(AsyncClient):
     """Remembers what it submitted: the prompt and the job id the gateway answered."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.submitted: dict[str, str] = {}
 
-    async def submit(self, body: dict[str, Any], idempotency_key: str | None = None) -> str:
-        job_id = await super().submit(body, idempotency_key)
-        self.submitted[body["prompt"]] = job_id
-        return job_id
+    async def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> JobDocument:
+        job = await super().submit(body, idempotency_key=idempotency_key)
+        self.submitted[body["prompt"]] = job.id
+        return job
 
 
 def expected_summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
@@ -108,13 +109,15 @@ async def test_interrupted_eval_resumes_to_exactly_one_result_per_item(
 
     # Run 2: the command itself, in its own thread and event loop, against the same stack.
     resubmitted: list[str] = []
-    original_submit = GcrClient.submit
+    original_submit = AsyncClient.submit
 
-    async def counting_submit(self: GcrClient, body: dict[str, Any], idempotency_key: str | None = None) -> str:
+    async def counting_submit(
+        self: AsyncClient, body: Mapping[str, Any], *, idempotency_key: str | None = None
+    ) -> JobDocument:
         resubmitted.append(body["prompt"])
-        return await original_submit(self, body, idempotency_key)
+        return await original_submit(self, body, idempotency_key=idempotency_key)
 
-    monkeypatch.setattr(GcrClient, "submit", counting_submit)
+    monkeypatch.setattr(AsyncClient, "submit", counting_submit)
     args = [str(prompts), "--out", str(out), "--url", stack.url, "--policy", f"refine={json.dumps(POLICY)}"]
     outcome = await asyncio.to_thread(CliRunner().invoke, eval_command, [*args, "--concurrency", "3"])
     assert outcome.exit_code == 0, outcome.output

@@ -73,10 +73,10 @@ async def test_refine_from_best_uses_the_best_critique(stack: Stack) -> None:
 async def test_the_job_echoes_the_effective_policy_and_seed(stack: Stack) -> None:
     await stack.register_idle_worker()
     job_id = await stack.submit("echo", loop={"max_rounds": 2})
-    doc = await stack.client.job(job_id)
+    doc = await stack.client.get(job_id)
     assert doc.spec.loop == LoopParams(max_rounds=2)
     # an explicit null survives storage (it is not the default)
-    nulls = await stack.client.job(await stack.submit("nulls", loop={"patience": None}))
+    nulls = await stack.client.get(await stack.submit("nulls", loop={"patience": None}))
     assert nulls.spec.loop.patience is None
     assert doc.spec.generation.seed is not None
     assert doc.queue_position == 0 and doc.stage == "queued"

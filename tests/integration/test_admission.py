@@ -56,7 +56,7 @@ async def test_a_queued_job_no_worker_claims_expires_with_that_reason(
         await stack.start_worker()
         fresh = await stack.wait(await stack.submit("somebody came", loop={"max_rounds": 1}))
         assert fresh.status == "succeeded"
-        assert (await stack.client.job(job_id)).status == "expired"
+        assert (await stack.client.get(job_id)).status == "expired"
 
 
 async def test_a_finished_jobs_spec_shows_every_effective_value(stack: Stack) -> None:

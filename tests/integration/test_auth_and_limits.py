@@ -105,7 +105,7 @@ async def test_queue_cap_answers_429(redis_url: str, redis_prefix: str, standin_
             assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
             assert full.headers["Retry-After"]
             # queued jobs show their position
-            listing = [await stack.client.job((await http.get("/admin/jobs")).json()["jobs"][i]["id"]) for i in (0, 1)]
+            listing = [await stack.client.get((await http.get("/admin/jobs")).json()["jobs"][i]["id"]) for i in (0, 1)]
             assert sorted(d.queue_position for d in listing if d.queue_position is not None) == [0, 1]
 
 

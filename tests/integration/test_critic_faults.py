@@ -50,7 +50,7 @@ async def test_connection_refused_fails_fast_and_opens_the_breaker(stack: Stack)
     assert ready.status_code == 503
     # The breaker opened with job two's failure, before job three was submitted: an open
     # breaker claims nothing, so no wait can make this pass by luck.
-    assert (await stack.client.job(third)).status == "queued"
+    assert (await stack.client.get(third)).status == "queued"
 
 
 async def test_a_transient_500_is_retried_and_the_job_succeeds(stack: Stack) -> None:

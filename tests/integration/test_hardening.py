@@ -120,7 +120,7 @@ async def test_after_a_redis_restart_the_first_requests_succeed_and_streams_ride
             assert [a.status_code for a in answers] == [200] * 40
         await asyncio.wait_for(follower, timeout=60)
         assert "error" not in types and types[-1] == "end"
-        assert (await stack.client.job(job_id)).status == "succeeded"
+        assert (await stack.client.get(job_id)).status == "succeeded"
 
 
 async def test_each_route_has_its_own_body_limit(redis_url: str, redis_prefix: str, standin_url: str) -> None:

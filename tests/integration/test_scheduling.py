@@ -266,14 +266,14 @@ async def test_a_worker_at_capacity_leaves_new_jobs_to_another_worker(stack: Sta
     await stack.start_worker(generator="sim:2.6", max_inflight_jobs=1)  # w0: slow, one job at a time
     slow = await stack.submit("slow job", loop=ONE_ROUND)
     async with asyncio.timeout(10):
-        while (doc := await stack.client.job(slow)).status != "running":
+        while (doc := await stack.client.get(slow)).status != "running":
             await asyncio.sleep(0.05)
     assert doc.worker == "w0"
 
     await stack.start_worker(generator=QUICK, max_inflight_jobs=4)  # w1
     quick = await stack.wait(await stack.submit("quick job", loop=ONE_ROUND))
     assert quick.status == "succeeded" and quick.worker == "w1"
-    assert (await stack.client.job(slow)).status == "running", "w0 is still busy with the slow job"
+    assert (await stack.client.get(slow)).status == "running", "w0 is still busy with the slow job"
     assert (await stack.wait(slow)).worker == "w0"
 
 

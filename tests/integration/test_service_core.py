@@ -32,7 +32,7 @@ async def test_threshold_crossed_in_round_two(stack: Stack) -> None:
     # round 2 used the critic's refined request of round 1
     assert doc.rounds[1].prompt == "a red fox in snow [refined r0 c0]"
     assert doc.critic_model == "gcr-standin-critic"
-    png = await stack.client.image(doc.best.image_url or "")
+    png = await stack.client.download(doc.best.image_url or "")
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.size == (96, 64)
 
@@ -71,7 +71,7 @@ async def test_cancel_while_queued_never_runs(stack: Stack) -> None:
     await stack.start_worker()
     other = await stack.wait(await stack.submit("a later dog", loop={"max_rounds": 1}))
     assert other.status == "succeeded"
-    doc = await stack.client.job(job_id)
+    doc = await stack.client.get(job_id)
     assert doc.status == "cancelled" and doc.rounds == [] and doc.attempts == 0
 
 
@@ -80,7 +80,7 @@ async def test_cancel_while_running_stops_at_a_stage_boundary(stack: Stack) -> N
     await stack.start_worker(generator="sim:0.3")
     job_id = await stack.submit("a slow painting", loop={"max_rounds": 10, "threshold": 1.0, "patience": None})
     async with asyncio.timeout(10):
-        while (await stack.client.job(job_id)).status != "running":
+        while (await stack.client.get(job_id)).status != "running":
             await asyncio.sleep(0.02)
     await stack.client.cancel(job_id)
     doc = await stack.wait(job_id)
@@ -118,7 +118,7 @@ async def test_sse_delivers_round_events_in_order_and_ends(stack: Stack) -> None
     assert rounds == [0, 1, 2]
     assert types[-1] == "end"
     assert "stage" in types and "progress" in types
-    doc = await stack.client.job(job_id)
+    doc = await stack.client.get(job_id)
     assert doc.status == "succeeded" and doc.stop_reason == "accepted"
 
 

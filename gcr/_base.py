@@ -1,0 +1,137 @@
+"""What `Client` and `AsyncClient` share: building requests, reading answers, and the one
+retry policy. Only the sending differs between the two (httpx's sync and async clients).
+
+Retries: connection errors and answers 429, 502, 503 and 504 are retried up to
+`max_retries` times, after the answer's `Retry-After` when it has one (capped), else
+after an exponential backoff with jitter. A submit is retried only with an
+`Idempotency-Key` (the SDK makes one when the caller gives none), so a retried submit
+never makes a second job.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import uuid
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+
+from gcr.errors import APIConnectionError, APIStatusError, from_body
+from service.protocol import GenerationParams, JobEvent, LoopParams
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRY_AFTER_CAP_S = 60.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_CAP_S = 8.0
+USER_AGENT = "gcr-python"
+
+ImageInput = bytes | str | Path
+"""PNG/JPEG/WebP bytes, a path to such a file, or a base64 string / data: URI."""
+
+
+def headers(api_key: str | None) -> dict[str, str]:
+    values = {"user-agent": USER_AGENT}
+    if api_key:
+        values["authorization"] = f"Bearer {api_key}"
+    return values
+
+
+def encode_image(image: ImageInput) -> str:
+    """Base64 of an image given as bytes or a path; a string is passed as it is."""
+    if isinstance(image, Path):
+        image = image.read_bytes()
+    if isinstance(image, bytes):
+        return base64.b64encode(image).decode()
+    return image
+
+
+def generate_body(
+    prompt: str,
+    *,
+    mode: str | None,
+    source_image: ImageInput | None,
+    generation: GenerationParams | Mapping[str, Any] | None,
+    loop: LoopParams | Mapping[str, Any] | None,
+    priority: str | None,
+    callback_url: str | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt}
+    if source_image is not None:
+        body["source_image"] = encode_image(source_image)
+        body["mode"] = mode or "edit"
+    elif mode is not None:
+        body["mode"] = mode
+    for name, value in (("generation", generation), ("loop", loop)):
+        if value is not None:
+            body[name] = value.model_dump(exclude_unset=True) if isinstance(value, BaseModel) else dict(value)
+    if priority is not None:
+        body["priority"] = priority
+    if callback_url is not None:
+        body["callback_url"] = callback_url
+    return body
+
+
+def new_idempotency_key() -> str:
+    return f"gcr-sdk-{uuid.uuid4().hex}"
+
+
+def raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    raise from_body(response.status_code, body, retry_after(response))
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date), if any."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    import time
+
+    return max(0.0, when.timestamp() - time.time())
+
+
+def retry_delay(error: Exception, attempt: int, max_retries: int) -> float | None:
+    """Seconds to wait before retry number `attempt + 1`, or None when `error` is final."""
+    if attempt >= max_retries:
+        return None
+    if isinstance(error, APIStatusError):
+        if error.status not in RETRY_STATUSES:
+            return None
+        if error.retry_after_s is not None:
+            return min(error.retry_after_s, RETRY_AFTER_CAP_S)
+    elif not isinstance(error, APIConnectionError):
+        return None
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**attempt)
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def unreachable(base_url: httpx.URL, exc: httpx.TransportError) -> APIConnectionError:
+    return APIConnectionError(
+        f"cannot reach the gateway at {base_url} ({type(exc).__name__}: {exc}); "
+        "check the URL, and that `gcr serve` (or `gcr up --dev`) is running there"
+    )
+
+
+def stream_error(event: JobEvent) -> APIStatusError:
+    """An `error` event: the stream could not go on (its status line had already been sent)."""
+    data = event.data
+    return from_body(200, {"error": {"code": data.get("code", "stream_error"), "message": data.get("message", "")}})

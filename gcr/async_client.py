@@ -1,0 +1,192 @@
+"""`gcr.AsyncClient`: the asyncio client of a gcr gateway (`gcr.Client` mirrors it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+from gcr import _base
+from gcr._base import ImageInput
+from gcr.errors import APIConnectionError, GcrError, WaitTimeout
+from service.protocol import TERMINAL_STATUSES, Critique, GenerationParams, JobDocument, JobEvent, LoopParams
+
+EventCallback = Callable[[JobEvent], Any]
+
+
+class AsyncClient:
+    """Submit jobs, follow them and fetch their images.
+
+    `api_key` defaults to none (a gateway with auth off); errors are `gcr.errors` classes
+    chosen by the answer's `code`; 429/503 and connection errors are retried
+    `max_retries` times (after `Retry-After` when given)."""
+
+    def __init__(
+        self,
+        base_url: str = _base.DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        max_retries: int = 2,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.max_retries = max_retries
+        self.http = http_client or httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=_base.headers(api_key), timeout=timeout_s
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # --- requests, with the retry policy ---------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                try:
+                    response = await self.http.request(method, path, **kwargs)
+                except httpx.TransportError as exc:
+                    raise _base.unreachable(self.http.base_url, exc) from exc
+                _base.raise_for_status(response)
+                return response
+            except GcrError as error:
+                delay = _base.retry_delay(error, attempt, self.max_retries)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    # --- jobs ------------------------------------------------------------------------------
+    async def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> JobDocument:
+        """POST /generate with a raw request body; returns the queued job."""
+        key = idempotency_key or _base.new_idempotency_key()
+        response = await self._request("POST", "/generate", json=dict(body), headers={"Idempotency-Key": key})
+        return JobDocument.model_validate(response.json())
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        mode: str | None = None,
+        source_image: ImageInput | None = None,
+        generation: GenerationParams | Mapping[str, Any] | None = None,
+        loop: LoopParams | Mapping[str, Any] | None = None,
+        priority: str | None = None,
+        callback_url: str | None = None,
+        wait: bool | float = False,
+        on_event: EventCallback | None = None,
+        idempotency_key: str | None = None,
+    ) -> JobDocument:
+        """Submit a job; with `wait` (True, or a timeout in seconds) return it finished."""
+        body = _base.generate_body(
+            prompt,
+            mode=mode,
+            source_image=source_image,
+            generation=generation,
+            loop=loop,
+            priority=priority,
+            callback_url=callback_url,
+        )
+        job = await self.submit(body, idempotency_key=idempotency_key)
+        if wait is False:
+            return job
+        return await self.wait(job.id, timeout=None if wait is True else float(wait), on_event=on_event)
+
+    async def get(self, job_id: str) -> JobDocument:
+        return JobDocument.model_validate((await self._request("GET", f"/jobs/{job_id}")).json())
+
+    async def cancel(self, job_id: str) -> JobDocument:
+        return JobDocument.model_validate((await self._request("DELETE", f"/jobs/{job_id}")).json())
+
+    async def wait(
+        self, job_id: str, *, timeout: float | None = None, on_event: EventCallback | None = None
+    ) -> JobDocument:
+        """The job once it ended, following its events; `WaitTimeout` after `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                async for event in self.events(job_id):
+                    if on_event is not None:
+                        on_event(event)
+                doc = await self.get(job_id)
+                while doc.status not in TERMINAL_STATUSES:  # the stream ended early (e.g. expired)
+                    await asyncio.sleep(0.5)
+                    doc = await self.get(job_id)
+                return doc
+        except TimeoutError:
+            raise WaitTimeout(f"job {job_id} did not end within {timeout:g}s; it goes on", job_id) from None
+
+    async def events(self, job_id: str, *, reconnects: int = 5) -> AsyncIterator[JobEvent]:
+        """The job's events until `end`. A dropped connection is resumed with `Last-Event-ID`
+        (up to `reconnects` times in a row without a new event)."""
+        last_id: str | None = None
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                async with aconnect_sse(
+                    self.http, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=None)
+                ) as source:
+                    if source.response.status_code >= 400:
+                        await source.response.aread()
+                        _base.raise_for_status(source.response)
+                    async for sse in source.aiter_sse():
+                        event = JobEvent.model_validate_json(sse.data)
+                        last_id, failures = sse.id or last_id, 0
+                        if event.type == "error":
+                            raise _base.stream_error(event)
+                        yield event
+                        if event.type == "end":
+                            return
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > reconnects:
+                    raise _base.unreachable(self.http.base_url, exc) from exc
+                await asyncio.sleep(min(2.0, 0.2 * 2**failures))
+
+    # --- images and critiques --------------------------------------------------------------
+    async def image(self, job_id: str, round: int, candidate: int = 0) -> bytes:
+        """PNG bytes of one candidate (`round` and `candidate` count from 0, as in the document)."""
+        return (await self._request("GET", f"/jobs/{job_id}/images/{round}/{candidate}")).content
+
+    async def best_image(self, job_id: str) -> bytes:
+        """PNG bytes of the job's best candidate over all rounds."""
+        doc = await self.get(job_id)
+        if doc.best is None:
+            raise GcrError(f"job {job_id} has no image yet (status {doc.status})")
+        return await self.image(job_id, doc.best.round, doc.best.candidate)
+
+    async def download(self, url: str) -> bytes:
+        """The bytes behind a link of a job document (with this client's key)."""
+        return (await self._request("GET", url)).content
+
+    async def critique(
+        self, instruction: str, image: ImageInput, *, source_image: ImageInput | None = None, mode: str | None = None
+    ) -> Critique:
+        """Judge one image with the gateway's reward model (POST /critique)."""
+        body: dict[str, Any] = {"instruction": instruction, "image": _base.encode_image(image)}
+        if source_image is not None:
+            body["source_image"] = _base.encode_image(source_image)
+        if mode is not None:
+            body["mode"] = mode
+        return Critique.model_validate((await self._request("POST", "/critique", json=body)).json())
+
+    async def ready(self) -> dict[str, Any]:
+        """GET /readyz (200 or 503 alike): the gateway's readiness report."""
+        try:
+            response = await self.http.get("/readyz")
+        except httpx.TransportError as exc:
+            raise _base.unreachable(self.http.base_url, exc) from exc
+        with contextlib.suppress(ValueError):
+            report: dict[str, Any] = response.json()
+            return report
+        raise APIConnectionError(f"{self.http.base_url}/readyz did not answer JSON")
