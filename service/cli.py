@@ -17,8 +17,24 @@ from typing import Any
 import click
 
 from service.errors import GcrError
-from service.protocol import Mode
+from service.protocol import Critique, Mode
 from service.settings import Settings
+
+
+class SizeParam(click.ParamType[str]):
+    """WIDTHxHEIGHT, each side a multiple of 16 between 16 and 2048 (what the gateway accepts)."""
+
+    name = "WIDTHxHEIGHT"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        width, sep, height = str(value).lower().partition("x")
+        sides = [int(side) for side in (width, height) if side.isdigit()]
+        if not sep or len(sides) != 2 or any(side % 16 or not 16 <= side <= 2048 for side in sides):
+            self.fail(f"{value!r} is not WIDTHxHEIGHT with sides that are multiples of 16 in 16-2048, e.g. 1024x1024")
+        return f"{sides[0]}x{sides[1]}"
+
+
+SIZE = SizeParam()
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -61,7 +77,25 @@ def serve(host: str | None, port: int | None) -> None:
     )
 
 
-@main.command()
+WORKER_SETTINGS = (
+    "generator generator_device generator_dtype cpu_offload compile lora_path attention_backend memory_check "
+    "memory_retry_s cache_dir edit_max_edge max_batch batch_window_ms max_inflight_jobs max_inflight_critiques "
+    "heartbeat_s visibility_timeout_s max_attempts drain_grace_s worker_metrics_port redis_url redis_prefix "
+    "critic_base_url critic_model critic_edit_model critic_api_key critic_timeout_s critic_retries"
+).split()
+
+
+def _settings_epilog(names: list[str]) -> str:
+    """One line per setting: the GCR_ variable, its default, what it does (from service/settings.py)."""
+    lines = ["\b", "Settings it reads (environment variables):"]
+    for name in names:
+        field = Settings.model_fields[name]
+        default = "-" if field.default is None or field.default_factory is not None else field.default
+        lines.append(f"  GCR_{name.upper():28s} {default!s:14.14s} {field.description or ''}")
+    return "\n".join(lines)
+
+
+@main.command(epilog=_settings_epilog(WORKER_SETTINGS))
 def worker() -> None:
     """Run a GPU worker: load the generator, then claim and run jobs until SIGTERM."""
     settings = _settings()
@@ -111,12 +145,12 @@ async def run_worker(settings: Settings) -> None:
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Gateway base URL.")
 @click.option("--mode", type=click.Choice(["t2i", "edit"]), default=None, help="Default: edit with --source-image.")
 @click.option("--source-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
-@click.option("--max-rounds", type=int, default=None)
-@click.option("--threshold", type=float, default=None)
-@click.option("--candidates", type=int, default=None, help="Candidates per round.")
-@click.option("--seed", type=int, default=None)
-@click.option("--steps", type=int, default=None)
-@click.option("--size", default=None, help="WIDTHxHEIGHT, e.g. 1024x1024.")
+@click.option("--max-rounds", type=click.IntRange(1, 20), default=None, help="1-20 rounds at most.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Accept at this overall score (0-1).")
+@click.option("--candidates", type=click.IntRange(1, 8), default=None, help="Candidates per round (1-8).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None)
+@click.option("--steps", type=click.IntRange(1, 200), default=None, help="Denoising steps (1-200).")
+@click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT, each a multiple of 16 in 16-2048, e.g. 1024x1024.")
 @click.option("--wait/--no-wait", default=False, help="Follow the job to its end and save the best image.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("best.png"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final job document as JSON.")
@@ -137,7 +171,9 @@ def generate(
     as_json: bool,
     api_key: str | None,
 ) -> None:
-    """Submit PROMPT to a running gateway; with --wait, show progress and save the best image."""
+    """Submit PROMPT to a running gateway; with --wait, show progress and save the best image.
+
+    Rounds are numbered from 1 in what it prints (the job's JSON keeps `index` from 0)."""
     from service.console import build_request, submit_and_follow
 
     body = build_request(prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size)
@@ -151,36 +187,29 @@ def generate(
 @click.option("--source-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--mode", type=click.Choice(["t2i", "edit"]), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole Critique as JSON (default: a summary).")
-def critique(instruction: str, image: Path, source_image: Path | None, mode: str | None, as_json: bool) -> None:
-    """Critique one image with the configured critic (GCR_CRITIC_*); prints the Critique.
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Gateway base URL.")
+@click.option("--api-key", envvar="GCR_API_KEY", default=None, help="Bearer key (env GCR_API_KEY).")
+@click.option("--direct", is_flag=True, help="Call the critic of GCR_CRITIC_* directly instead of a gateway.")
+def critique(
+    instruction: str,
+    image: Path,
+    source_image: Path | None,
+    mode: str | None,
+    as_json: bool,
+    url: str,
+    api_key: str | None,
+    direct: bool,
+) -> None:
+    """Critique one image with the reward model, through a gateway (POST /critique); prints the Critique.
 
-    Exits non-zero with a one-line reason when the critic is unreachable or its answer unparseable."""
-    from workers.critics.client import OpenAICritic
-
-    settings = _settings()
+    Exits non-zero with a one-line reason when the gateway or the critic is unreachable or
+    its answer unparseable."""
     chosen: Mode = "edit" if mode == "edit" or (mode is None and source_image) else "t2i"
-
-    async def run() -> Any:
-        critic = OpenAICritic(settings)
-        try:
-            return await critic.critique(
-                instruction,
-                image.read_bytes(),
-                source_image.read_bytes() if source_image else None,
-                mode=chosen,
-            )
-        finally:
-            await critic.aclose()
-
-    # One line on failure, below: the client's own warning (with the URL) would be a second.
-    logging.getLogger("gcr.critic").setLevel(logging.ERROR)
-    try:
-        result = asyncio.run(run())
-    except GcrError as exc:
-        from workers.critics.client import redacted
-
-        where = redacted(settings.critic_base_url)
-        raise click.ClickException(f"{exc.code}: {exc.message} (GCR_CRITIC_BASE_URL={where})") from exc
+    result = (
+        _critique_direct(instruction, image, source_image, chosen)
+        if direct
+        else _critique_via(url, api_key, instruction, image, source_image, chosen)
+    )
     if as_json:
         click.echo(result.model_dump_json(indent=2))
         return
@@ -188,6 +217,44 @@ def critique(instruction: str, image: Path, source_image: Path | None, mode: str
     for name, dim in result.dimensions.items():
         click.echo(f"  {name:20s} {'N/A' if dim.score is None else f'{dim.score:.2f}'}")
     click.echo(f"refined request: {result.refined_request}")
+
+
+def _critique_via(
+    url: str, api_key: str | None, instruction: str, image: Path, source_image: Path | None, mode: Mode
+) -> Critique:
+    import gcr
+    from gcr.errors import APIStatusError, GcrError
+
+    try:
+        with gcr.Client(url, api_key=api_key) as client:
+            return client.critique(instruction, image, source_image=source_image, mode=mode)
+    except APIStatusError as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from exc
+    except GcrError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+def _critique_direct(instruction: str, image: Path, source_image: Path | None, mode: Mode) -> Critique:
+    from workers.critics.client import OpenAICritic, redacted
+
+    settings = _settings()
+
+    async def run() -> Critique:
+        critic = OpenAICritic(settings)
+        try:
+            return await critic.critique(
+                instruction, image.read_bytes(), source_image.read_bytes() if source_image else None, mode=mode
+            )
+        finally:
+            await critic.aclose()
+
+    # One line on failure, below: the client's own warning (with the URL) would be a second.
+    logging.getLogger("gcr.critic").setLevel(logging.ERROR)
+    try:
+        return asyncio.run(run())
+    except GcrError as exc:
+        where = redacted(settings.critic_base_url)
+        raise click.ClickException(f"{exc.code}: {exc.message} (GCR_CRITIC_BASE_URL={where})") from exc
 
 
 @main.command("model-defaults")
@@ -223,7 +290,7 @@ def model_defaults(model: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--dev", is_flag=True, required=True, help="Offline stack: tiny pipeline and stand-in critic.")
+@click.option("--dev", is_flag=True, help="The offline stack: tiny pipeline and stand-in critic (the only one so far).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--generator", default="tiny:sd", show_default=True, help="GCR_GENERATOR for the worker.")
 @click.option("--demo", is_flag=True, help="Submit one demo job, print it when done, and exit.")
@@ -231,6 +298,10 @@ def up(dev: bool, port: int, generator: str, demo: bool) -> None:
     """Run the whole stack on this machine: Redis (if none answers), gateway, worker, stand-in critic."""
     from service.devstack import run_dev_stack
 
+    if not dev:
+        raise click.UsageError(
+            "gcr up runs the offline stack only: add --dev. On a GPU host use docker compose (README: On a GPU host)."
+        )
     _logging("text")
     try:
         code = asyncio.run(run_dev_stack(port=port, generator=generator, demo=demo))

@@ -3,6 +3,7 @@ critique as a service (`POST /critique`, `gcr critique`) against the stand-in ov
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -64,7 +65,7 @@ async def test_edit_job_on_tiny_kontext(stack: Stack, generator_settings: Callab
     ]
     assert len(images) == 2
     # the edited image keeps the source's aspect (long edge bounded by the tiny pipeline's cap)
-    edited = Image.open(io.BytesIO(await stack.client.image(doc.best.image_url or "")))  # type: ignore[union-attr]
+    edited = Image.open(io.BytesIO(await stack.client.download(doc.best.image_url or "")))  # type: ignore[union-attr]
     assert edited.size[0] > edited.size[1]
     async with httpx.AsyncClient() as http:
         linked = await http.get(doc.links["source_image"])
@@ -82,7 +83,7 @@ async def test_a_t2i_worker_leaves_edit_jobs_to_edit_workers(
     )
     t2i = await stack.wait(await stack.submit("a hat", loop={"max_rounds": 1}), timeout_s=60)
     assert t2i.status == "succeeded" and t2i.generator_model == "tiny:sd"
-    assert (await stack.client.job(job_id)).status == "queued"
+    assert (await stack.client.get(job_id)).status == "queued"
     await stack.start_worker(generator="sim:0.0")  # serves both modes
     assert (await stack.wait(job_id)).status == "succeeded"
 
@@ -119,30 +120,46 @@ def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("mode", ["t2i", "edit"])
-def test_gcr_critique_cli(standin_url: str, tmp_path: Path, mode: str) -> None:
+async def test_gcr_critique_cli_goes_through_the_gateway(stack: Stack, tmp_path: Path, mode: str) -> None:
     image = tmp_path / "image.png"
     image.write_bytes(png((64, 64), "green"))
-    args = ["critique", "--instruction", "a green apple", "--image", str(image), "--json"]
+    args = ["critique", "--instruction", "a green apple", "--image", str(image), "--json", "--url", stack.url]
     if mode == "edit":
         source = tmp_path / "source.png"
         source.write_bytes(png((64, 64), "red"))
         args += ["--source-image", str(source)]
-    result = run_cli(args, GCR_CRITIC_BASE_URL=standin_url, GCR_CRITIC_MODEL="gcr-standin-critic")
+    result = await asyncio.to_thread(run_cli, args)  # the gateway answers on this test's event loop
     assert result.returncode == 0, result.stderr
     critique = json.loads(result.stdout)
     assert ("image_faithfulness" in critique["dimensions"]) == (mode == "edit")
+    assert critique["model"] == "gcr-standin-critic"
+
+
+def test_gcr_critique_direct_calls_the_configured_critic(standin_url: str, tmp_path: Path) -> None:
+    image = tmp_path / "image.png"
+    image.write_bytes(png((64, 64), "green"))
+    args = ["critique", "--direct", "--instruction", "a green apple", "--image", str(image), "--json"]
+    result = run_cli(args, GCR_CRITIC_BASE_URL=standin_url, GCR_CRITIC_MODEL="gcr-standin-critic")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["model"] == "gcr-standin-critic"
 
 
 def test_gcr_critique_cli_fails_with_one_line_when_unreachable(tmp_path: Path) -> None:
     image = tmp_path / "image.png"
     image.write_bytes(png((64, 64), "green"))
-    result = run_cli(
-        ["critique", "--instruction", "x", "--image", str(image)],
-        GCR_CRITIC_BASE_URL="http://127.0.0.1:9/v1",
+    gateway = run_cli(["critique", "--instruction", "x", "--image", str(image), "--url", "http://127.0.0.1:9"])
+    assert gateway.returncode != 0
+    assert (
+        gateway.stderr.strip().count("\n") == 0 and "cannot reach the gateway at http://127.0.0.1:9" in gateway.stderr
+    )
+    direct = run_cli(
+        ["critique", "--direct", "--instruction", "x", "--image", str(image)],
+        GCR_CRITIC_BASE_URL="http://gcr:s3cret@127.0.0.1:9/v1",
         GCR_CRITIC_RETRIES="0",
     )
-    assert result.returncode != 0
-    assert result.stderr.strip().count("\n") == 0 and "critic_unavailable" in result.stderr
+    assert direct.returncode != 0
+    assert direct.stderr.strip().count("\n") == 0 and "critic_unavailable" in direct.stderr
+    assert "s3cret" not in direct.stderr
 
 
 def test_worker_with_an_unloadable_model_fails_start_up_with_one_line(tmp_path: Path) -> None:
