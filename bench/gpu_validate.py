@@ -38,9 +38,13 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bench.common import write_json  # noqa: E402
-from service.errors import GeneratorError, GeneratorOutOfMemory  # noqa: E402
+from service.errors import (  # noqa: E402
+    GenerationInterrupted,
+    GeneratorError,
+    GeneratorOutOfMemory,
+)
 from service.settings import Settings  # noqa: E402
-from workers.generators.base import GenerationInterrupted, GenRequest  # noqa: E402
+from workers.generators.base import GenRequest  # noqa: E402
 from workers.generators.diffusers_backend import DiffusersGenerator  # noqa: E402
 from workers.generators.loading import prepare_pipeline  # noqa: E402
 from workers.generators.memory import GIB, MemoryEstimate, build_module, count_parameters  # noqa: E402

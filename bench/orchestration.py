@@ -80,10 +80,10 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from gcr import AsyncClient  # noqa: E402
+from service.critic.client import OpenAICritic  # noqa: E402
 from service.protocol import JobDocument  # noqa: E402
 from service.servers import free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from workers.critics.client import OpenAICritic  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402
 from workers.generators.base import Generator, GenRequest, InterruptCheck, StepCallback  # noqa: E402
 from workers.generators.simulated import SimulatedGenerator  # noqa: E402

@@ -108,7 +108,7 @@ def worker() -> None:
 
 async def run_worker(settings: Settings) -> None:
     """Build the worker's backends and run it; SIGTERM/SIGINT drain it."""
-    from workers.critics.client import OpenAICritic
+    from service.critic.client import OpenAICritic
     from workers.generators import load_generator
     from workers.generators.loading import resolve_device
     from workers.preflight import checked_model, hold_until_it_fits
@@ -235,7 +235,7 @@ def _critique_via(
 
 
 def _critique_direct(instruction: str, image: Path, source_image: Path | None, mode: Mode) -> Critique:
-    from workers.critics.client import OpenAICritic, redacted
+    from service.critic.client import OpenAICritic, redacted
 
     settings = _settings()
 

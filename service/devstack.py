@@ -138,7 +138,7 @@ async def dev_stack(
     stand-in (`standin`, default: the demo schedule for every instruction). The
     worker installs no signal handlers: Ctrl-C stays with the caller.
     """
-    from workers.critics.client import OpenAICritic
+    from service.critic.client import OpenAICritic
     from workers.critics.standin import running_standin
     from workers.critics.standin_config import StandinConfig, StandinRule
     from workers.generators import load_generator

@@ -19,7 +19,12 @@
     │   └── CritiqueUnparseable 502 the answer was read but could not be parsed
     └── GeneratorError         500  the diffusion pipeline failed
         ├── GeneratorOutOfMemory    CUDA OOM even at batch size 1
+        ├── GenerationInterrupted   a cancel stopped denoising (no images)
         └── DeviceUnavailable       the configured device (cuda) is not usable: the worker exits
+
+Not GcrErrors, since no client ever sees them: `OwnershipLost` (another worker took a
+job over: stop touching it) and `TemplateError` (a critic template folder is unusable,
+raised at start-up).
 
 Dependencies' exceptions (redis, httpx, torch) are translated into these at the
 boundary of the client that calls them, nowhere else. A job's failure is stored
@@ -180,3 +185,17 @@ class DeviceUnavailable(GeneratorError):
     """The worker was told to use a GPU it cannot use (no driver, too old a driver, no such index)."""
 
     code = "device_unavailable"
+
+
+class GenerationInterrupted(GeneratorError):
+    """`generate` stopped early because `interrupt()` returned True; it made no images."""
+
+    code = "generator_interrupted"
+
+
+class OwnershipLost(Exception):
+    """Another worker took the job over (or it ended): stop touching it."""
+
+
+class TemplateError(ValueError):
+    """A template folder or manifest is unusable (raised at start-up)."""

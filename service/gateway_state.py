@@ -20,7 +20,7 @@ from service.store import JobStore
 from service.uploads import check_image, check_mode_images, decode_base64_image
 
 if TYPE_CHECKING:
-    from workers.critics.client import OpenAICritic
+    from service.critic.client import OpenAICritic
 
 
 def _fingerprint(spec: GenerateRequest) -> str:
@@ -129,7 +129,7 @@ class GatewayState:
     # --- critique as a service --------------------------------------------------------------
     def critic(self) -> OpenAICritic:
         if self._critic is None:
-            from workers.critics.client import OpenAICritic  # no torch: the critic is HTTP only
+            from service.critic.client import OpenAICritic  # no torch: the critic is HTTP only
 
             self._critic = OpenAICritic(self.settings)
         return self._critic

@@ -12,6 +12,7 @@ import uvicorn
 from gcr import AsyncClient
 from service import servers
 from service.api import create_app
+from service.critic.client import OpenAICritic
 from service.errors import GcrError
 from service.keys import Keys
 from service.protocol import JobDocument
@@ -19,7 +20,6 @@ from service.queue import JobQueue
 from service.redis_client import connect
 from service.servers import free_port
 from service.settings import Settings
-from workers.critics.client import OpenAICritic
 from workers.critics.standin_config import StandinConfig
 from workers.generators import load_generator
 from workers.worker import Worker

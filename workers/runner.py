@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
-from service.errors import CriticError, GcrError, GeneratorError, StoreUnavailable
+from service.errors import CriticError, GcrError, GeneratorError, OwnershipLost, StoreUnavailable
 from service.logs import current_job
 from service.protocol import (
     BestCandidate,
@@ -55,10 +55,6 @@ class Critic(Protocol):
     async def critique(
         self, instruction: str, image: bytes, source_image: bytes | None = None, mode: Mode | None = None
     ) -> Critique: ...
-
-
-class OwnershipLost(Exception):
-    """Another worker took the job over (or it ended): stop touching it."""
 
 
 class JobRunner:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from service.errors import GcrError, StoreUnavailable
+from service.errors import GcrError, OwnershipLost, StoreUnavailable
 from service.keys import Keys
 from service.protocol import JobError
 from service.queue import Claim, JobQueue
@@ -28,7 +28,7 @@ from service.webhooks import WebhookNotifier
 from workers import metrics
 from workers.critics.breaker import CircuitBreaker, GuardedCritic
 from workers.generators.base import Generator
-from workers.runner import Critic, JobRunner, OwnershipLost
+from workers.runner import Critic, JobRunner
 from workers.scheduler import GenerationScheduler
 
 log = logging.getLogger("gcr.worker")

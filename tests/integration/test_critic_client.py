@@ -18,15 +18,15 @@ import pytest
 from openai.types.chat import ChatCompletion
 from PIL import Image, PngImagePlugin
 
+from service.critic import client as client_module
+from service.critic.client import OpenAICritic
+from service.critic.parser import critique_regex, parse_critique
+from service.critic.templates import data_uri, load_templates
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
 from service.servers import free_port
 from service.settings import Settings
-from workers.critics import client as client_module
-from workers.critics.client import OpenAICritic
-from workers.critics.parser import critique_regex, parse_critique
 from workers.critics.standin import GARBAGE_ANSWER, running_standin
 from workers.critics.standin_config import StandinConfig
-from workers.critics.templates import data_uri, load_templates
 
 TEMPLATES = load_templates()
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from service.errors import GeneratorError, GeneratorOutOfMemory
+from service.errors import GenerationInterrupted, GeneratorError, GeneratorOutOfMemory
 from service.settings import Settings
-from workers.generators.base import GenerationInterrupted, GenRequest, InterruptCheck, StepCallback
+from workers.generators.base import GenRequest, InterruptCheck, StepCallback
 from workers.generators.diffusers_backend import DiffusersGenerator, translate_error
 from workers.generators.oom import generate_splitting_on_oom
 from workers.generators.simulated import SimulatedGenerator

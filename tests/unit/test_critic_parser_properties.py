@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from service.critic.parser import NOT_APPLICABLE_ALLOWED, critique_regex, parse_critique
+from service.critic.templates import Template, load_templates
 from service.errors import CritiqueUnparseable
 from service.protocol import TEXT_FAITHFULNESS
-from workers.critics.parser import NOT_APPLICABLE_ALLOWED, critique_regex, parse_critique
-from workers.critics.templates import Template, load_templates
 
 TEMPLATES = load_templates()
 WORDS = [

@@ -22,16 +22,16 @@ from openai.types.chat.completion_create_params import CompletionCreateParamsNon
 from PIL import Image, PngImagePlugin
 from pydantic import TypeAdapter
 
-from service.settings import Settings
-from workers.critics.client import OpenAICritic
-from workers.critics.templates import (
+from service.critic.client import OpenAICritic
+from service.critic.templates import (
     Template,
-    TemplateError,
     build_messages,
     encode_image,
     load_templates,
     packaged_templates_dir,
 )
+from service.errors import TemplateError
+from service.settings import Settings
 
 # A copy kept beside the tests (the shared reference lives outside the checkout).
 REFERENCE = Path(__file__).resolve().parent / "reference_rationalrewards"

@@ -9,10 +9,10 @@ import time
 import pytest
 from PIL import Image
 
-from service.errors import GeneratorError
+from service.errors import GenerationInterrupted, GeneratorError
 from service.settings import Settings
 from workers.generators import load_generator
-from workers.generators.base import GenerationInterrupted, GenRequest
+from workers.generators.base import GenRequest
 from workers.generators.simulated import SimulatedGenerator, parse_spec
 
 

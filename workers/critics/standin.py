@@ -41,10 +41,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from service.critic.templates import load_templates
 from service.protocol import overall_score
 from service.servers import serving_in_thread
 from workers.critics.standin_config import ScoreEntry, StandinConfig
-from workers.critics.templates import load_templates
 
 STANDIN_FINGERPRINT = "gcr-standin"
 GARBAGE_ANSWER = (

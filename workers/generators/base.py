@@ -29,12 +29,6 @@ InterruptCheck = Callable[[], bool]
 `generate` then raises `GenerationInterrupted`."""
 
 
-class GenerationInterrupted(GeneratorError):
-    """`generate` stopped early because `interrupt()` returned True; it made no images."""
-
-    code = "generator_interrupted"
-
-
 @dataclass(frozen=True)
 class GenRequest:
     """One image to make. Unset fields (None) take the backend's defaults."""

@@ -43,10 +43,9 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from service.errors import GcrError, GeneratorError, GeneratorOutOfMemory
+from service.errors import GcrError, GenerationInterrupted, GeneratorError, GeneratorOutOfMemory
 from workers.generators.base import (
     ALLOWED_EXTRA_KWARGS,
-    GenerationInterrupted,
     GenRequest,
     InterruptCheck,
     StepCallback,

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
 
-from service.errors import GeneratorError
+from service.errors import GenerationInterrupted, GeneratorError
 from workers.generators.base import (
     ALLOWED_EXTRA_KWARGS,
-    GenerationInterrupted,
     GenRequest,
     InterruptCheck,
     StepCallback,

@@ -25,17 +25,19 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from prometheus_client import Counter
 from tenacity import RetryCallState
 
+from service.critic.parser import critique_regex, parse_critique
+from service.critic.templates import ImageInput, Template, build_messages, load_templates
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
 from service.protocol import Critique, Mode
 from service.retrying import retrying
 from service.settings import Settings
-from workers import metrics
-from workers.critics.parser import critique_regex, parse_critique
-from workers.critics.templates import ImageInput, Template, build_messages, load_templates
 
 log = logging.getLogger("gcr.critic")
+
+CRITIC_RETRIES = Counter("gcr_critic_retries_total", "Critic requests retried, by cause.", ["reason"])
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 8.0
@@ -214,7 +216,7 @@ class OpenAICritic:
                 # The address (and any credentials in it) is for the logs, never for clients.
                 log.warning("critic at %s unreachable: %r", redacted(self.settings.critic_base_url), exc)
             else:
-                metrics.CRITIC_RETRIES.labels("connection").inc()
+                CRITIC_RETRIES.labels("connection").inc()
             final = CriticUnavailable(
                 f"the critic is unreachable ({type(exc).__name__} after {attempts} attempt(s)); "
                 "check that the reward model server (vLLM) is up"
@@ -227,7 +229,7 @@ class OpenAICritic:
             raise CriticUnavailable(f"the critic request failed ({type(exc).__name__})") from exc
         if response.status_code in _RETRY_STATUSES:
             if not last:
-                metrics.CRITIC_RETRIES.labels(str(response.status_code)).inc()
+                CRITIC_RETRIES.labels(str(response.status_code)).inc()
             final = CriticUnavailable(
                 f"critic answered HTTP {response.status_code} after {attempts} attempt(s): {_error_message(response)}"
             )

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from PIL import Image, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from service.errors import TemplateError
 from service.protocol import DIMENSIONS, Mode
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -44,10 +45,6 @@ ImageInput = bytes | Image.Image
 
 # Formats a vision server decodes as they are; anything else is re-encoded as PNG.
 _PASS_THROUGH_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-
-
-class TemplateError(ValueError):
-    """A template folder or manifest is unusable (raised at start-up)."""
 
 
 class _Dimension(BaseModel):
@@ -94,7 +91,7 @@ class Template:
 
 def packaged_templates_dir() -> Path:
     """The folder of the templates shipped with the package."""
-    return Path(str(resources.files("workers.critics") / "templates"))
+    return Path(str(resources.files("service.critic") / "templates"))
 
 
 def load_templates(directory: Path | None = None) -> dict[str, Template]:
