@@ -26,7 +26,7 @@ from service.body_limit import BodyLimitMiddleware
 from service.errors import GcrError, RateLimited, Unauthorized
 from service.gateway_state import GatewayState
 from service.protocol import ErrorBody, ErrorResponse
-from service.routers import admin, critique, health, jobs, openai_compat
+from service.routers import admin, critique, health, jobs, openai_compat, studio
 from service.settings import Settings
 from service.submit import JSON_OVERHEAD_BYTES
 
@@ -118,8 +118,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     http_metrics.install(app)
 
-    for router in (jobs.router, critique.router, admin.router, health.router, openai_compat.router):
+    for router in (jobs.router, critique.router, admin.router, health.router, openai_compat.router, studio.router):
         app.include_router(router)
+    app.mount("/studio/static", studio.static, name="studio-static")
     return app
 
 

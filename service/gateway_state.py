@@ -74,9 +74,13 @@ class GatewayState:
         if not caller.admin:
             raise Unauthorized("this route needs an admin key (GCR_ADMIN_KEYS)")
 
-    async def recent_jobs(self, limit: int, before: float | None) -> list[JobDocument]:
+    async def recent_jobs(self, limit: int, before: float | None, tenant: str | None = None) -> list[JobDocument]:
+        """Newest first: every tenant's (admin listing), or one tenant's."""
+        ids = await (
+            self.store.recent_ids(limit, before) if tenant is None else self.store.tenant_ids(tenant, limit, before)
+        )
         docs = []
-        for job_id in await self.store.recent_ids(limit, before):
+        for job_id in ids:
             try:
                 docs.append(await self.store.get(job_id))
             except NotFound:  # expired between the two reads

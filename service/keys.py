@@ -61,6 +61,12 @@ class Keys:
         """Sorted set of every job id by creation time, for the admin listing."""
         return f"{self.prefix}:jobs"
 
+    def tenant_jobs(self, tenant: str) -> str:
+        """Sorted set of one tenant's job ids by creation time: `GET /jobs` and the studio's list.
+        The tenant is hashed into the name, like idempotency keys (names may hold any text)."""
+        digest = hashlib.sha256(tenant.encode()).hexdigest()[:32]
+        return f"{self.prefix}:tenant:{digest}:jobs"
+
     def queued_index(self) -> str:
         """Sorted set of queued job ids by enqueue order: queue position and the queue cap."""
         return f"{self.prefix}:queued"

@@ -43,7 +43,7 @@ return 'terminal'
 """
 
 # Admission and enqueue in one step, so concurrent submits cannot overshoot the queue cap.
-# KEYS: job, source image, queued index, all jobs, queue stream.
+# KEYS: job, source image, queued index, all jobs, queue stream, the tenant's jobs.
 # ARGV: cap (0: none), ttl, queue order, created_at, id, oldest kept, has source, source bytes, field pairs...
 _CREATE = """
 if tonumber(ARGV[1]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
@@ -53,6 +53,9 @@ if ARGV[7] == '1' then redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[2]) end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
+redis.call('ZADD', KEYS[6], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[6])
+redis.call('EXPIRE', KEYS[6], ARGV[2])
 redis.call('XADD', KEYS[5], '*', 'job', ARGV[5])
 return 1
 """
@@ -174,6 +177,13 @@ class JobStore:
         return [i.decode() for i in ids]
 
     @idempotent_read
+    async def tenant_ids(self, tenant: str, limit: int, before: float | None = None) -> list[str]:
+        """One tenant's job ids, newest first, created before `before`."""
+        top = "+inf" if before is None else f"({before}"
+        ids = await self.redis.zrevrangebyscore(self.keys.tenant_jobs(tenant), top, "-inf", start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    @idempotent_read
     async def get_image(self, job_id: str, round_index: int, candidate: int) -> bytes:
         data = await self.redis.get(self.keys.image(job_id, round_index, candidate))
         if data is None:
@@ -218,6 +228,7 @@ class JobStore:
             self.keys.queued_index(),
             self.keys.all_jobs(),
             self.keys.queue(doc.spec.mode, priority),
+            self.keys.tenant_jobs(doc.owner or ""),
         ]
         args: list[Any] = [queue_max, self.ttl_s, order, doc.created_at, doc.id, doc.created_at - self.ttl_s]
         args += ["1", source_png] if source_png is not None else ["0", ""]

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
@@ -16,7 +16,7 @@ from service import links
 from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Caller, JobId, State
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.gateway_state import GatewayState
-from service.protocol import TERMINAL_STATUSES, JobDocument, JobEvent
+from service.protocol import TERMINAL_STATUSES, JobDocument, JobEvent, JobList
 from service.submit import parse_generate_body, submit
 
 router = APIRouter(tags=["jobs"])
@@ -99,6 +99,22 @@ async def generate(
     if wait_s:
         headers["Preference-Applied"] = f"wait={wait_s:g}"
     return document(links.render(doc, base), status, headers)
+
+
+@router.get("/jobs", response_model=JobList, responses=ERROR_RESPONSES)
+async def list_jobs(
+    request: Request,
+    state: State,
+    caller: Caller,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[
+        float | None, Query(allow_inf_nan=False, description="Only jobs created before this timestamp.")
+    ] = None,
+) -> JobList:
+    """Your jobs (this key's tenant), newest first; page with `before` (a `created_at`)."""
+    base = links.base_url(request, state.settings)
+    docs = await state.recent_jobs(limit, before, tenant=caller.tenant)
+    return JobList(jobs=[links.render(doc, base) for doc in docs])
 
 
 @router.get("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)

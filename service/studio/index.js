@@ -1,0 +1,61 @@
+// The studio's front page: the key, a submit form, and this key's jobs, newest first.
+"use strict";
+
+document.getElementById("key-section").append(keyForm(loadJobs));
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+document.getElementById("submit-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const error = document.getElementById("submit-error");
+  error.textContent = "";
+  const body = {
+    prompt: form.prompt.value,
+    mode: form.mode.value,
+    loop: {
+      max_rounds: Number(form.max_rounds.value),
+      threshold: Number(form.threshold.value),
+      candidates_per_round: Number(form.candidates.value),
+      patience: Number(form.patience.value),
+      seed_policy: form.seed_policy.value,
+    },
+  };
+  try {
+    if (form.mode.value === "edit") {
+      if (!form.source.files.length) throw new Error("an edit needs a source image");
+      body.source_image = await readFile(form.source.files[0]);
+    }
+    const job = await api("/generate", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    window.location.href = `/studio/jobs/${job.id}`;
+  } catch (failure) {
+    error.textContent = failure.message;
+  }
+});
+
+async function loadJobs() {
+  const rows = document.getElementById("jobs");
+  const error = document.getElementById("jobs-error");
+  try {
+    const { jobs } = await api("/jobs?limit=50");
+    error.textContent = "";
+    rows.replaceChildren(...jobs.map((job) => el("tr", {},
+      el("td", {}, new Date(job.created_at * 1000).toLocaleString()),
+      el("td", {}, el("a", { href: `/studio/jobs/${job.id}` }, job.spec.prompt.slice(0, 90))),
+      el("td", {}, el("span", { class: `status ${job.status}` }, job.status)),
+      el("td", {}, String(job.rounds.length)),
+      el("td", {}, job.best ? score(job.best.overall) : "–"))));
+  } catch (failure) {
+    error.textContent = failure.message;
+  }
+}
+
+loadJobs();
+setInterval(loadJobs, 3000);

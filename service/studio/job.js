@@ -1,0 +1,163 @@
+// One job's trajectory: every round's prompt (with what changed), images, scores and
+// justifications; live while it runs (the SSE stream), complete after.
+"use strict";
+
+const jobId = decodeURIComponent(window.location.pathname.split("/").pop());
+const stream = new AbortController();
+let job = null;
+let live = { stage: "", round: null, step: 0, total: 0 };
+let reloading = null;
+
+document.getElementById("key-section").append(keyForm(() => { load(); follow(); }));
+
+// A word diff: what the refined prompt added (<ins>) and dropped (<del>) against the round before.
+function wordDiff(before, after) {
+  const a = before.split(/\s+/).filter(Boolean), b = after.split(/\s+/).filter(Boolean);
+  const lcs = Array.from({ length: a.length + 1 }, () => new Array(b.length + 1).fill(0));
+  for (let i = a.length - 1; i >= 0; i--) for (let j = b.length - 1; j >= 0; j--)
+    lcs[i][j] = a[i] === b[j] ? lcs[i + 1][j + 1] + 1 : Math.max(lcs[i + 1][j], lcs[i][j + 1]);
+  const out = [];
+  let i = 0, j = 0;
+  while (i < a.length || j < b.length) {
+    if (i < a.length && j < b.length && a[i] === b[j]) { out.push(a[i] + " "); i++; j++; }
+    else if (j < b.length && (i >= a.length || lcs[i][j + 1] >= lcs[i + 1][j])) { out.push(el("ins", {}, b[j]), " "); j++; }
+    else { out.push(el("del", {}, a[i]), " "); i++; }
+  }
+  return out;
+}
+
+function chart(doc) {
+  const points = doc.rounds.map((r) => r.overall);
+  const width = 520, height = 180, pad = 28;
+  const x = (i) => pad + (points.length > 1 ? (i * (width - 2 * pad)) / (points.length - 1) : (width - 2 * pad) / 2);
+  const y = (v) => height - pad - v * (height - 2 * pad);
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("role", "img");
+  const label = `Overall score by round: ${points.map((p, i) => `round ${i + 1} ${score(p)}`).join(", ")}; threshold ${doc.spec.loop.threshold}`;
+  svg.setAttribute("aria-label", label);
+  const add = (tag, attrs, text) => {
+    const node = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text) node.textContent = text;
+    svg.append(node);
+  };
+  add("line", { x1: pad, x2: width - pad, y1: y(0), y2: y(0), stroke: "#d0d7de" });
+  add("line", { x1: pad, x2: width - pad, y1: y(doc.spec.loop.threshold), y2: y(doc.spec.loop.threshold), stroke: "#cf222e", "stroke-dasharray": "5 4" });
+  add("text", { x: width - pad, y: y(doc.spec.loop.threshold) - 4, "text-anchor": "end", "font-size": 11, fill: "#cf222e" }, `threshold ${doc.spec.loop.threshold}`);
+  if (points.length) {
+    add("polyline", { points: points.map((p, i) => `${x(i)},${y(p || 0)}`).join(" "), fill: "none", stroke: "#0969da", "stroke-width": 2 });
+    points.forEach((p, i) => {
+      add("circle", { cx: x(i), cy: y(p || 0), r: 4, fill: "#0969da" });
+      add("text", { x: x(i), y: height - 8, "text-anchor": "middle", "font-size": 11 }, `round ${i + 1}`);
+    });
+  }
+  return svg;
+}
+
+function critiqueBlock(candidate) {
+  const critique = candidate.critique;
+  if (!critique) return el("p", { class: "error" }, candidate.error ? `${candidate.error.code}: ${candidate.error.message}` : "not judged");
+  const rows = Object.entries(critique.dimensions).map(([name, dim]) => el("tr", {},
+    el("td", {}, name.replace(/_/g, " ")), el("td", {}, dim.score === null ? "N/A" : dim.score.toFixed(1)), el("td", {}, dim.justification)));
+  return el("div", {},
+    el("table", { class: "dims" }, el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "dimension"), el("th", { scope: "col" }, "score (1–4)"), el("th", { scope: "col" }, "why"))), el("tbody", {}, rows)),
+    critique.summary ? el("p", {}, el("strong", {}, "Summary: "), critique.summary) : null,
+    critique.refinement_comments ? el("p", {}, el("strong", {}, "Refinement: "), critique.refinement_comments) : null);
+}
+
+async function candidateCard(doc, round, candidate) {
+  const best = doc.best && doc.best.round === round.index && doc.best.candidate === candidate.index;
+  const chosen = round.chosen === candidate.index;
+  const alt = `Round ${round.index + 1}, candidate ${candidate.index + 1}, overall ${score(candidate.overall)}`;
+  const image = candidate.image_url ? el("img", { alt, "data-src": candidate.image_url }) : el("p", { class: "muted" }, "no image");
+  if (candidate.image_url) image.src = await imageSource(candidate.image_url);
+  return el("div", { class: `candidate${chosen ? " chosen" : ""}${best ? " best" : ""}` },
+    el("p", {}, best ? el("span", { class: "badge best" }, "★ best of all rounds") : null, chosen ? el("span", { class: "badge chosen" }, "chosen this round") : null),
+    image,
+    el("div", { class: "judgment" },
+      el("p", {}, el("strong", {}, "Overall: "), el("span", { class: "overall" }, score(candidate.overall)), el("span", { class: "muted" }, ` · seed ${candidate.seed}`)),
+      critiqueBlock(candidate)));
+}
+
+async function render(doc) {
+  document.title = `gcr studio: ${doc.spec.prompt.slice(0, 40)}`;
+  document.getElementById("job-title").textContent = doc.spec.prompt;
+  const summary = document.getElementById("summary");
+  const running = !TERMINAL.has(doc.status);
+  const parts = [el("p", {}, el("span", { class: `status ${doc.status}` }, doc.status), " ",
+    doc.stop_reason ? el("span", { class: "stop-reason" }, STOP_REASONS[doc.stop_reason] || doc.stop_reason) : null)];
+  if (doc.best) {
+    parts.push(el("p", {}, el("strong", {}, "Best score: "), el("span", { id: "best-score" }, score(doc.best.overall)),
+      ` (round ${doc.best.round + 1}, candidate ${doc.best.candidate + 1}) `));
+    const download = el("a", { href: doc.best.image_url, download: `gcr-${doc.id}.png` }, "Download the best image");
+    if (apiKey()) imageSource(doc.best.image_url).then((url) => { download.href = url; });
+    parts.push(el("p", {}, download));
+  }
+  if (doc.error) parts.push(el("p", { class: "error" }, `${doc.error.code}: ${doc.error.message}`));
+  if (running) {
+    const cancel = el("button", { class: "danger", type: "button", id: "cancel" }, "Cancel job");
+    cancel.addEventListener("click", async () => { cancel.disabled = true; try { render(await api(`/jobs/${jobId}`, { method: "DELETE" })); } catch (e) { cancel.disabled = false; } });
+    parts.push(el("p", {}, cancel));
+  }
+  summary.replaceChildren(...parts);
+  renderLive(running);
+  document.getElementById("chart").replaceChildren(chart(doc));
+  if (doc.spec.mode === "edit" && doc.links.source_image) {
+    const img = el("img", { alt: "The source image this job edits" });
+    img.src = await imageSource(doc.links.source_image);
+    document.getElementById("source").replaceChildren(el("section", { class: "source" }, el("h2", {}, "Source image"), img));
+  }
+  const cards = [];
+  for (const round of doc.rounds) {
+    const previous = round.index > 0 ? doc.rounds[round.index - 1].prompt : null;
+    const candidates = [];
+    for (const candidate of round.candidates) candidates.push(await candidateCard(doc, round, candidate));
+    cards.push(el("article", { class: "round", "aria-label": `Round ${round.index + 1}` },
+      el("h2", {}, `Round ${round.index + 1}`, el("span", { class: "muted" }, ` · overall ${score(round.overall)}${round.delta !== null ? ` (${round.delta >= 0 ? "+" : ""}${round.delta.toFixed(3)})` : ""}`)),
+      el("div", { class: "prompt" }, previous === null ? round.prompt : wordDiff(previous, round.prompt)),
+      el("div", { class: "candidates" }, candidates)));
+  }
+  document.getElementById("rounds").replaceChildren(...cards);
+}
+
+function renderLive(running) {
+  const box = document.getElementById("live");
+  if (!running) { box.replaceChildren(); return; }
+  const stage = live.stage ? `Round ${live.round + 1}: ${live.stage}` : "queued";
+  const bar = live.total ? el("progress", { max: live.total, value: live.step, "aria-label": "denoising steps" }) : null;
+  box.replaceChildren(el("p", {}, el("strong", { class: "stage" }, stage), " ", bar, live.total ? ` step ${live.step}/${live.total}` : ""));
+}
+
+async function load() {
+  try {
+    job = await api(`/jobs/${jobId}`);
+    document.getElementById("job-error").textContent = "";
+    await render(job);
+  } catch (failure) {
+    document.getElementById("job-error").textContent = failure.message;
+  }
+}
+
+function reloadSoon() {
+  // Coalesce bursts of events into one reload of the document.
+  if (!reloading) reloading = setTimeout(() => { reloading = null; load(); }, 150);
+}
+
+function follow() {
+  followEvents(`/jobs/${jobId}/events`, (event) => {
+    if (event.type === "stage") {
+      live = { stage: event.data.stage, round: event.data.round, step: 0, total: 0 };
+      renderLive(true);
+    } else if (event.type === "progress") {
+      live.step = event.data.step; live.total = event.data.total;
+      renderLive(true);
+    } else if (["round", "status", "end", "error"].includes(event.type)) {
+      reloadSoon();
+    }
+  }, stream.signal);
+}
+
+load().then(() => { if (job && !TERMINAL.has(job.status)) follow(); });
