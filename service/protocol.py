@@ -97,6 +97,9 @@ class GenerateRequest(ClientBody):
     generation: GenerationParams = Field(default_factory=GenerationParams)
     loop: LoopParams = Field(default_factory=LoopParams)
     priority: Priority = "normal"
+    previews: bool = Field(
+        False, description="Send low-resolution `preview` events of the latents while denoising (the studio does)."
+    )
     callback_url: Annotated[str, Field(max_length=2000, pattern=r"^https?://")] | None = Field(
         None, description="POSTed a signed JSON summary when the job ends (public http(s) URLs only)."
     )
@@ -279,7 +282,7 @@ class ErrorResponse(BaseModel):
 
 # --- Events -------------------------------------------------------------------------
 
-EventType = Literal["status", "stage", "progress", "round", "error", "end"]
+EventType = Literal["status", "stage", "progress", "preview", "round", "error", "end"]
 
 
 class JobEvent(BaseModel):

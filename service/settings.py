@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running jobs may finish before they are released."
     )
+    preview_every_steps: int = Field(
+        2, ge=1, description="A job with `previews` gets a live preview every this many denoising steps."
+    )
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress events of a job.")
     worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the worker; 0: off.")
 

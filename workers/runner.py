@@ -38,7 +38,7 @@ from service.protocol import (
 from service.store import JobStore
 from service.webhooks import WebhookNotifier
 from workers import metrics
-from workers.generators.base import GenRequest
+from workers.generators.base import GenRequest, PreviewSink
 from workers.images import decode_image, encode_png
 from workers.loop import Continue, LoopPolicy, Pick, choose_candidate
 from workers.scheduler import GenerationScheduler, GenResult
@@ -189,7 +189,10 @@ class _Job:
         t0 = time.monotonic()
         async with self.watching_cancel():
             results = await self.r.scheduler.generate(
-                [self.gen_request(decision.prompt, seed) for seed in decision.seeds],
+                [
+                    self.gen_request(decision.prompt, seed, preview=self.preview_sink(index, candidate))
+                    for candidate, seed in enumerate(decision.seeds)
+                ],
                 on_step=self.progress_listener(index),
                 cancelled=lambda: self.cancelled,
             )
@@ -247,7 +250,7 @@ class _Job:
             finished_at=time.time(),
         )
 
-    def gen_request(self, prompt: str, seed: int) -> GenRequest:
+    def gen_request(self, prompt: str, seed: int, preview: PreviewSink | None = None) -> GenRequest:
         g = self.spec.generation
         extra = {} if g.max_sequence_length is None else {"max_sequence_length": g.max_sequence_length}
         return GenRequest(
@@ -262,6 +265,7 @@ class _Job:
             negative_prompt=g.negative_prompt,
             source_image=self.source_image,
             extra=extra,
+            preview=preview,
         )
 
     async def record_effective_spec(self) -> None:
@@ -302,6 +306,23 @@ class _Job:
             loop.call_soon_threadsafe(self._spawn_progress, round_index, step, total)
 
         return on_step
+
+    def preview_sink(self, round_index: int, candidate: int) -> PreviewSink | None:
+        """Where the generator sends this candidate's previews (from its thread), if the job asked."""
+        if not self.spec.previews:
+            return None
+        loop = asyncio.get_running_loop()
+
+        def send(step: int, total: int, image: str) -> None:
+            data = {"round": round_index, "candidate": candidate, "step": step, "total": total, "image": image}
+            loop.call_soon_threadsafe(self._spawn_event, "preview", data)
+
+        return send
+
+    def _spawn_event(self, type_: EventType, data: dict[str, Any]) -> None:
+        task = asyncio.create_task(self._emit_quietly(type_, **data))
+        self._progress_tasks.add(task)
+        task.add_done_callback(self._progress_tasks.discard)
 
     def _spawn_progress(self, round_index: int, step: int, total: int) -> None:
         # Keep a reference: the loop holds tasks weakly, and a collected one is lost.

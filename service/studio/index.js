@@ -20,6 +20,7 @@ document.getElementById("submit-form").addEventListener("submit", async (event) 
   const body = {
     prompt: form.prompt.value,
     mode: form.mode.value,
+    previews: true, // live previews of the latents while denoising (SSE `preview` events)
     loop: {
       max_rounds: Number(form.max_rounds.value),
       threshold: Number(form.threshold.value),

@@ -5,7 +5,7 @@
 const jobId = decodeURIComponent(window.location.pathname.split("/").pop());
 const stream = new AbortController();
 let job = null;
-let live = { stage: "", round: null, step: 0, total: 0 };
+let live = { stage: "", round: null, step: 0, total: 0, preview: null };
 let reloading = null;
 
 document.getElementById("key-section").append(keyForm(() => { load(); follow(); }));
@@ -128,7 +128,11 @@ function renderLive(running) {
   if (!running) { box.replaceChildren(); return; }
   const stage = live.stage ? `Round ${live.round + 1}: ${live.stage}` : "queued";
   const bar = live.total ? el("progress", { max: live.total, value: live.step, "aria-label": "denoising steps" }) : null;
-  box.replaceChildren(el("p", {}, el("strong", { class: "stage" }, stage), " ", bar, live.total ? ` step ${live.step}/${live.total}` : ""));
+  const p = live.preview;
+  const preview = p ? el("figure", { class: "live-preview" },
+    el("img", { src: p.image, alt: `Live preview of round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step} of ${p.total}` }),
+    el("figcaption", { class: "muted" }, `preview: round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step}/${p.total}`)) : null;
+  box.replaceChildren(el("p", {}, el("strong", { class: "stage" }, stage), " ", bar, live.total ? ` step ${live.step}/${live.total}` : ""), preview);
 }
 
 async function load() {
@@ -149,7 +153,10 @@ function reloadSoon() {
 function follow() {
   followEvents(`/jobs/${jobId}/events`, (event) => {
     if (event.type === "stage") {
-      live = { stage: event.data.stage, round: event.data.round, step: 0, total: 0 };
+      live = { ...live, stage: event.data.stage, round: event.data.round, step: 0, total: 0 };
+      renderLive(true);
+    } else if (event.type === "preview") {
+      live.preview = event.data;
       renderLive(true);
     } else if (event.type === "progress") {
       live.step = event.data.step; live.total = event.data.total;

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,7 @@ pytestmark = [
 ]
 
 FOX = "a red fox in fresh snow, telephoto"
+pytest_plugins = ("tests.generator_fixtures",)
 
 
 @pytest.fixture
@@ -116,3 +118,60 @@ async def test_with_auth_on_the_key_stays_in_the_tab_and_images_load(
         await expect(image).to_have_attribute("src", __import__("re").compile(r"^blob:"), timeout=20_000)
         assert await image.evaluate("img => img.complete && img.naturalWidth > 0")
         assert await page.evaluate("sessionStorage.getItem('gcr-api-key')") == key
+
+
+async def test_live_previews_show_while_denoising(stack: Stack, browser: object, tiny_cache_dir: Path) -> None:
+    from playwright.async_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    await stack.start_worker(
+        generator="tiny:sd", cache_dir=tiny_cache_dir, generator_device="cpu", preview_every_steps=1, max_batch=1
+    )
+    page = await browser.new_page()
+    await page.goto(f"{stack.url}/studio")
+    await page.get_by_label("Instruction").fill("a heron at dawn")
+    await page.get_by_label("Max rounds").fill("2")
+    await page.get_by_label("Threshold (0–1)").fill("1")
+    # many small steps, so the page catches the job mid-denoise
+    await page.route("**/generate", _with_steps)
+    await page.get_by_role("button", name="Generate").click()
+    await page.wait_for_url("**/studio/jobs/*")
+    preview = page.locator(".live-preview img")
+    await expect(preview).to_have_attribute(
+        "src", __import__("re").compile(r"^data:image/jpeg;base64,"), timeout=30_000
+    )
+    assert "Live preview of round" in (await preview.get_attribute("alt") or "")
+    await expect(page.locator(".stop-reason")).to_be_visible(timeout=60_000)
+
+
+async def _with_steps(route: Any) -> None:
+    """Add `generation.steps` to the studio's submit (the form leaves generation to the model)."""
+    import json
+
+    body = json.loads(route.request.post_data or "{}")
+    body["generation"] = {"steps": 60}
+    await route.continue_(post_data=json.dumps(body))
+
+
+async def test_ten_rounds_of_four_candidates_render(stack: Stack, browser: object) -> None:
+    from playwright.async_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    await stack.start_worker(max_batch=4)
+    loop = {"max_rounds": 10, "candidates_per_round": 4, "threshold": 1.0, "patience": None}
+    job_id = await stack.submit("forty pictures", loop=loop)
+    assert len((await stack.wait(job_id)).rounds) == 10
+    page = await browser.new_page()
+    await page.goto(f"{stack.url}/studio/jobs/{job_id}")
+    await expect(page.locator("article.round")).to_have_count(10, timeout=20_000)
+    images = page.locator(".candidate img")
+    await expect(images).to_have_count(40)
+    await page.wait_for_function(
+        "[...document.querySelectorAll('.candidate img')].every(i => i.complete)", timeout=20_000
+    )
+    next_frame = (
+        "() => new Promise(done => { const t = performance.now();"
+        " requestAnimationFrame(() => done(performance.now() - t)); })"
+    )
+    busy_ms = await page.evaluate(next_frame)
+    assert busy_ms < 1000  # the page answers: the next frame comes within a second

@@ -81,3 +81,20 @@ def test_gpu_validation_script_runs_on_cpu_with_the_tiny_flag(tmp_path: Path) ->
     assert result["cancel"]["ok"] and result["cancel"]["latency_s"] >= 0
     assert "interrupted after step 2" in result["cancel"]["message"]
     assert result["estimate_gib"] > 0 and result["ok"]
+
+
+def test_previews_benchmark_runs_and_reports_both_sides(tmp_path: Path) -> None:
+    out = tmp_path / "previews.json"
+    args = ["--repeats", "1", "--steps", "2", "--size", "64", "--json", str(out)]
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "previews.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    tiny = result["tiny_flux"]
+    assert tiny["s_per_step_without"] > 0 and tiny["s_per_step_with_preview_every_step"] > 0
+    assert tiny["previews_made"] >= 1 and result["full_size_flux_preview_ms"] > 0

@@ -21,6 +21,9 @@ Mode = str  # "t2i" | "edit"; kept as str so this module imports nothing from th
 # Extra pipeline kwargs a client or operator may pass through; anything else is refused.
 ALLOWED_EXTRA_KWARGS: frozenset[str] = frozenset({"max_sequence_length", "clip_skip", "eta"})
 
+PreviewSink = Callable[[int, int, str], None]
+"""Called from the executor thread with (step, total, a JPEG data URI) of one request's latents."""
+
 StepCallback = Callable[[int, int], None]
 """Called from the executor thread after each denoising step with (step, total)."""
 
@@ -44,6 +47,8 @@ class GenRequest:
     negative_prompt: str | None = None
     source_image: Image.Image | None = field(default=None, compare=False)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    preview: PreviewSink | None = field(default=None, compare=False)
+    """Where live previews of this request's latents go, if anywhere (backends without latents ignore it)."""
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys may share one pipeline call."""

@@ -54,6 +54,7 @@ from workers.generators.base import (
 from workers.generators.decoding import can_decode, decode_one_by_one, prepare_vae
 from workers.generators.loading import FolderDefaults, load_pipeline, one_line, runtime_info, takes_image
 from workers.generators.model_defaults import ModelDefaults, lookup
+from workers.generators.previews import preview_data_uri
 from workers.generators.sizing import edit_size
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class DiffusersGenerator:
         self.modes = frozenset({"edit"}) if takes_image(type(pipeline)) else frozenset({"t2i"})
         self.max_batch = 1 if self._class in SINGLE_PROMPT_PIPELINES else settings.max_batch
         self.runtime = runtime_info(pipeline)
+        self._preview_every = settings.preview_every_steps
 
     @property
     def pipeline(self) -> Any:
@@ -218,6 +220,8 @@ class DiffusersGenerator:
             total = getattr(pipe, "_num_timesteps", None) or total
             if step + 1 >= total:
                 denoised = tensors.get("latents")
+            elif (step + 1) % self._preview_every == 0 and "latents" in tensors:
+                self._send_previews(resolved, tensors["latents"], step + 1, total)
             if on_step is not None:
                 on_step(step + 1, total)
             if interrupt is not None and interrupt():
@@ -246,6 +250,19 @@ class DiffusersGenerator:
         if len(images) != len(resolved):
             raise GeneratorError(f"{self._class} returned {len(images)} images for {len(resolved)} requests")
         return images
+
+    def _send_previews(self, requests: Sequence[GenRequest], latents: Any, step: int, total: int) -> None:
+        """Previews for the requests that asked; a failure here never costs the generation."""
+        for index, request in enumerate(requests):
+            if request.preview is None or request.width is None or request.height is None:
+                continue
+            try:
+                uri = preview_data_uri(self._pipe, latents, index, request.width, request.height)
+            except Exception as exc:  # a preview is a nicety: log it, generate on
+                log.warning("no preview for %s: %s", self._class, one_line(exc))
+                return
+            if uri is not None:
+                request.preview(step, total, uri)
 
     def _decode_after_oom(self, latents: Any, width: int, height: int) -> list[Image.Image]:
         from workers.generators.oom import free_cuda_cache

@@ -194,7 +194,7 @@ def _build_flux(dims: FluxDims, *, kontext: bool) -> Any:
     torch.manual_seed(_SEED)
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=16,  # 4 latent channels packed 2x2
+        in_channels=64,  # 16 latent channels (as FLUX.1's VAE) packed 2x2
         num_layers=dims.layers,
         num_single_layers=dims.single_layers,
         attention_head_dim=dims.head_dim,
@@ -211,7 +211,7 @@ def _build_flux(dims: FluxDims, *, kontext: bool) -> Any:
         block_out_channels=dims.vae_channels,
         down_block_types=("DownEncoderBlock2D",) * len(dims.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(dims.vae_channels),
-        latent_channels=4,
+        latent_channels=16,
         layers_per_block=1,
         norm_num_groups=4,
         sample_size=32,
