@@ -24,7 +24,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 RUN groupadd --system --gid 10001 gcr \
-    && useradd --system --uid 10001 --gid gcr --create-home --home-dir /home/gcr gcr
+    && useradd --system --uid 10001 --gid gcr --create-home --home-dir /home/gcr gcr \
+    && mkdir -p /artifacts && chown gcr:gcr /artifacts  # the images volume (compose) starts owned by gcr
 
 # ---------------------------------------------------------------------------------
 # The project as one wheel; both runtime images install it and neither keeps the source tree.

@@ -93,12 +93,16 @@ def create_app(settings: Settings) -> FastAPI:
             log.warning("AUTH IS DISABLED (GCR_AUTH_DISABLED=true): anyone who reaches this port can use it")
         elif not settings.api_keys and not settings.admin_keys:
             log.warning("no API keys configured (GCR_API_KEYS): every request will answer 401")
-        sweeper = asyncio.create_task(_expire_unclaimed(state), name="gcr-expire-unclaimed")
+        sweepers = {
+            asyncio.create_task(_expire_unclaimed(state), name="gcr-expire-unclaimed"),
+            asyncio.create_task(_sweep_artifacts(state), name="gcr-sweep-artifacts"),
+        }
         try:
             yield
         finally:
-            sweeper.cancel()
-            await asyncio.wait({sweeper}, timeout=5)
+            for sweeper in sweepers:
+                sweeper.cancel()
+            await asyncio.wait(sweepers, timeout=5)
             await state.aclose()
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from files in the package,
@@ -141,3 +145,18 @@ async def _expire_unclaimed(state: GatewayState) -> None:
                 log.warning("job %s expired: no worker claimed it in %.0fs", job_id, state.settings.queue_timeout_s)
         except GcrError as exc:
             log.warning("could not expire unclaimed jobs: %s", exc.message)
+
+
+ARTIFACT_SWEEP_S = 600.0
+
+
+async def _sweep_artifacts(state: GatewayState) -> None:
+    """Delete file artifacts older than the result TTL: images expire with their job."""
+    while True:
+        try:
+            removed = await state.artifacts.sweep(state.settings.result_ttl_s)
+            if removed:
+                log.info("swept %d expired image(s) from the artifact store", removed)
+        except OSError as exc:
+            log.warning("could not sweep the artifact store: %s", exc)
+        await asyncio.sleep(ARTIFACT_SWEEP_S)

@@ -5,6 +5,7 @@
     │   ├── PayloadTooLarge    413
     │   └── UnsupportedMediaType 415
     ├── NotFound               404  unknown id (or another key's id)
+    │   └── ArtifactGone       410  the job is there, its image is not (any more)
     ├── Unauthorized           401  missing or unknown API key
     ├── Conflict               409  the same Idempotency-Key is being processed right now
     ├── QueueFull              429  the queue cap is reached; retry later
@@ -72,6 +73,13 @@ class NotFound(GcrError):
     def job(cls, job_id: str) -> NotFound:
         """The one answer for unknown, expired, malformed and other tenants' ids alike."""
         return cls(f"no job {job_id[:80]!r} (unknown, or its results expired)", field="id")
+
+
+class ArtifactGone(NotFound):
+    """The job exists, but one of its images is no longer stored (it expired, or was removed)."""
+
+    code = "artifact_gone"
+    status_code = 410
 
 
 class Conflict(GcrError):

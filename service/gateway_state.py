@@ -8,6 +8,7 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
+from service.artifacts import ArtifactStore
 from service.auth import Principal
 from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized
 from service.keys import MODES, Keys
@@ -34,7 +35,8 @@ class GatewayState:
         self.settings = settings
         self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
         self.keys = Keys(settings.redis_prefix)
-        self.store = JobStore(self.redis, self.keys, settings.result_ttl_s)
+        self.artifacts = ArtifactStore(settings.artifact_url)
+        self.store = JobStore(self.redis, self.keys, settings.result_ttl_s, self.artifacts)
         self.queue = JobQueue(self.redis, self.keys)
         self.rate_limiter = RateLimiter(self.redis, self.keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         self._critic: OpenAICritic | None = None

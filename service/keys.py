@@ -38,10 +38,12 @@ class Keys:
         return f"{self.prefix}:job:{job_id}:events"
 
     def image(self, job_id: str, round_index: int, candidate: int) -> str:
-        return f"{self.prefix}:job:{job_id}:img:{round_index}:{candidate}"
+        """Artifact store object (not a Redis key): one candidate's PNG."""
+        return f"{self.prefix}/jobs/{job_id}/{round_index}-{candidate}.png"
 
     def source_image(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}:source"
+        """Artifact store object (not a Redis key): an edit job's source PNG."""
+        return f"{self.prefix}/jobs/{job_id}/source.png"
 
     def idempotency(self, tenant: str, key: str) -> str:
         """String: the job an `Idempotency-Key` created, per tenant. Tenant and key are

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     redis_pool_timeout_s: float = Field(
         10.0, gt=0, description="How long a request waits for a free Redis connection before 503."
     )
+    artifact_url: str = Field(
+        default_factory=lambda: f"file://{Path.home() / '.cache' / 'gcr' / 'artifacts'}",
+        description="Where images go: file:///path (shared by gateway and workers) or s3://bucket/prefix.",
+    )
+    artifact_redirect: bool = Field(
+        False, description="Answer image requests with a redirect to a presigned S3 URL instead of the bytes."
+    )
     result_ttl_s: int = Field(86_400, ge=60, description="How long job documents, events and images live.")
 
     # --- Gateway ----------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as redis
 from pydantic import BaseModel
 
+from service.artifacts import ArtifactStore
 from service.errors import NotFound, QueueFull
 from service.keys import PRIORITIES, Keys
 from service.protocol import JobDocument, JobError, JobEvent, Round
@@ -124,10 +125,11 @@ def _pairs(fields: Mapping[str, Any]) -> list[str]:
 class JobStore:
     """Reads and writes job state; shared by the gateway and the worker."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int, artifacts: ArtifactStore | None = None) -> None:
         self.redis = client
         self.keys = keys
         self.ttl_s = ttl_s
+        self._artifacts = artifacts
         self._cancel = client.register_script(_CANCEL)
         self._start = client.register_script(_START)
         self._owned_set = client.register_script(_OWNED_SET)
@@ -183,19 +185,37 @@ class JobStore:
         ids = await self.redis.zrevrangebyscore(self.keys.tenant_jobs(tenant), top, "-inf", start=0, num=limit)
         return [i.decode() for i in ids]
 
-    @idempotent_read
-    async def get_image(self, job_id: str, round_index: int, candidate: int) -> bytes:
-        data = await self.redis.get(self.keys.image(job_id, round_index, candidate))
-        if data is None:
+    # --- images: in the artifact store, referenced by the job ------------------------------
+    @property
+    def artifacts(self) -> ArtifactStore:
+        if self._artifacts is None:
+            raise RuntimeError("this JobStore was made without an artifact store")
+        return self._artifacts
+
+    async def image_key(self, job_id: str, round_index: int, candidate: int) -> str:
+        """The object key of a candidate the job lists as having an image; `NotFound` otherwise."""
+        raw = await self.rounds_json(job_id)
+        listed = any(
+            r.get("index") == round_index
+            and any(c.get("index") == candidate and (c.get("has_image") or c.get("image_url")) for c in r["candidates"])
+            for r in raw
+        )
+        if not listed:
             raise NotFound(f"job {job_id!r} has no image for round {round_index}, candidate {candidate}")
-        return bytes(data)
+        return self.keys.image(job_id, round_index, candidate)
 
     @idempotent_read
+    async def rounds_json(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(r) for r in await self.redis.lrange(self.keys.rounds(job_id), 0, -1)]
+
+    async def get_image(self, job_id: str, round_index: int, candidate: int) -> bytes:
+        """PNG bytes; `NotFound` for a candidate without an image, `ArtifactGone` when it is gone."""
+        return await self.artifacts.get(await self.image_key(job_id, round_index, candidate))
+
     async def get_source_image(self, job_id: str) -> bytes:
-        data = await self.redis.get(self.keys.source_image(job_id))
-        if data is None:
+        if (await self.get_field(job_id, "spec") or {}).get("mode") != "edit":
             raise NotFound(f"job {job_id!r} has no source image")
-        return bytes(data)
+        return await self.artifacts.get(self.keys.source_image(job_id))
 
     @idempotent_read
     async def read_events(
@@ -213,7 +233,11 @@ class JobStore:
     @translate_errors
     async def create(self, doc: JobDocument, source_png: bytes | None = None, queue_max: int = 0) -> None:
         """Store a new job and queue it in one atomic step: a job is never stored but not queued,
-        and with `queue_max` the cap holds however many submits race (`QueueFull` beyond it)."""
+        and with `queue_max` the cap holds however many submits race (`QueueFull` beyond it).
+        An edit's source image goes to the artifact store first (swept with the rest if the
+        job is then refused)."""
+        if source_png is not None:
+            await self.artifacts.put(self.keys.source_image(doc.id), source_png)
         # Drop unset top-level fields only: a nested null (e.g. loop.patience) is a choice.
         dumped = doc.model_dump(exclude={"rounds", "queue_position", "links"})
         fields = {key: value for key, value in dumped.items() if value is not None}
@@ -231,7 +255,7 @@ class JobStore:
             self.keys.tenant_jobs(doc.owner or ""),
         ]
         args: list[Any] = [queue_max, self.ttl_s, order, doc.created_at, doc.id, doc.created_at - self.ttl_s]
-        args += ["1", source_png] if source_png is not None else ["0", ""]
+        args += ["0", ""]  # the source image is in the artifact store, not in Redis
         if not await self._create(keys=keys, args=[*args, *_pairs(fields)]):
             raise QueueFull(f"the queue holds {queue_max} jobs; retry later")
 
@@ -363,9 +387,8 @@ class JobStore:
         )
         return int(result) > 0
 
-    @translate_errors
     async def put_image(self, job_id: str, round_index: int, candidate: int, png: bytes) -> None:
-        await self.redis.set(self.keys.image(job_id, round_index, candidate), png, ex=self.ttl_s)
+        await self.artifacts.put(self.keys.image(job_id, round_index, candidate), png)
 
     @translate_errors
     async def cancel_requested(self, job_id: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 from typing import Any
 
 import httpx
@@ -45,6 +46,7 @@ class Stack:
             "progress_interval_s": 0.0,
             "auth_disabled": True,
             "rate_limit_per_s": 0,
+            "artifact_url": f"file://{tempfile.mkdtemp(prefix='gcr-artifacts-')}",
         }
         self.settings = Settings(**{**defaults, **overrides})
         self.workers: list[tuple[Worker, asyncio.Task[None], OpenAICritic]] = []

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from service.artifacts import ArtifactStore
 from service.errors import GcrError, OwnershipLost, StoreUnavailable
 from service.keys import Keys
 from service.protocol import JobError
@@ -46,7 +47,7 @@ class Worker:
         self.id = settings.worker_id
         self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
         keys = Keys(settings.redis_prefix)
-        self.store = JobStore(self.redis, keys, settings.result_ttl_s)
+        self.store = JobStore(self.redis, keys, settings.result_ttl_s, ArtifactStore(settings.artifact_url))
         self.queue = JobQueue(self.redis, keys, modes=generator.modes)
         self.generator = generator
         self.breaker = CircuitBreaker(settings.critic_breaker_failures, settings.critic_breaker_cooldown_s)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service import links
@@ -158,8 +158,15 @@ async def job_events(
     response_class=Response,
 )
 async def job_image(job_id: JobId, round_index: int, candidate: int, state: State, caller: Caller) -> Response:
-    """PNG bytes of one candidate image (`round_index` and `candidate` count from 0)."""
+    """PNG bytes of one candidate image (`round_index` and `candidate` count from 0); with
+    GCR_ARTIFACT_REDIRECT on an S3 store, a 307 to a short-lived presigned URL instead.
+    410 when the job is there but the image is not any more."""
     await state.check_owner(job_id, caller)
+    if state.settings.artifact_redirect:
+        key = await state.store.image_key(job_id, round_index, candidate)
+        url = await state.artifacts.presigned(key)
+        if url is not None:
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "private, no-store"})
     png = await state.store.get_image(job_id, round_index, candidate)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 

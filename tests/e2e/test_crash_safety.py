@@ -28,6 +28,7 @@ def worker_process(stack: Stack, worker_id: str, **env: str) -> subprocess.Popen
         **os.environ,
         "GCR_REDIS_URL": s.redis_url,
         "GCR_REDIS_PREFIX": s.redis_prefix,
+        "GCR_ARTIFACT_URL": s.artifact_url,  # the gateway's images: the same shared folder
         "GCR_CRITIC_BASE_URL": s.critic_base_url,
         "GCR_CRITIC_MODEL": s.critic_model,
         "GCR_GENERATOR": "sim:0.1",

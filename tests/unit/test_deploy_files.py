@@ -391,6 +391,21 @@ def test_the_k8s_worker_pins_its_device() -> None:
     assert {"name": "GCR_GENERATOR_DEVICE", "value": "cuda"} in container["env"]
 
 
+def test_gateway_and_workers_share_the_artifact_folder(config: dict[str, Any]) -> None:
+    """A file artifact store must be the same folder for the gateway (which serves the images)
+    and every worker (which writes them): one named volume at the URL's path."""
+    svcs = services(config)
+    users = [name for name in active(config) if "GCR_ARTIFACT_URL" in env(svcs[name])]
+    assert "gateway" in users and any(name.startswith("worker") for name in users)
+    for name in users:
+        url = urlsplit(env(svcs[name])["GCR_ARTIFACT_URL"])
+        if url.scheme != "file":
+            continue
+        mounts = [str(v) for v in svcs[name].get("volumes", [])]
+        assert any(m.split(":")[1] == url.path for m in mounts), f"{name}: nothing mounted at {url.path}"
+        assert f"artifacts:{url.path}" in mounts, f"{name}: not the shared artifacts volume"
+
+
 def test_gpu_reservations() -> None:
     base = services(load_compose(BASE))
     assert gpu_devices(base["worker"]) and gpu_devices(base["vllm"])
