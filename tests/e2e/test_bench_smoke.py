@@ -98,3 +98,18 @@ def test_previews_benchmark_runs_and_reports_both_sides(tmp_path: Path) -> None:
     tiny = result["tiny_flux"]
     assert tiny["s_per_step_without"] > 0 and tiny["s_per_step_with_preview_every_step"] > 0
     assert tiny["previews_made"] >= 1 and result["full_size_flux_preview_ms"] > 0
+
+
+def test_redis_bytes_benchmark_reports_a_job_without_its_images(tmp_path: Path, redis_url: str) -> None:
+    out = tmp_path / "bytes.json"
+    args = ["--jobs", "1", "--size", "64", "--redis-url", redis_url, "--json", str(out)]
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "redis_bytes.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["images_in_artifact_store"] and result["redis_bytes_per_job"] > 0 and result["png_bytes_per_job"] > 0
