@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import threading
@@ -37,18 +38,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from bench import gpu_smoke  # noqa: E402
 from bench.common import write_json  # noqa: E402
 from service.errors import (  # noqa: E402
     GenerationInterrupted,
-    GeneratorError,
-    GeneratorOutOfMemory,
 )
 from service.settings import Settings  # noqa: E402
 from workers.generators.base import GenRequest  # noqa: E402
 from workers.generators.diffusers_backend import DiffusersGenerator  # noqa: E402
 from workers.generators.loading import prepare_pipeline  # noqa: E402
 from workers.generators.memory import GIB, MemoryEstimate, build_module, count_parameters  # noqa: E402
-from workers.generators.oom import generate_splitting_on_oom  # noqa: E402
 from workers.generators.tiny import ensure_tiny_pipeline  # noqa: E402
 from workers.scheduler import GenerationScheduler  # noqa: E402
 
@@ -135,39 +134,11 @@ async def per_batch(gen: DiffusersGenerator, size: int | None, calls: int) -> li
     return rows
 
 
-def oom_split(gen: DiffusersGenerator, size: int | None, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    import torch
-
-    one, four = rows[0]["peak_gib"], rows[-1]["peak_gib"]
-    total = torch.cuda.get_device_properties(0).total_memory
-    cap = (one + four) / 2 * GIB
-    calls: list[int] = []
-    ooms = 0
-
-    class Recording:
-        name, modes, max_batch, runtime = gen.name, gen.modes, gen.max_batch, gen.runtime
-
-        def resolve(self, request: GenRequest) -> GenRequest:
-            return gen.resolve(request)
-
-        def generate(self, batch: Any, on_step: Any = None, interrupt: Any = None) -> Any:
-            nonlocal ooms
-            calls.append(len(batch))
-            try:
-                return gen.generate(batch, on_step, interrupt)
-            except GeneratorOutOfMemory:
-                ooms += 1
-                raise
-
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(cap / total)
-    try:
-        results = generate_splitting_on_oom(Recording(), requests(4, size))
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
-    images = sum(1 for r in results if not isinstance(r, GeneratorError))
-    return {"cap_gib": cap / GIB, "calls": calls, "ooms": ooms, "images": images, "ok": images == 4 and ooms > 0}
+def oom_split(gen: DiffusersGenerator, size: int | None, steps: int | None) -> dict[str, Any]:
+    """The OOM-split path at this pipeline's size: gpu_smoke's check (the allocator capped between
+    the batch-1 and batch-4 peaks), run on the full-size model."""
+    check = gpu_smoke.check_oom_split(gen, size or 1024, steps or 4)
+    return {**dataclasses.asdict(check), "ok": check.ok}
 
 
 def cancel_latency(gen: DiffusersGenerator, size: int | None, after_step: int = 2, steps: int = 8) -> dict[str, Any]:
@@ -238,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["estimate_gib"] = estimate.total / GIB
         result["cancel"] = cancel_latency(gen, size)
         if cuda:
-            result["oom_split"] = oom_split(gen, size, result["batches"])
+            result["oom_split"] = oom_split(gen, size or resolved.width, resolved.steps)
             result["vllm"] = vllm_room(result["batches"])
             result["estimate_covers_peak"] = result["estimate_gib"] >= max(r["peak_gib"] for r in result["batches"])
     checks = [result["cancel"]["ok"], *([result["oom_split"]["ok"]] if cuda else [])]
