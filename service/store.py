@@ -44,20 +44,19 @@ return 'terminal'
 """
 
 # Admission and enqueue in one step, so concurrent submits cannot overshoot the queue cap.
-# KEYS: job, source image, queued index, all jobs, queue stream, the tenant's jobs.
-# ARGV: cap (0: none), ttl, queue order, created_at, id, oldest kept, has source, source bytes, field pairs...
+# KEYS: job, queued index, all jobs, queue stream, the tenant's jobs.
+# ARGV: cap (0: none), ttl, queue order, created_at, id, oldest kept, field pairs...
 _CREATE = """
-if tonumber(ARGV[1]) > 0 and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[1]) then return 0 end
-for i = 9, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if tonumber(ARGV[1]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-if ARGV[7] == '1' then redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[2]) end
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
-redis.call('ZADD', KEYS[6], ARGV[4], ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', ARGV[6])
-redis.call('EXPIRE', KEYS[6], ARGV[2])
-redis.call('XADD', KEYS[5], '*', 'job', ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
+redis.call('ZADD', KEYS[5], ARGV[4], ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
+redis.call('EXPIRE', KEYS[5], ARGV[2])
+redis.call('XADD', KEYS[4], '*', 'job', ARGV[5])
 return 1
 """
 
@@ -248,14 +247,12 @@ class JobStore:
         order = PRIORITY_RANK[priority] * ORDER_SPAN + int(doc.created_at * 1000)
         keys = [
             self.keys.job(doc.id),
-            self.keys.source_image(doc.id),
             self.keys.queued_index(),
             self.keys.all_jobs(),
             self.keys.queue(doc.spec.mode, priority),
             self.keys.tenant_jobs(doc.owner or ""),
         ]
         args: list[Any] = [queue_max, self.ttl_s, order, doc.created_at, doc.id, doc.created_at - self.ttl_s]
-        args += ["0", ""]  # the source image is in the artifact store, not in Redis
         if not await self._create(keys=keys, args=[*args, *_pairs(fields)]):
             raise QueueFull(f"the queue holds {queue_max} jobs; retry later")
 

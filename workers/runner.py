@@ -320,15 +320,13 @@ class _Job:
         return send
 
     def _spawn_event(self, type_: EventType, data: dict[str, Any]) -> None:
+        # Keep a reference: the loop holds tasks weakly, and a collected one is lost.
         task = asyncio.create_task(self._emit_quietly(type_, **data))
         self._progress_tasks.add(task)
         task.add_done_callback(self._progress_tasks.discard)
 
     def _spawn_progress(self, round_index: int, step: int, total: int) -> None:
-        # Keep a reference: the loop holds tasks weakly, and a collected one is lost.
-        task = asyncio.create_task(self._emit_quietly("progress", round=round_index, step=step, total=total))
-        self._progress_tasks.add(task)
-        task.add_done_callback(self._progress_tasks.discard)
+        self._spawn_event("progress", {"round": round_index, "step": step, "total": total})
 
     async def _emit_quietly(self, type_: EventType, **data: Any) -> None:
         with contextlib.suppress(GcrError):
