@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Header, Path, Query, Request
 
 from service.auth import Principal, authenticate
 from service.errors import NotFound
@@ -52,3 +52,6 @@ def valid_job_id(job_id: Annotated[str, Path(description="The id POST /generate 
 
 
 JobId = Annotated[str, Depends(valid_job_id)]
+
+Before = Annotated[float | None, Query(allow_inf_nan=False, description="Only jobs created before this timestamp.")]
+"""Paging of job listings: a `created_at` (finite: NaN or infinity is a 422)."""

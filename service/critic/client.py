@@ -16,7 +16,6 @@ once more, the same request, constrained by vLLM `structured_outputs` when
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import random
 import time
@@ -28,6 +27,7 @@ import httpx
 from prometheus_client import Counter
 from tenacity import RetryCallState
 
+from gcr._base import retry_after as retry_after_s
 from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import ImageInput, Template, build_messages, load_templates
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
@@ -251,7 +251,7 @@ class OpenAICritic:
 
     def _retry_delay(self, attempt: int, response: httpx.Response) -> float:
         if response.status_code == 429:
-            retry_after = _retry_after_s(response.headers.get("Retry-After"))
+            retry_after = retry_after_s(response)
             if retry_after is not None:
                 return min(retry_after, RETRY_AFTER_CAP_S)
         return self._backoff(attempt)
@@ -297,21 +297,6 @@ def _add_usage(first: dict[str, int] | None, second: dict[str, int] | None) -> d
     if first is None or second is None:
         return second or first
     return {key: first.get(key, 0) + second.get(key, 0) for key in first.keys() | second.keys()}
-
-
-def _retry_after_s(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP date)."""
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 class _Retry(Exception):

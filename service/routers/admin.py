@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from service import links
-from service.deps import ERROR_RESPONSES, Caller, State
+from service.deps import ERROR_RESPONSES, Before, Caller, State
 from service.protocol import JobList
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -19,9 +19,7 @@ async def admin_jobs(
     state: State,
     caller: Caller,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    before: Annotated[
-        float | None, Query(allow_inf_nan=False, description="Only jobs created before this timestamp.")
-    ] = None,
+    before: Before = None,
 ) -> JobList:
     """Admin keys only: every tenant's jobs, newest first."""
     state.require_admin(caller)

@@ -13,7 +13,7 @@ from fastapi.responses import RedirectResponse, Response
 from sse_starlette import EventSourceResponse
 
 from service import links
-from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Caller, JobId, State
+from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Before, Caller, JobId, State
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.gateway_state import GatewayState
 from service.protocol import TERMINAL_STATUSES, JobDocument, JobEvent, JobList
@@ -107,9 +107,7 @@ async def list_jobs(
     state: State,
     caller: Caller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    before: Annotated[
-        float | None, Query(allow_inf_nan=False, description="Only jobs created before this timestamp.")
-    ] = None,
+    before: Before = None,
 ) -> JobList:
     """Your jobs (this key's tenant), newest first; page with `before` (a `created_at`)."""
     base = links.base_url(request, state.settings)

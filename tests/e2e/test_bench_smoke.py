@@ -17,9 +17,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, args: list[str], out: Path, redis_url: str, timeout_s: float = 150) -> dict[str, Any]:
+def run_script(script: str, args: list[str], out: Path, timeout_s: float = 150) -> dict[str, Any]:
+    """Run `bench/<script> ARGS --json OUT` and return the JSON it wrote."""
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / script), *args, "--redis-url", redis_url, "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -28,6 +29,10 @@ def run_bench(script: str, args: list[str], out: Path, redis_url: str, timeout_s
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     data: dict[str, Any] = json.loads(out.read_text())
     return data
+
+
+def run_bench(script: str, args: list[str], out: Path, redis_url: str, timeout_s: float = 150) -> dict[str, Any]:
+    return run_script(script, [*args, "--redis-url", redis_url], out, timeout_s)
 
 
 def test_orchestration_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
@@ -65,17 +70,7 @@ def test_gateway_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
 
 
 def test_gpu_validation_script_runs_on_cpu_with_the_tiny_flag(tmp_path: Path) -> None:
-    out = tmp_path / "gpu_validate.json"
-    args = ["--tiny", "--device", "cpu", "--calls", "1", "--json", str(out)]
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_validate.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_script("gpu_validate.py", ["--tiny", "--device", "cpu", "--calls", "1"], tmp_path / "gpu.json", 170)
     assert [row["batch"] for row in result["batches"]] == [1, 2, 4]
     assert all(row["s_per_image"] > 0 for row in result["batches"])
     assert result["cancel"]["ok"] and result["cancel"]["latency_s"] >= 0
@@ -84,32 +79,12 @@ def test_gpu_validation_script_runs_on_cpu_with_the_tiny_flag(tmp_path: Path) ->
 
 
 def test_previews_benchmark_runs_and_reports_both_sides(tmp_path: Path) -> None:
-    out = tmp_path / "previews.json"
-    args = ["--repeats", "1", "--steps", "2", "--size", "64", "--json", str(out)]
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "previews.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_script("previews.py", ["--repeats", "1", "--steps", "2", "--size", "64"], tmp_path / "previews.json")
     tiny = result["tiny_flux"]
     assert tiny["s_per_step_without"] > 0 and tiny["s_per_step_with_preview_every_step"] > 0
     assert tiny["previews_made"] >= 1 and result["full_size_flux_preview_ms"] > 0
 
 
 def test_redis_bytes_benchmark_reports_a_job_without_its_images(tmp_path: Path, redis_url: str) -> None:
-    out = tmp_path / "bytes.json"
-    args = ["--jobs", "1", "--size", "64", "--redis-url", redis_url, "--json", str(out)]
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "redis_bytes.py"), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_bench("redis_bytes.py", ["--jobs", "1", "--size", "64"], tmp_path / "bytes.json", redis_url)
     assert result["images_in_artifact_store"] and result["redis_bytes_per_job"] > 0 and result["png_bytes_per_job"] > 0
