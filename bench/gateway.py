@@ -64,6 +64,7 @@ from service.servers import free_port  # noqa: E402
 TARGETS = ("gateway", "bare")
 OPERATIONS = ("submit", "poll")
 TARGET_RATIO = 0.5
+IDLE_MODEL = "bench-idle"  # what the idle worker announces; the bare gateway queues to its stream
 
 
 # --- the bare reference endpoint (runs in its own uvicorn process) ------------------------------
@@ -106,7 +107,7 @@ def bare_app() -> Any:
             pipe.zadd(keys.queued_index(), {job_id: 10**13 + int(now * 1000)})
             pipe.zadd(keys.all_jobs(), {job_id: now})
             pipe.zremrangebyscore(keys.all_jobs(), "-inf", now - ttl)
-            pipe.xadd(keys.queue("t2i", "normal"), {"job": job_id})
+            pipe.xadd(keys.queue(IDLE_MODEL, "t2i", "normal"), {"job": job_id})
             await pipe.execute()
         location = f"{request.base_url}jobs/{job_id}"
         return JSONResponse({"id": job_id, "status": "queued", "links": {"self": location}}, status_code=202)
@@ -235,7 +236,7 @@ async def idle_worker(redis_url: str, prefix: str, first: asyncio.Event) -> None
 
     client = connect(redis_url)
     queue = JobQueue(client, Keys(prefix))
-    info = {"id": "bench-idle-worker", "state": "ready", "modes": ["t2i"], "generator": "none (claims nothing)"}
+    info = {"id": "bench-idle-worker", "state": "ready", "model": IDLE_MODEL, "modes": ["t2i"], "generator": "none"}
     try:
         while True:
             await queue.heartbeat("bench-idle-worker", info, ttl_s=10)

@@ -54,6 +54,7 @@ def encode_image(image: ImageInput) -> str:
 def generate_body(
     prompt: str,
     *,
+    model: str | None,
     mode: str | None,
     source_image: ImageInput | None,
     generation: GenerationParams | Mapping[str, Any] | None,
@@ -62,6 +63,8 @@ def generate_body(
     callback_url: str | None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt}
+    if model is not None:
+        body["model"] = model
     if source_image is not None:
         body["source_image"] = encode_image(source_image)
         body["mode"] = mode or "edit"

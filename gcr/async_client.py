@@ -77,6 +77,7 @@ class AsyncClient:
         self,
         prompt: str,
         *,
+        model: str | None = None,
         mode: str | None = None,
         source_image: ImageInput | None = None,
         generation: GenerationParams | Mapping[str, Any] | None = None,
@@ -90,6 +91,7 @@ class AsyncClient:
         """Submit a job; with `wait` (True, or a timeout in seconds) return it finished."""
         body = _base.generate_body(
             prompt,
+            model=model,
             mode=mode,
             source_image=source_image,
             generation=generation,
@@ -179,6 +181,11 @@ class AsyncClient:
         if mode is not None:
             body["mode"] = mode
         return Critique.model_validate((await self._request("POST", "/critique", json=body)).json())
+
+    async def models(self) -> list[dict[str, Any]]:
+        """The models live workers serve (GET /v1/models `data`), with gcr's details in `gcr`."""
+        listed: list[dict[str, Any]] = (await self._request("GET", "/v1/models")).json()["data"]
+        return listed
 
     async def ready(self) -> dict[str, Any]:
         """GET /readyz (200 or 503 alike): the gateway's readiness report."""

@@ -71,6 +71,7 @@ class Client:
         self,
         prompt: str,
         *,
+        model: str | None = None,
         mode: str | None = None,
         source_image: ImageInput | None = None,
         generation: GenerationParams | Mapping[str, Any] | None = None,
@@ -83,6 +84,7 @@ class Client:
     ) -> JobDocument:
         body = _base.generate_body(
             prompt,
+            model=model,
             mode=mode,
             source_image=source_image,
             generation=generation,
@@ -172,6 +174,11 @@ class Client:
         if mode is not None:
             body["mode"] = mode
         return Critique.model_validate(self._request("POST", "/critique", json=body).json())
+
+    def models(self) -> list[dict[str, Any]]:
+        """The models live workers serve (GET /v1/models `data`), with gcr's details in `gcr`."""
+        listed: list[dict[str, Any]] = self._request("GET", "/v1/models").json()["data"]
+        return listed
 
     def ready(self) -> dict[str, Any]:
         try:

@@ -5,6 +5,7 @@
     ├── WaitTimeout               `wait` gave up before the job ended (the job goes on)
     └── APIStatusError            the gateway answered with an error body
         ├── InvalidInputError       422 invalid_input (and 413 payload_too_large, 415 unsupported_media_type)
+        │   └── UnknownModelError   422 unknown_model: `choices` are the served models
         ├── AuthenticationError     401 unauthorized
         ├── NotFoundError           404 not_found
         ├── ConflictError           409 conflict (retryable)
@@ -16,7 +17,8 @@
         └── CriticError             502/503/504 critic_* and critique_unparseable
 
 Every error carries `status`, `code`, `message`, `field` and `retryable`, as the
-error body does; `retry_after_s` when the gateway sent `Retry-After`.
+error body does; `retry_after_s` when the gateway sent `Retry-After`; `choices` when
+the body lists the accepted values (unknown_model).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class APIStatusError(GcrError):
         field: str | None = None,
         retryable: bool = False,
         retry_after_s: float | None = None,
+        choices: list[str] | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
@@ -68,9 +71,13 @@ class APIStatusError(GcrError):
         self.field = field
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.choices = choices
 
 
 class InvalidInputError(APIStatusError): ...
+
+
+class UnknownModelError(InvalidInputError): ...
 
 
 class AuthenticationError(APIStatusError): ...
@@ -102,6 +109,7 @@ class CriticError(APIStatusError): ...
 
 BY_CODE: dict[str, type[APIStatusError]] = {
     "invalid_input": InvalidInputError,
+    "unknown_model": UnknownModelError,
     "payload_too_large": InvalidInputError,
     "unsupported_media_type": InvalidInputError,
     "unauthorized": AuthenticationError,
@@ -134,4 +142,5 @@ def from_body(status: int, body: Any, retry_after_s: float | None = None) -> API
         field=error.get("field"),
         retryable=bool(error.get("retryable", False)),
         retry_after_s=retry_after_s,
+        choices=[str(c) for c in error["choices"]] if isinstance(error.get("choices"), list) else None,
     )

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import http_metrics
 from service.body_limit import BodyLimitMiddleware
-from service.errors import GcrError, RateLimited, Unauthorized
+from service.errors import GcrError, RateLimited, Unauthorized, UnknownModel
 from service.gateway_state import GatewayState
 from service.protocol import ErrorBody, ErrorResponse
 from service.routers import admin, critique, health, jobs, openai_compat, studio
@@ -43,7 +43,8 @@ RETRY_AFTER_S = 5
 
 
 def _error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(), headers=headers)
+    omit = {"error": {"choices"}} if body.choices is None else None
+    return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(exclude=omit), headers=headers)
 
 
 def _validation_field(loc: tuple[Any, ...]) -> str:
@@ -63,6 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
         elif isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
         body = ErrorBody(code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable)
+        if isinstance(exc, UnknownModel):
+            body.choices = exc.served
         return _error_response(exc.status_code, body, headers)
 
     @app.exception_handler(StarletteHTTPException)

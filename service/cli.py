@@ -143,6 +143,7 @@ async def run_worker(settings: Settings) -> None:
 @main.command()
 @click.argument("prompt")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Gateway base URL.")
+@click.option("--model", default=None, help="A model live workers serve (GET /v1/models); default: the fleet's.")
 @click.option("--mode", type=click.Choice(["t2i", "edit"]), default=None, help="Default: edit with --source-image.")
 @click.option("--source-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--max-rounds", type=click.IntRange(1, 20), default=None, help="1-20 rounds at most.")
@@ -158,6 +159,7 @@ async def run_worker(settings: Settings) -> None:
 def generate(
     prompt: str,
     url: str,
+    model: str | None,
     mode: str | None,
     source_image: Path | None,
     max_rounds: int | None,
@@ -176,7 +178,7 @@ def generate(
     Rounds are numbered from 1 in what it prints (the job's JSON keeps `index` from 0)."""
     from service.console import build_request, submit_and_follow
 
-    body = build_request(prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size)
+    body = build_request(prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size, model)
     code = asyncio.run(submit_and_follow(url, body, wait=wait, out=out, as_json=as_json, api_key=api_key))
     sys.exit(code)
 

@@ -30,8 +30,11 @@ def build_request(
     seed: int | None,
     steps: int | None,
     size: str | None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "mode": mode or ("edit" if source_image else "t2i")}
+    if model is not None:
+        body["model"] = model
     if source_image is not None:
         body["source_image"] = base64.b64encode(source_image.read_bytes()).decode()
     generation: dict[str, Any] = {"seed": seed, "steps": steps}

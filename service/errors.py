@@ -2,6 +2,7 @@
 
     GcrError
     ├── InvalidInput           422  the request is well-formed JSON but not acceptable
+    │   ├── UnknownModel       422  no live worker serves the named model (lists the served ones)
     │   ├── PayloadTooLarge    413
     │   └── UnsupportedMediaType 415
     ├── NotFound               404  unknown id (or another key's id)
@@ -53,6 +54,16 @@ class GcrError(Exception):
 class InvalidInput(GcrError):
     code = "invalid_input"
     status_code = 422
+
+
+class UnknownModel(InvalidInput):
+    """The request names a model no live worker serves; `served` are the ones they do."""
+
+    code = "unknown_model"
+
+    def __init__(self, message: str, *, served: list[str]) -> None:
+        super().__init__(message, field="model")
+        self.served = served
 
 
 class PayloadTooLarge(InvalidInput):

@@ -8,9 +8,10 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
+from service import fleet
 from service.artifacts import ArtifactStore
 from service.auth import Principal
-from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized
+from service.errors import Conflict, GcrError, InvalidInput, NotFound, Unauthorized
 from service.keys import MODES, Keys
 from service.protocol import Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
@@ -40,7 +41,8 @@ class GatewayState:
         self.queue = JobQueue(self.redis, self.keys)
         self.rate_limiter = RateLimiter(self.redis, self.keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         self._critic: OpenAICritic | None = None
-        self._served_until: dict[str, float] = {}
+        self._fleet: list[dict[str, Any]] = []
+        self._fleet_until = 0.0
 
     async def aclose(self) -> None:
         if self._critic is not None:
@@ -90,10 +92,24 @@ class GatewayState:
         return docs
 
     async def queue_stats(self) -> dict[str, Any]:
+        """The queue per model: jobs waiting for a worker, jobs claimed, ready workers; then
+        each stream (`mode:priority`) of each model, and the live workers."""
+        workers = await self.queue.live_workers(self.settings.worker_stale_s)
+        streams = await self.queue.stream_stats(w["model"] for w in workers if "model" in w)
+        served = fleet.served_models(workers)
+        models = {
+            model: {
+                "waiting": sum(s["entries"] - s["pending"] for s in by_stream.values()),
+                "claimed": sum(s["pending"] for s in by_stream.values()),
+                "workers": served.get(model, 0),
+            }
+            for model, by_stream in streams.items()
+        }
         return {
             "queued": await self.queue.queued_count(),
-            "streams": await self.queue.stream_stats(),
-            "workers": await self.queue.live_workers(self.settings.worker_stale_s),
+            "models": models,
+            "streams": streams,
+            "workers": workers,
         }
 
     # --- idempotency (keys are per tenant) ----------------------------------------------------
@@ -165,28 +181,24 @@ class GatewayState:
         check_mode_images(mode, source is not None)
         return await self.critic().critique(body.instruction, image, source_image=source, mode=mode)
 
-    # --- which modes live workers serve ---------------------------------------------------------
-    async def require_worker(self, mode: str) -> None:
-        """`NoWorker` unless a worker serving `mode` heartbeated within `worker_stale_s`.
-
-        A mode found served is remembered for `MODE_CACHE_S`, so a busy gateway does not
-        read the heartbeats on every submit; a mode found unserved is read again each time."""
+    # --- which models live workers serve ---------------------------------------------------------
+    async def fleet(self, fresh: bool = False) -> list[dict[str, Any]]:
+        """The live workers' heartbeats. A busy gateway reads them at most once per
+        `FLEET_CACHE_S`; `fresh` reads them now."""
         now = time.monotonic()
-        if self._served_until.get(mode, 0.0) > now:
-            return
-        workers = await self.queue.live_workers(self.settings.worker_stale_s)
-        serving = [w for w in workers if is_ready(w) and mode in w.get("modes", ())]
-        if serving:
-            self._served_until[mode] = now + MODE_CACHE_S
-            return
-        raise NoWorker(no_worker_message(mode, workers, self.settings.worker_stale_s), field="mode")
+        if fresh or self._fleet_until <= now:
+            self._fleet = await self.queue.live_workers(self.settings.worker_stale_s)
+            self._fleet_until = now + FLEET_CACHE_S
+        return self._fleet
 
-    async def served_models(self, mode: str) -> list[str]:
-        """Generator models that live, ready workers serve for `mode`."""
-        workers = await self.queue.live_workers(self.settings.worker_stale_s)
-        return sorted(
-            {w["generator"] for w in workers if is_ready(w) and mode in w.get("modes", ()) and "generator" in w}
-        )
+    async def route(self, mode: str, model: str | None) -> str:
+        """The model a job goes to (see `service.fleet.route`). A refusal is decided on a
+        fresh read of the heartbeats, so a worker that just started is seen at once."""
+        defaults, stale_s = self.settings.default_models, self.settings.worker_stale_s
+        try:
+            return fleet.route(await self.fleet(), mode, model, defaults, stale_s)
+        except GcrError:
+            return fleet.route(await self.fleet(fresh=True), mode, model, defaults, stale_s)
 
     # --- readiness ----------------------------------------------------------------------------
     async def readiness(self) -> dict[str, Any]:
@@ -200,56 +212,20 @@ class GatewayState:
             report["reason"] = exc.message
             return report
         workers = report["workers"]
-        ready_workers = [w for w in workers if is_ready(w)]
-        report["generators"] = sorted({w.get("generator", "?") for w in ready_workers})
+        stale_s = self.settings.worker_stale_s
+        ready_workers = [w for w in workers if fleet.is_ready(w)]
         # Workers see the critic; its breaker state rides on their heartbeats.
         down = ready_workers and all(w.get("critic") == "down" for w in ready_workers)
         report["critic"] = "down" if down else "ok"
-        report["modes"] = {mode: _mode_readiness(mode, workers, self.settings.worker_stale_s) for mode in MODES}
+        report["modes"] = {mode: fleet.mode_readiness(mode, workers, stale_s) for mode in MODES}
+        report["models"] = fleet.model_readiness(workers)
         report["ready"] = bool(ready_workers) and report["critic"] == "ok"
         if not ready_workers:
-            report["reason"] = no_worker_message(None, workers, self.settings.worker_stale_s)
+            report["reason"] = fleet.no_worker_message(None, workers, stale_s)
         elif report["critic"] == "down":
             report["reason"] = "every worker reports the critic down (circuit breaker open)"
         report["checked_at"] = time.time()
         return report
 
 
-MODE_CACHE_S = 1.0
-
-
-def is_ready(worker: dict[str, Any]) -> bool:
-    """A worker that loaded its model and claims jobs (not one that refused to load)."""
-    return bool(worker.get("state", "ready") == "ready")
-
-
-def no_worker_message(mode: str | None, workers: list[dict[str, Any]], stale_s: float) -> str:
-    """Why nothing would run a job of `mode` (any mode when None), and what to do about it."""
-    wanted = f"mode {mode!r}" if mode else "jobs"
-    if not workers:
-        return (
-            f"no worker serves {wanted}: no worker has sent a heartbeat in the last {stale_s:.0f}s. "
-            "Start one (`gcr worker`, or check `docker compose logs worker`)."
-        )
-    unfit = [w for w in workers if not is_ready(w)]
-    served = sorted({m for w in workers if is_ready(w) for m in w.get("modes", ())})
-    parts = [f"no live worker serves {wanted}"]
-    if served:
-        parts.append(f"live workers serve {', '.join(served)}")
-    for w in unfit:
-        parts.append(f"worker {w.get('id', '?')} is not serving: {w.get('reason', w.get('state'))}")
-    if mode == "edit" and not unfit:
-        parts.append(
-            "start a worker on an edit model (e.g. GCR_GENERATOR=Qwen/Qwen-Image-Edit-2509; deploy/compose.edit.yml)"
-        )
-    elif mode == "t2i" and not unfit:
-        parts.append("start a worker on a text-to-image model (e.g. GCR_GENERATOR=black-forest-labs/FLUX.1-schnell)")
-    return "; ".join(parts)
-
-
-def _mode_readiness(mode: str, workers: list[dict[str, Any]], stale_s: float) -> dict[str, Any]:
-    serving = [w.get("id", "?") for w in workers if is_ready(w) and mode in w.get("modes", ())]
-    entry: dict[str, Any] = {"ready": bool(serving), "workers": serving}
-    if not serving:
-        entry["reason"] = no_worker_message(mode, workers, stale_s)
-    return entry
+FLEET_CACHE_S = 1.0

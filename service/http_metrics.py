@@ -1,11 +1,14 @@
-"""Prometheus metrics of the gateway: requests by route and status, and their latency."""
+"""Prometheus metrics of the gateway: requests by route and status, their latency, and the
+queue per model (read from Redis at each scrape; every replica reports the same queue,
+so aggregate those with `max`, not `sum`)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUESTS = Counter("gcr_http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
@@ -16,7 +19,24 @@ LATENCY = Histogram(
     ["method", "route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-JOBS_SUBMITTED = Counter("gcr_jobs_submitted_total", "Jobs queued.", ["mode", "priority"])
+JOBS_SUBMITTED = Counter("gcr_jobs_submitted_total", "Jobs queued.", ["model", "mode", "priority"])
+QUEUE_WAITING = Gauge(
+    "gcr_queue_waiting", "Jobs in a model's stream that no worker claimed yet.", ["model", "mode", "priority"]
+)
+QUEUE_CLAIMED = Gauge("gcr_queue_claimed", "Jobs a worker claimed and has not finished.", ["model", "mode", "priority"])
+MODEL_WORKERS = Gauge("gcr_model_workers", "Live, ready workers serving the model.", ["model"])
+
+
+def record_queue(stats: dict[str, Any]) -> None:
+    """Set the queue gauges from `GatewayState.queue_stats()` (models gone since are dropped)."""
+    for gauge in (QUEUE_WAITING, QUEUE_CLAIMED, MODEL_WORKERS):
+        gauge.clear()
+    for model, streams in stats["streams"].items():
+        MODEL_WORKERS.labels(model).set(stats["models"][model]["workers"])
+        for name, stream in streams.items():
+            mode, priority = name.split(":")
+            QUEUE_WAITING.labels(model, mode, priority).set(stream["entries"] - stream["pending"])
+            QUEUE_CLAIMED.labels(model, mode, priority).set(stream["pending"])
 
 
 class MetricsMiddleware:

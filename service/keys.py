@@ -10,6 +10,8 @@ import hashlib
 from dataclasses import dataclass
 
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+# A model name as requests, workers and stream keys carry it: no whitespace, no glob characters.
+MODEL_NAME = r"^[^\s\x00-\x1f\x7f*?\[\]]{1,200}$"
 MODES: tuple[str, ...] = ("t2i", "edit")
 CONSUMER_GROUP = "workers"
 
@@ -18,12 +20,18 @@ CONSUMER_GROUP = "workers"
 class Keys:
     prefix: str
 
-    def queue(self, mode: str, priority: str) -> str:
-        """Stream of job ids for one mode and priority, read through the consumer group.
+    def queue(self, model: str, mode: str, priority: str) -> str:
+        """Stream of job ids for one model, mode and priority, read through the consumer group.
 
-        One stream per mode lets a fleet mix text-to-image and edit workers: each
-        reads only the streams of the modes its model serves."""
-        return f"{self.prefix}:queue:{mode}:{priority}"
+        One stream per model and mode lets a fleet mix models and modes: a worker reads
+        only the streams of its own model, so an SDXL worker never claims a FLUX job.
+        Model names are free text without whitespace (`MODEL_NAME`); the name is the
+        last-but-two part, so scalers (KEDA) can name the stream."""
+        return f"{self.prefix}:queue:{model}:{mode}:{priority}"
+
+    def models(self) -> str:
+        """Set of every model name a worker ever served: whose streams the queue stats read."""
+        return f"{self.prefix}:models"
 
     def job(self, job_id: str) -> str:
         """Hash: the job's scalar fields (status, spec, best, ...)."""

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from service.keys import MODEL_NAME
+
 Mode = Literal["t2i", "edit"]
 Priority = Literal["high", "normal", "low"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
@@ -91,6 +93,12 @@ class GenerateRequest(ClientBody):
 
     prompt: str = Field(min_length=1, description="The instruction; every round is judged against it.")
     mode: Mode = "t2i"
+    model: str | None = Field(
+        None,
+        pattern=MODEL_NAME,
+        description="The generator model (GET /v1/models lists the served ones); default: the fleet's "
+        "default for the mode. The stored job shows the model it was routed to.",
+    )
     source_image: str | None = Field(
         None, description="Edit mode: the source image, base64 (or a data: URI) of a PNG, JPEG or WebP."
     )
@@ -274,6 +282,9 @@ class ErrorBody(BaseModel):
     message: str
     field: str | None = None
     retryable: bool = False
+    choices: list[str] | None = Field(
+        None, description="Only on `unknown_model`: the names that would be accepted (the served models)."
+    )
 
 
 class ErrorResponse(BaseModel):

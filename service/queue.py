@@ -1,4 +1,7 @@
-"""The job queue: one Redis Stream per priority, read through one consumer group.
+"""The job queue: one Redis Stream per model, mode and priority, read through one consumer group.
+
+A worker reads the streams of its own model and modes only (an SDXL worker never
+claims a FLUX job); the gateway picks the stream when it admits the job.
 
 Several workers share the group, so each entry goes to exactly one of them. An
 entry stays pending until the worker acknowledges it at the job's end; a worker
@@ -57,18 +60,21 @@ class Claim:
 class JobQueue:
     """The worker's view of the queue (and the gateway's read-only stats)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, modes: Iterable[str] = MODES) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, model: str = "", modes: Iterable[str] = MODES) -> None:
+        """`model`: the model whose streams a worker claims from (the gateway's stats need none)."""
         self.redis = client
         self.keys = keys
+        self.model = model
         self.modes = tuple(m for m in MODES if m in set(modes))
         self._slot = 0
         self._touch = client.register_script(_TOUCH)
 
     def _streams(self, priority: str) -> list[str]:
-        return [self.keys.queue(mode, priority) for mode in self.modes]
+        return [self.keys.queue(self.model, mode, priority) for mode in self.modes]
 
     @translate_errors
     async def ensure_groups(self) -> None:
+        await self.redis.sadd(self.keys.models(), self.model)
         for priority in PRIORITIES:
             for stream in self._streams(priority):
                 try:
@@ -188,21 +194,23 @@ class JobQueue:
         return int(await self.redis.zcard(self.keys.queued_index()))
 
     @idempotent_read
-    async def stream_stats(self) -> dict[str, dict[str, int]]:
-        """Entries and pending (claimed, not yet acknowledged) entries per mode:priority stream."""
-        streams: dict[str, dict[str, int]] = {}
-        for mode in MODES:
-            for priority in PRIORITIES:
-                key = self.keys.queue(mode, priority)
-                length = await self.redis.xlen(key)
-                pending = 0
-                if length:
-                    try:
-                        pending = (await self.redis.xpending(key, CONSUMER_GROUP))["pending"]
-                    except redis_exceptions.ResponseError:  # no group yet: no worker ever read this stream
-                        pending = 0
-                streams[f"{mode}:{priority}"] = {"entries": length, "pending": pending}
-        return streams
+    async def stream_stats(self, models: Iterable[str] = ()) -> dict[str, dict[str, dict[str, int]]]:
+        """Per model, then per `mode:priority` stream: its entries and how many of them are
+        pending (claimed, not yet acknowledged). Acknowledged entries are deleted, so
+        `entries - pending` wait for a worker. Covers every model a worker ever served, plus `models`."""
+        known = {m.decode() for m in await self.redis.smembers(self.keys.models())} | set(models)
+        names = [(model, mode, priority) for model in sorted(known) for mode in MODES for priority in PRIORITIES]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xlen(self.keys.queue(*name))
+                pipe.xpending(self.keys.queue(*name), CONSUMER_GROUP)
+            # A stream no worker ever read has no group: its XPENDING fails, nothing is pending.
+            replies = await pipe.execute(raise_on_error=False)
+        stats: dict[str, dict[str, dict[str, int]]] = {}
+        for (model, mode, priority), length, pending in zip(names, replies[::2], replies[1::2], strict=True):
+            count = pending["pending"] if isinstance(pending, dict) else 0
+            stats.setdefault(model, {})[f"{mode}:{priority}"] = {"entries": int(length), "pending": int(count)}
+        return stats
 
     @idempotent_read
     async def ping(self) -> None:

@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.keys import MODEL_NAME, MODES
+
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TENANT_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 
@@ -62,6 +64,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image.")
     worker_stale_s: float = Field(15.0, gt=0, description="A worker whose last heartbeat is older is not alive.")
+    default_models: dict[str, str] = Field(
+        default_factory=dict,
+        description='JSON {"t2i": "<model>", "edit": "<model>"}: the model of requests that name none; '
+        "unset: the model most live workers serve for the mode.",
+    )
     queue_timeout_s: float = Field(
         900.0,
         gt=0,
@@ -92,6 +99,11 @@ class Settings(BaseSettings):
         None,
         description="Diffusers model id or local folder; `tiny:sd`, `tiny:flux`, `tiny:kontext` build a "
         "random-weight test pipeline; `sim:SECONDS` is the timed simulator used by benchmarks.",
+    )
+    model_name: str | None = Field(
+        None,
+        pattern=MODEL_NAME,
+        description="Name requests use for this worker's model (`model`, /v1/models); default: GCR_GENERATOR.",
     )
     generator_device: str = Field("auto", description="`auto` (cuda if available), `cuda`, `cuda:1`, `cpu`.")
     generator_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -160,6 +172,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{digest[:12]}...: keys are SHA-256 hex digests (make one with `gcr keys new`)")
             if not TENANT_NAME.fullmatch(tenant):
                 raise ValueError(f"tenant {tenant!r}: {TENANT_RULE}")
+        return table
+
+    @field_validator("default_models")
+    @classmethod
+    def _default_models(cls, table: dict[str, str]) -> dict[str, str]:
+        for mode, model in table.items():
+            if mode not in MODES:
+                raise ValueError(f"{mode!r} is not a mode ({', '.join(MODES)})")
+            if not re.fullmatch(MODEL_NAME, model):
+                raise ValueError(f"{model!r} is not a model name (no whitespace or glob characters, 1-200 long)")
         return table
 
     @property

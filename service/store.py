@@ -235,6 +235,8 @@ class JobStore:
         and with `queue_max` the cap holds however many submits race (`QueueFull` beyond it).
         An edit's source image goes to the artifact store first (swept with the rest if the
         job is then refused)."""
+        if doc.spec.model is None:
+            raise ValueError("a job is routed to a model (GatewayState.route) before it is stored")
         if source_png is not None:
             await self.artifacts.put(self.keys.source_image(doc.id), source_png)
         # Drop unset top-level fields only: a nested null (e.g. loop.patience) is a choice.
@@ -249,7 +251,7 @@ class JobStore:
             self.keys.job(doc.id),
             self.keys.queued_index(),
             self.keys.all_jobs(),
-            self.keys.queue(doc.spec.mode, priority),
+            self.keys.queue(doc.spec.model, doc.spec.mode, priority),
             self.keys.tenant_jobs(doc.owner or ""),
         ]
         args: list[Any] = [queue_max, self.ttl_s, order, doc.created_at, doc.id, doc.created_at - self.ttl_s]

@@ -82,13 +82,13 @@ async def submit(
     Returns the job and whether it was created now (False: an idempotent replay)."""
     if idempotency_key is not None and (replay := await state.replay(caller, idempotency_key, spec)):
         return replay, False
-    await state.require_worker(spec.mode)
-    doc, source_png = await prepare_job(spec, source, state.settings, owner=caller.tenant, base_url=base_url)
+    routed = spec.model_copy(update={"model": await state.route(spec.mode, spec.model)})
+    doc, source_png = await prepare_job(routed, source, state.settings, owner=caller.tenant, base_url=base_url)
     if idempotency_key is None:
         await state.store.create(doc, source_png, state.settings.queue_max)
     elif (replay := await state.create_once(caller, idempotency_key, spec, doc, source_png)) is not None:
         return replay, False
-    http_metrics.JOBS_SUBMITTED.labels(doc.spec.mode, doc.spec.priority).inc()
+    http_metrics.JOBS_SUBMITTED.labels(doc.spec.model, doc.spec.mode, doc.spec.priority).inc()
     return doc, True
 
 

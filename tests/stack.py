@@ -90,24 +90,29 @@ class Stack:
             response = await http.get(f"{base}/standin/stats")
             return dict(response.json())
 
-    async def register_idle_worker(self, modes: tuple[str, ...] = ("t2i", "edit")) -> None:
-        """Heartbeat, until the stack stops, as a worker that serves `modes` and claims nothing.
+    async def register_idle_worker(
+        self, modes: tuple[str, ...] = ("t2i", "edit"), model: str | None = None, worker_id: str = "idle-test-worker"
+    ) -> None:
+        """Heartbeat, until the stack stops, as a worker that serves `modes` of `model` (default:
+        the stack's) and claims nothing.
 
         The gateway refuses jobs that no live worker serves; tests that need jobs to stay
         queued (cancel while queued, queue caps, workers started later) register this
         instead of a real worker. Its info says what it is."""
         queue = JobQueue(self._redis(), Keys(self.settings.redis_prefix))
-        info = {"id": "idle-test-worker", "state": "ready", "modes": list(modes), "generator": "none (claims nothing)"}
+        # By default it announces the stack's model: a real worker started later claims what it let in.
+        model = model or self.settings.model_name or self.settings.generator
+        info = {"id": worker_id, "state": "ready", "model": model, "modes": list(modes), "generator": "none"}
 
         async def beat() -> None:
             # Stopped by an event, never cancelled mid-command (see workers/runner.py).
             while not self._stopping.is_set():
                 with contextlib.suppress(GcrError):
-                    await queue.heartbeat("idle-test-worker", info, ttl_s=5)
+                    await queue.heartbeat(worker_id, info, ttl_s=5)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), min(0.5, self.settings.worker_stale_s / 3))
 
-        await queue.heartbeat("idle-test-worker", info, ttl_s=5)
+        await queue.heartbeat(worker_id, info, ttl_s=5)
         self._background.append(asyncio.create_task(beat()))
 
     def _redis(self) -> Any:

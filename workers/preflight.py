@@ -68,6 +68,7 @@ def unfit_info(settings: Settings, model: str, device: str, reason: str) -> dict
         "id": settings.worker_id,
         "state": "unfit",
         "reason": f"{model} does not fit on {device}: {reason}",
+        "model": settings.model_name or model,
         "generator": model,
         "modes": [],
         "device": device,

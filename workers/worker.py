@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.artifacts import ArtifactStore
 from service.errors import GcrError, OwnershipLost, StoreUnavailable
-from service.keys import Keys
+from service.keys import MODEL_NAME, Keys
 from service.protocol import JobError
 from service.queue import Claim, JobQueue
 from service.redis_client import connect
@@ -28,7 +29,7 @@ from service.store import JobStore
 from service.webhooks import WebhookNotifier
 from workers import metrics
 from workers.critics.breaker import CircuitBreaker, GuardedCritic
-from workers.generators.base import Generator
+from workers.generators.base import Generator, GenRequest
 from workers.runner import Critic, JobRunner
 from workers.scheduler import GenerationScheduler
 
@@ -37,6 +38,30 @@ log = logging.getLogger("gcr.worker")
 IDLE_WAIT_S = 0.5
 CRITIC_PROBE_S = 2.0
 RECONNECT_MAX_S = 10.0
+
+
+def served_model(settings: Settings, generator_name: str) -> str:
+    """The name requests route by: `GCR_MODEL_NAME`, else the generator's own name."""
+    name = settings.model_name or generator_name
+    if not re.fullmatch(MODEL_NAME, name):
+        raise ValueError(
+            f"the generator's name {name!r} cannot name a model (no whitespace or glob characters, "
+            "at most 200 long): set GCR_MODEL_NAME"
+        )
+    return name
+
+
+def generation_defaults(generator: Generator) -> dict[str, Any]:
+    """What a request that sets nothing gets (steps, guidance, size), for `GET /v1/models`.
+    Text-to-image only: an edit's size follows its source image."""
+    if "t2i" not in generator.modes:
+        return {}
+    try:
+        resolved = generator.resolve(GenRequest(prompt="-", seed=0))
+    except GcrError:
+        return {}
+    names = ("width", "height", "steps", "guidance_scale", "true_cfg_scale", "negative_prompt")
+    return {name: getattr(resolved, name) for name in names if getattr(resolved, name) is not None}
 
 
 class Worker:
@@ -48,8 +73,10 @@ class Worker:
         self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
         keys = Keys(settings.redis_prefix)
         self.store = JobStore(self.redis, keys, settings.result_ttl_s, ArtifactStore(settings.artifact_url))
-        self.queue = JobQueue(self.redis, keys, modes=generator.modes)
+        self.model = served_model(settings, generator.name)
+        self.queue = JobQueue(self.redis, keys, self.model, generator.modes)
         self.generator = generator
+        self.defaults = generation_defaults(generator)
         self.breaker = CircuitBreaker(settings.critic_breaker_failures, settings.critic_breaker_cooldown_s)
         self.notifier = WebhookNotifier(settings, self.store)
         self.scheduler = GenerationScheduler(generator, settings.max_batch, settings.batch_window_ms / 1000)
@@ -81,9 +108,11 @@ class Worker:
         return {
             "id": self.id,
             "state": "ready",
+            "model": self.model,
             "generator": self.generator.name,
             "modes": sorted(self.generator.modes),
             **self.generator.runtime,
+            "defaults": self.defaults,
             "max_inflight_jobs": self.settings.max_inflight_jobs,
             "inflight_jobs": len(self.active),
             "generator_busy_s": round(self.scheduler.busy_s, 3),

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import http_metrics
 from service.deps import State
+from service.errors import GcrError
 
 router = APIRouter(tags=["health"])
 
@@ -25,6 +29,8 @@ async def readyz(state: State) -> JSONResponse:
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics() -> Response:
-    """Prometheus metrics of this gateway replica."""
+async def metrics(state: State) -> Response:
+    """Prometheus metrics of this gateway replica, and the queue per model."""
+    with contextlib.suppress(GcrError):  # Redis away: the request metrics still answer
+        http_metrics.record_queue(await state.queue_stats())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -25,7 +25,7 @@ from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service import links
+from service import fleet, links
 from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Caller, State
 from service.errors import InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
 from service.gateway_state import GatewayState
@@ -73,6 +73,7 @@ def _job_request(body: ImageGenerationRequest, mode: str, source_b64: str | None
     spec = {
         "prompt": body.prompt,
         "mode": mode,
+        "model": body.model,
         "source_image": source_b64,
         "generation": {**body.gcr.generation, **_size(body.size)},
         "loop": loop,
@@ -82,15 +83,6 @@ def _job_request(body: ImageGenerationRequest, mode: str, source_b64: str | None
         return GenerateRequest.model_validate(spec)
     except ValidationError as exc:
         raise validation_error(exc) from exc
-
-
-async def _check_model(state: GatewayState, model: str | None, mode: str) -> None:
-    if model is None:
-        return
-    served = await state.served_models(mode)
-    if model not in served:
-        listed = ", ".join(served) or "none"
-        raise InvalidInput(f"model {model!r} is not served for {mode}; live workers serve: {listed}", field="model")
 
 
 def _ranked(doc: JobDocument) -> list[tuple[Round, Candidate]]:
@@ -139,7 +131,6 @@ async def _answer(
 async def _run(
     request: Request, state: State, caller: Caller, body: ImageGenerationRequest, mode: str, source: bytes | None
 ) -> JSONResponse:
-    await _check_model(state, body.model, mode)
     spec = _job_request(body, mode, base64.b64encode(source).decode() if source is not None else None)
     base = links.base_url(request, state.settings)
     doc, _created = await submit(state, caller, spec.model_copy(update={"source_image": None}), source, base_url=base)
@@ -187,16 +178,7 @@ async def images_edits(
 
 @router.get("/models")
 async def list_models(state: State, _caller: Caller) -> dict[str, Any]:
-    """OpenAI's model list: the generator models live workers serve, with gcr's details."""
-    models: dict[str, dict[str, Any]] = {}
-    for worker in await state.queue.live_workers(state.settings.worker_stale_s):
-        if worker.get("state", "ready") != "ready" or "generator" not in worker:
-            continue
-        entry = models.setdefault(
-            worker["generator"],
-            {"id": worker["generator"], "object": "model", "created": int(time.time()), "owned_by": "gcr"},
-        )
-        details = entry.setdefault("gcr", {"modes": [], "workers": 0})
-        details["modes"] = sorted(set(details["modes"]) | set(worker.get("modes", [])))
-        details["workers"] += 1
-    return {"object": "list", "data": sorted(models.values(), key=lambda m: str(m["id"]))}
+    """OpenAI's model list: the generator models live workers serve, with gcr's details in `gcr`
+    (modes, ready workers, the modes it is the default for, its generation defaults)."""
+    workers = await state.fleet(fresh=True)
+    return {"object": "list", "data": fleet.model_list(workers, state.settings.default_models, int(time.time()))}

@@ -32,6 +32,9 @@ def worker_process(stack: Stack, worker_id: str, **env: str) -> subprocess.Popen
         "GCR_CRITIC_BASE_URL": s.critic_base_url,
         "GCR_CRITIC_MODEL": s.critic_model,
         "GCR_GENERATOR": "sim:0.1",
+        # Slower than the stack's own workers, but under the stack's model name: the jobs
+        # the gateway routes reach it, and workers started in-process later share them.
+        "GCR_MODEL_NAME": s.model_name or s.generator or "",
         "GCR_WORKER_ID": worker_id,
         "GCR_HEARTBEAT_S": "0.2",
         "GCR_VISIBILITY_TIMEOUT_S": "1.0",

@@ -58,7 +58,7 @@ def gateway_url(redis_url: str) -> Iterator[str]:
 
 async def _idle_worker_heartbeat(redis_url: str, prefix: str) -> None:
     client = connect(redis_url)
-    info = {"id": "idle-fuzz-worker", "state": "ready", "modes": ["t2i", "edit"], "generator": "none (claims nothing)"}
+    info = {"id": "idle-fuzz-worker", "state": "ready", "model": "sim:0.0", "modes": ["t2i", "edit"]}
     await JobQueue(client, Keys(prefix)).heartbeat("idle-fuzz-worker", info, ttl_s=3600)
     await client.aclose()
 

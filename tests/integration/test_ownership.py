@@ -19,9 +19,9 @@ async def test_a_stale_worker_cannot_take_back_a_job_another_worker_took_over(
 ) -> None:
     client = connect(redis_url)
     keys = Keys(redis_prefix)
-    store, queue = JobStore(client, keys, 600), JobQueue(client, keys)
+    store, queue = JobStore(client, keys, 600), JobQueue(client, keys, "sim")
     await queue.ensure_groups()
-    spec = GenerateRequest(prompt="contested", generation=GenerationParams(seed=1))
+    spec = GenerateRequest(prompt="contested", model="sim", generation=GenerationParams(seed=1))
     doc = JobDocument(id="contested-job-0001", status="queued", spec=spec, created_at=time.time(), owner="t")
     await store.create(doc)
 

@@ -263,14 +263,15 @@ async def test_max_inflight_critiques_bounds_the_critic_requests_at_once(
 
 
 async def test_a_worker_at_capacity_leaves_new_jobs_to_another_worker(stack: Stack) -> None:
-    await stack.start_worker(generator="sim:2.6", max_inflight_jobs=1)  # w0: slow, one job at a time
+    # Two workers of one model (their simulated speeds differ, their name does not).
+    await stack.start_worker(generator="sim:2.6", model_name="sim", max_inflight_jobs=1)  # w0: one job at a time
     slow = await stack.submit("slow job", loop=ONE_ROUND)
     async with asyncio.timeout(10):
         while (doc := await stack.client.get(slow)).status != "running":
             await asyncio.sleep(0.05)
     assert doc.worker == "w0"
 
-    await stack.start_worker(generator=QUICK, max_inflight_jobs=4)  # w1
+    await stack.start_worker(generator=QUICK, model_name="sim", max_inflight_jobs=4)  # w1
     quick = await stack.wait(await stack.submit("quick job", loop=ONE_ROUND))
     assert quick.status == "succeeded" and quick.worker == "w1"
     assert (await stack.client.get(slow)).status == "running", "w0 is still busy with the slow job"
@@ -284,7 +285,7 @@ async def test_a_worker_at_capacity_leaves_new_jobs_to_another_worker(stack: Sta
 async def queue(redis_url: str, redis_prefix: str) -> AsyncIterator[tuple[JobQueue, Any, Keys]]:
     client = connect(redis_url)
     keys = Keys(redis_prefix)
-    job_queue = JobQueue(client, keys, modes={"t2i"})
+    job_queue = JobQueue(client, keys, "sim", modes={"t2i"})
     await job_queue.ensure_groups()
     try:
         yield job_queue, client, keys
@@ -295,7 +296,7 @@ async def queue(redis_url: str, redis_prefix: str) -> AsyncIterator[tuple[JobQue
 async def fill(client: Any, keys: Keys, counts: dict[str, int]) -> None:
     for priority, count in counts.items():
         for i in range(count):
-            await client.xadd(keys.queue("t2i", priority), {"job": f"{priority}-{i}"})
+            await client.xadd(keys.queue("sim", "t2i", priority), {"job": f"{priority}-{i}"})
 
 
 async def test_claims_follow_the_fairness_schedule_and_low_is_not_starved(

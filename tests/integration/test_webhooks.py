@@ -109,7 +109,9 @@ async def test_malformed_callback_urls_answer_422(
 
 async def _stored_job(store: JobStore, job_id: str, callback_url: str) -> JobDocument:
     """A finished job that holds `callback_url` as it was stored (e.g. before a stricter check)."""
-    spec = GenerateRequest.model_construct(**{**GenerateRequest(prompt="p").__dict__, "callback_url": callback_url})
+    spec = GenerateRequest.model_construct(
+        **{**GenerateRequest(prompt="p", model="sim:0.0").__dict__, "callback_url": callback_url}
+    )
     doc = JobDocument(id=job_id, status="succeeded", spec=spec, created_at=time.time(), finished_at=time.time())
     await store.create(doc)
     return await store.get(job_id)
