@@ -88,3 +88,14 @@ def test_previews_benchmark_runs_and_reports_both_sides(tmp_path: Path) -> None:
 def test_redis_bytes_benchmark_reports_a_job_without_its_images(tmp_path: Path, redis_url: str) -> None:
     result = run_bench("redis_bytes.py", ["--jobs", "1", "--size", "64"], tmp_path / "bytes.json", redis_url)
     assert result["images_in_artifact_store"] and result["redis_bytes_per_job"] > 0 and result["png_bytes_per_job"] > 0
+
+
+def test_scaling_benchmark_runs_worker_processes_and_reports_each_count(tmp_path: Path, redis_url: str) -> None:
+    args = ["--workers", "1,2", "--t-gen", "0.2", "--t-critic", "0.1", "--warmup", "1", "--duration", "2"]
+    result = run_bench("scaling.py", args, tmp_path / "scaling.json", redis_url, timeout_s=120)
+    runs = result["runs"]
+    assert [r["workers"] for r in runs] == [1, 2]
+    assert all(r["rounds"] > 0 and r["rounds_per_s"] > 0 and r["workers_with_rounds"] == r["workers"] for r in runs)
+    assert runs[0]["efficiency"] == 1.0 and runs[1]["efficiency"] > 0
+    assert runs[1]["redis_commands_per_round"] > 0 and runs[1]["redis_bytes_per_job"] > 0
+    assert result["goal"]["met"] is False, "two workers cannot meet a goal set at eight"
