@@ -432,11 +432,14 @@ def show(result: dict[str, Any]) -> None:
     print(result["note"])
 
 
+def worker_counts(text: str) -> list[int]:
+    """`1,2,4` -> [1, 2, 4] (argparse names this function in its message when it fails)."""
+    return [int(part) for part in text.split(",")]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--workers", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16], help="e.g. 1,2,4,8,16"
-    )
+    parser.add_argument("--workers", type=worker_counts, default=[1, 2, 4, 8, 16], help="e.g. 1,2,4,8,16")
     parser.add_argument("--t-gen", type=float, default=1.0, help="seconds per simulated image (default 1.0)")
     parser.add_argument("--t-critic", type=float, default=0.5, help="seconds per critique (default 0.5)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per job (default 3)")

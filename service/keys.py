@@ -25,8 +25,8 @@ class Keys:
 
         One stream per model and mode lets a fleet mix models and modes: a worker reads
         only the streams of its own model, so an SDXL worker never claims a FLUX job.
-        Model names are free text without whitespace (`MODEL_NAME`); the name is the
-        last-but-two part, so scalers (KEDA) can name the stream."""
+        A model name holds no whitespace or glob characters (`MODEL_NAME`) but may hold
+        ':' and '/'; scalers name the stream in full (deploy/k8s/worker/scaledobject.yaml)."""
         return f"{self.prefix}:queue:{model}:{mode}:{priority}"
 
     def models(self) -> str:

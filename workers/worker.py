@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.artifacts import ArtifactStore
-from service.errors import GcrError, OwnershipLost, StoreUnavailable
+from service.errors import GcrError, InvalidInput, OwnershipLost, StoreUnavailable
 from service.keys import MODEL_NAME, Keys
 from service.protocol import JobError
 from service.queue import Claim, JobQueue
@@ -44,9 +44,10 @@ def served_model(settings: Settings, generator_name: str) -> str:
     """The name requests route by: `GCR_MODEL_NAME`, else the generator's own name."""
     name = settings.model_name or generator_name
     if not re.fullmatch(MODEL_NAME, name):
-        raise ValueError(
+        raise InvalidInput(
             f"the generator's name {name!r} cannot name a model (no whitespace or glob characters, "
-            "at most 200 long): set GCR_MODEL_NAME"
+            "at most 200 long): set GCR_MODEL_NAME",
+            field="GCR_MODEL_NAME",
         )
     return name
 

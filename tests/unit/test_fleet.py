@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 from service import fleet
-from service.errors import NoWorker, UnknownModel
+from service.errors import InvalidInput, NoWorker, UnknownModel
+from service.settings import Settings
+from workers.worker import served_model
 
 
 def worker(model: str, *modes: str, state: str = "ready", **extra: Any) -> dict[str, Any]:
@@ -81,3 +83,10 @@ def test_model_readiness_reports_unready_models_with_their_reasons() -> None:
     report = fleet.model_readiness([FLUX, unfit])
     assert report["flux"] == {"ready": True, "modes": ["t2i"], "workers": [FLUX["id"]]}
     assert report["flux-dev"]["ready"] is False and report["flux-dev"]["reasons"] == ["no room"]
+
+
+def test_a_worker_whose_generator_name_cannot_route_asks_for_a_model_name() -> None:
+    assert served_model(Settings(), "black-forest-labs/FLUX.1-schnell") == "black-forest-labs/FLUX.1-schnell"
+    assert served_model(Settings(model_name="flux"), "/models/my flux") == "flux"
+    with pytest.raises(InvalidInput, match="set GCR_MODEL_NAME"):
+        served_model(Settings(), "/models/my flux")
