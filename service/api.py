@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import http_metrics
 from service.body_limit import BodyLimitMiddleware
-from service.errors import GcrError, RateLimited, Unauthorized, UnknownModel
+from service.errors import GcrError, RateLimited, Unauthorized
 from service.gateway_state import GatewayState
 from service.protocol import ErrorBody, ErrorResponse
 from service.routers import admin, critique, health, jobs, openai_compat, studio
@@ -43,8 +43,7 @@ RETRY_AFTER_S = 5
 
 
 def _error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
-    omit = {"error": {"choices"}} if body.choices is None else None
-    return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(exclude=omit), headers=headers)
+    return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(), headers=headers)
 
 
 def _validation_field(loc: tuple[Any, ...]) -> str:
@@ -63,9 +62,9 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Retry-After"] = str(RETRY_AFTER_S)
         elif isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
-        body = ErrorBody(code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable)
-        if isinstance(exc, UnknownModel):
-            body.choices = exc.served
+        body = ErrorBody(
+            code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable, choices=exc.choices
+        )
         return _error_response(exc.status_code, body, headers)
 
     @app.exception_handler(StarletteHTTPException)

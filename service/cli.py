@@ -112,8 +112,10 @@ async def run_worker(settings: Settings) -> None:
     from workers.generators import load_generator
     from workers.generators.loading import resolve_device
     from workers.preflight import checked_model, hold_until_it_fits
-    from workers.worker import Worker
+    from workers.worker import Worker, served_model
 
+    if settings.generator:
+        served_model(settings, settings.generator)  # a name jobs cannot route by fails before any loading
     model = checked_model(settings)
     if model is not None:
         # Before anything is downloaded: a cuda worker without a usable GPU exits here, saying why.

@@ -49,6 +49,8 @@ class GcrError(Exception):
         self.field = field
         self.headers: dict[str, str] = {}
         """Extra response headers (e.g. the job id a waiting call gave up on)."""
+        self.choices: list[str] | None = None
+        """The accepted values, for an error about a name (the error body's `choices`)."""
 
 
 class InvalidInput(GcrError):
@@ -63,7 +65,7 @@ class UnknownModel(InvalidInput):
 
     def __init__(self, message: str, *, served: list[str]) -> None:
         super().__init__(message, field="model")
-        self.served = served
+        self.choices = served
 
 
 class PayloadTooLarge(InvalidInput):

@@ -16,15 +16,16 @@ from typing import Any
 from service.errors import NoWorker, UnknownModel
 from service.keys import MODES
 
-Worker = dict[str, Any]
+Heartbeat = dict[str, Any]
+"""What one live worker reported: id, state, model, modes, ..."""
 
 
-def is_ready(worker: Worker) -> bool:
+def is_ready(worker: Heartbeat) -> bool:
     """A worker that loaded its model and claims jobs (not one that refused to load)."""
     return bool(worker.get("state", "ready") == "ready")
 
 
-def serves(worker: Worker, model: str | None = None, mode: str | None = None) -> bool:
+def serves(worker: Heartbeat, model: str | None = None, mode: str | None = None) -> bool:
     """A ready worker serving `model` (any when None) in `mode` (any when None)."""
     return (
         is_ready(worker)
@@ -34,12 +35,12 @@ def serves(worker: Worker, model: str | None = None, mode: str | None = None) ->
     )
 
 
-def served_models(workers: list[Worker], mode: str | None = None) -> Counter[str]:
+def served_models(workers: list[Heartbeat], mode: str | None = None) -> Counter[str]:
     """Ready workers per model, for `mode` (any when None)."""
     return Counter(w["model"] for w in workers if serves(w, mode=mode))
 
 
-def default_model(workers: list[Worker], mode: str, defaults: dict[str, str]) -> str | None:
+def default_model(workers: list[Heartbeat], mode: str, defaults: dict[str, str]) -> str | None:
     """The configured default for `mode`, else the model most ready workers serve for it."""
     if mode in defaults:
         return defaults[mode]
@@ -47,12 +48,20 @@ def default_model(workers: list[Worker], mode: str, defaults: dict[str, str]) ->
     return min(counts, key=lambda name: (-counts[name], name), default=None)
 
 
-def route(workers: list[Worker], mode: str, requested: str | None, defaults: dict[str, str], stale_s: float) -> str:
+def route(
+    workers: list[Heartbeat],
+    mode: str,
+    requested: str | None,
+    defaults: dict[str, str],
+    stale_s: float,
+    known: bool = False,
+) -> str:
     """The model a job of `mode` goes to: `requested`, else the fleet's default for `mode`.
 
-    `UnknownModel` (422) when no live worker, in any state, announces the requested
-    model for `mode` while others serve something; `NoWorker` (503, retryable) when the
-    fleet is empty, or the model's workers are there but not ready (loading, unfit)."""
+    `UnknownModel` (422) for a requested model that nothing serves and nothing knows: no
+    live worker announces it, it is no configured default, and (`known`) no worker of
+    it ever served `mode`. `NoWorker` (503, retryable) when the fleet is empty, or the
+    model is known but none of its workers is ready now (starting, restarting, unfit)."""
     if not workers:
         raise NoWorker(no_worker_message(mode, workers, stale_s, model=requested), field="mode")
     model = requested or default_model(workers, mode, defaults)
@@ -60,8 +69,8 @@ def route(workers: list[Worker], mode: str, requested: str | None, defaults: dic
         raise NoWorker(no_worker_message(mode, workers, stale_s), field="mode")
     if any(serves(w, model, mode) for w in workers):
         return model
-    announced = any(w.get("model") == model and not is_ready(w) for w in workers)
-    if requested is None or announced:
+    unready = any(w.get("model") == model and not is_ready(w) for w in workers)  # e.g. waiting for memory
+    if requested is None or known or unready or defaults.get(mode) == model:
         raise NoWorker(no_worker_message(mode, workers, stale_s, model=model), field="model")
     served = sorted(served_models(workers, mode))
     listed = ", ".join(served) or "none"
@@ -71,8 +80,9 @@ def route(workers: list[Worker], mode: str, requested: str | None, defaults: dic
     )
 
 
-def no_worker_message(mode: str | None, workers: list[Worker], stale_s: float, model: str | None = None) -> str:
-    """Why nothing would run a job of `mode` (any mode when None), and what to do about it."""
+def no_worker_message(mode: str | None, workers: list[Heartbeat], stale_s: float, model: str | None = None) -> str:
+    """Why nothing would run a job of `mode` (any mode when None; of `model` when given),
+    and what to do about it."""
     wanted = f"mode {mode!r}" if mode else "jobs"
     if model is not None:
         wanted = f"model {model!r} in {wanted}"
@@ -82,22 +92,31 @@ def no_worker_message(mode: str | None, workers: list[Worker], stale_s: float, m
             "Start one (`gcr worker`, or check `docker compose logs worker`)."
         )
     unfit = [w for w in workers if not is_ready(w)]
-    served = sorted({m for w in workers if is_ready(w) for m in w.get("modes", ())})
     parts = [f"no live worker serves {wanted}"]
-    if served:
-        parts.append(f"live workers serve {', '.join(served)}")
+    if model is not None:
+        served = sorted(served_models(workers, mode))
+        parts.append(f"live workers serve {', '.join(served) or 'no model'} for it")
+    else:
+        served = sorted({m for w in workers if is_ready(w) for m in w.get("modes", ())})
+        if served:
+            parts.append(f"live workers serve {', '.join(served)}")
     for w in unfit:
         parts.append(f"worker {w.get('id', '?')} is not serving: {w.get('reason', w.get('state'))}")
-    if mode == "edit" and not unfit:
-        parts.append(
-            "start a worker on an edit model (e.g. GCR_GENERATOR=Qwen/Qwen-Image-Edit-2509; deploy/compose.edit.yml)"
-        )
-    elif mode == "t2i" and not unfit:
-        parts.append("start a worker on a text-to-image model (e.g. GCR_GENERATOR=black-forest-labs/FLUX.1-schnell)")
+    if not unfit:
+        parts.append(_what_to_start(mode, model))
     return "; ".join(parts)
 
 
-def mode_readiness(mode: str, workers: list[Worker], stale_s: float) -> dict[str, Any]:
+def _what_to_start(mode: str | None, model: str | None) -> str:
+    if model is not None:
+        return f"its workers may be starting; else start one with GCR_GENERATOR (or GCR_MODEL_NAME) set to {model!r}"
+    if mode == "edit":
+        return "start a worker on an edit model (e.g. GCR_GENERATOR=Qwen/Qwen-Image-Edit-2509; deploy/compose.edit.yml)"
+    return "start a worker on a text-to-image model (e.g. GCR_GENERATOR=black-forest-labs/FLUX.1-schnell)"
+
+
+def mode_readiness(mode: str, workers: list[Heartbeat], stale_s: float) -> dict[str, Any]:
+    """Ready when a ready worker serves `mode`; its workers, or why none."""
     serving = [w.get("id", "?") for w in workers if serves(w, mode=mode)]
     entry: dict[str, Any] = {"ready": bool(serving), "workers": serving}
     if not serving:
@@ -105,7 +124,7 @@ def mode_readiness(mode: str, workers: list[Worker], stale_s: float) -> dict[str
     return entry
 
 
-def model_readiness(workers: list[Worker]) -> dict[str, dict[str, Any]]:
+def model_readiness(workers: list[Heartbeat]) -> dict[str, dict[str, Any]]:
     """Per announced model: ready when a ready worker serves it; its modes, workers and, if
     not ready, why (the reasons its workers give)."""
     report: dict[str, dict[str, Any]] = {}
@@ -122,7 +141,7 @@ def model_readiness(workers: list[Worker]) -> dict[str, dict[str, Any]]:
     return dict(sorted(report.items()))
 
 
-def model_list(workers: list[Worker], defaults: dict[str, str], created: int) -> list[dict[str, Any]]:
+def model_list(workers: list[Heartbeat], defaults: dict[str, str], created: int) -> list[dict[str, Any]]:
     """`GET /v1/models` entries: OpenAI's `{id, object, created, owned_by}` plus gcr's details
     (modes, ready workers, the modes it is the default for, the generator it runs and
     what a request that sets nothing gets)."""

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 
 
 def _fingerprint(spec: GenerateRequest) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    # A request that names no model fingerprints as before `model` existed: a retry with the
+    # same Idempotency-Key across the upgrade still finds its job.
+    unset = {"model"} if spec.model is None else None
+    return hashlib.sha256(spec.model_dump_json(exclude=unset).encode()).hexdigest()
 
 
 class GatewayState:
@@ -182,7 +185,7 @@ class GatewayState:
         return await self.critic().critique(body.instruction, image, source_image=source, mode=mode)
 
     # --- which models live workers serve ---------------------------------------------------------
-    async def fleet(self, fresh: bool = False) -> list[dict[str, Any]]:
+    async def fleet(self, fresh: bool = False) -> list[fleet.Heartbeat]:
         """The live workers' heartbeats. A busy gateway reads them at most once per
         `FLEET_CACHE_S`; `fresh` reads them now."""
         now = time.monotonic()
@@ -198,7 +201,10 @@ class GatewayState:
         try:
             return fleet.route(await self.fleet(), mode, model, defaults, stale_s)
         except GcrError:
-            return fleet.route(await self.fleet(fresh=True), mode, model, defaults, stale_s)
+            # A model some worker served for this mode before is known: while none serves
+            # it (a restart, a rollout) its jobs get a retryable 503, not a 422.
+            known = model is not None and await self.queue.has_served(model, mode)
+            return fleet.route(await self.fleet(fresh=True), mode, model, defaults, stale_s, known=known)
 
     # --- readiness ----------------------------------------------------------------------------
     async def readiness(self) -> dict[str, Any]:

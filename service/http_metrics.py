@@ -28,7 +28,8 @@ MODEL_WORKERS = Gauge("gcr_model_workers", "Live, ready workers serving the mode
 
 
 def record_queue(stats: dict[str, Any]) -> None:
-    """Set the queue gauges from `GatewayState.queue_stats()` (models gone since are dropped)."""
+    """Set the queue gauges from `GatewayState.queue_stats()`: a model with no live worker and
+    nothing queued any more drops out of them."""
     for gauge in (QUEUE_WAITING, QUEUE_CLAIMED, MODEL_WORKERS):
         gauge.clear()
     for model, streams in stats["streams"].items():

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from service.keys import MODEL_NAME
 
@@ -285,6 +293,14 @@ class ErrorBody(BaseModel):
     choices: list[str] | None = Field(
         None, description="Only on `unknown_model`: the names that would be accepted (the served models)."
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_choices(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`choices` appears only where an error has some; every other field always does."""
+        data: dict[str, Any] = handler(self)
+        if data.get("choices") is None:
+            data.pop("choices", None)
+        return data
 
 
 class ErrorResponse(BaseModel):

@@ -60,8 +60,11 @@ class Claim:
 class JobQueue:
     """The worker's view of the queue (and the gateway's read-only stats)."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, model: str = "", modes: Iterable[str] = MODES) -> None:
-        """`model`: the model whose streams a worker claims from (the gateway's stats need none)."""
+    def __init__(
+        self, client: redis.Redis, keys: Keys, model: str | None = None, modes: Iterable[str] = MODES
+    ) -> None:
+        """`model`: the model whose streams a worker claims from; the gateway's queue (stats,
+        heartbeats) has none and claims nothing."""
         self.redis = client
         self.keys = keys
         self.model = model
@@ -70,11 +73,14 @@ class JobQueue:
         self._touch = client.register_script(_TOUCH)
 
     def _streams(self, priority: str) -> list[str]:
+        if self.model is None:
+            raise ValueError("this JobQueue has no model: only a worker's queue (with its model) claims")
         return [self.keys.queue(self.model, mode, priority) for mode in self.modes]
 
     @translate_errors
     async def ensure_groups(self) -> None:
-        await self.redis.sadd(self.keys.models(), self.model)
+        if self.model is not None:
+            await self.redis.sadd(self.keys.models(), self.model)
         for priority in PRIORITIES:
             for stream in self._streams(priority):
                 try:
@@ -194,11 +200,18 @@ class JobQueue:
         return int(await self.redis.zcard(self.keys.queued_index()))
 
     @idempotent_read
+    async def has_served(self, model: str, mode: str) -> bool:
+        """Whether a worker of `model` ever served `mode` here (it created the stream)."""
+        return bool(await self.redis.exists(self.keys.queue(model, mode, "normal")))
+
+    @idempotent_read
     async def stream_stats(self, models: Iterable[str] = ()) -> dict[str, dict[str, dict[str, int]]]:
         """Per model, then per `mode:priority` stream: its entries and how many of them are
         pending (claimed, not yet acknowledged). Acknowledged entries are deleted, so
-        `entries - pending` wait for a worker. Covers every model a worker ever served, plus `models`."""
-        known = {m.decode() for m in await self.redis.smembers(self.keys.models())} | set(models)
+        `entries - pending` wait for a worker. Covers `models` (those live workers serve) and
+        any other model a worker once served whose streams still hold entries."""
+        live = set(models)
+        known = {m.decode() for m in await self.redis.smembers(self.keys.models())} | live
         names = [(model, mode, priority) for model in sorted(known) for mode in MODES for priority in PRIORITIES]
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
@@ -210,7 +223,11 @@ class JobQueue:
         for (model, mode, priority), length, pending in zip(names, replies[::2], replies[1::2], strict=True):
             count = pending["pending"] if isinstance(pending, dict) else 0
             stats.setdefault(model, {})[f"{mode}:{priority}"] = {"entries": int(length), "pending": int(count)}
-        return stats
+        return {
+            model: streams
+            for model, streams in stats.items()
+            if model in live or any(stream["entries"] for stream in streams.values())
+        }
 
     @idempotent_read
     async def ping(self) -> None:

@@ -309,7 +309,8 @@ class JobStore:
                 error = JobError(
                     code="unclaimed",
                     message=f"no worker claimed this job within {max_wait_s:.0f}s (GCR_QUEUE_TIMEOUT_S); "
-                    f"check that a worker serving mode {spec.get('mode', '?')!r} ({priority} priority) runs",
+                    f"check that a worker serving model {spec.get('model', '?')!r} in mode "
+                    f"{spec.get('mode', '?')!r} ({priority} priority) runs",
                     retryable=True,
                 )
                 ended = await self._expire_queued(

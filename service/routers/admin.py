@@ -29,6 +29,7 @@ async def admin_jobs(
 
 @router.get("/queue", responses=ERROR_RESPONSES)
 async def admin_queue(state: State, caller: Caller) -> dict[str, Any]:
-    """Admin keys only: queue depth by mode and priority, pending entries, live workers."""
+    """Admin keys only: per model the jobs waiting, claimed and its ready workers; each model's
+    streams by mode and priority (entries, pending); the live workers."""
     state.require_admin(caller)
     return await state.queue_stats()

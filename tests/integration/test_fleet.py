@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import pytest
 
-from gcr.errors import UnknownModelError
+from gcr.errors import NoWorkerError, UnknownModelError
 from tests.stack import Stack
 
 ONE_ROUND = {"max_rounds": 1}
@@ -81,3 +81,15 @@ async def test_a_configured_default_model_routes_requests_that_name_none(
         ids = [await stack.submit(f"job {i}", loop=ONE_ROUND) for i in range(3)]
         docs = await asyncio.gather(*(stack.wait(job_id) for job_id in ids))
         assert {d.spec.model for d in docs} == {"sdxl-sim"} and {d.worker for d in docs} == {"w2"}
+
+
+async def test_a_model_served_before_is_a_retryable_503_while_none_of_its_workers_runs(stack: Stack) -> None:
+    await stack.start_worker(model_name="flux-sim")
+    await stack.stop_workers()  # e.g. a rollout replacing its only worker
+    await stack.register_idle_worker(("t2i",), model="sdxl-sim", worker_id="sdxl-idle")
+    with pytest.raises(NoWorkerError) as refused:
+        await stack.client.generate("a fox", model="flux-sim")
+    assert refused.value.status == 503 and refused.value.retryable and "flux-sim" in refused.value.message
+    assert "sdxl-sim" in refused.value.message, "it says which models are served"
+    with pytest.raises(UnknownModelError):
+        await stack.client.generate("a fox", model="never-served")

@@ -40,14 +40,14 @@ def test_an_unknown_model_is_refused_listing_the_served_ones_for_the_mode() -> N
     with pytest.raises(UnknownModel) as refused:
         fleet.route([FLUX, SDXL, KONTEXT], "t2i", "no-such-model", {}, 15)
     assert refused.value.status_code == 422 and refused.value.field == "model"
-    assert refused.value.served == ["flux", "sdxl"]
+    assert refused.value.choices == ["flux", "sdxl"]
     assert "no-such-model" in refused.value.message and "flux, sdxl" in refused.value.message
 
 
 def test_a_model_served_only_for_the_other_mode_is_unknown_for_this_one() -> None:
     with pytest.raises(UnknownModel) as refused:
         fleet.route([FLUX, KONTEXT], "edit", "flux", {}, 15)
-    assert refused.value.served == ["kontext"]
+    assert refused.value.choices == ["kontext"]
 
 
 def test_a_model_whose_workers_are_not_ready_is_a_retryable_503_with_their_reason() -> None:
@@ -55,6 +55,14 @@ def test_a_model_whose_workers_are_not_ready_is_a_retryable_503_with_their_reaso
     with pytest.raises(NoWorker) as refused:
         fleet.route([FLUX, unfit], "t2i", "flux-dev", {}, 15)
     assert refused.value.retryable and "33.1 GiB needed" in refused.value.message
+
+
+def test_a_known_model_or_a_configured_default_with_no_live_worker_is_a_503_not_a_422() -> None:
+    for defaults, known in (({}, True), ({"t2i": "flux-dev"}, False)):
+        with pytest.raises(NoWorker) as refused:
+            fleet.route([FLUX], "t2i", "flux-dev", defaults, 15, known=known)
+        assert refused.value.retryable and "flux-dev" in refused.value.message
+        assert "live workers serve flux for it" in refused.value.message
 
 
 def test_an_empty_fleet_is_a_503_whatever_the_request_names() -> None:
