@@ -17,7 +17,8 @@ measures for `--duration` seconds.
 
 What it reports per N (the window is the measured `--duration`):
 - rounds_per_s: the rounds whose `finished_at` falls in the window, per worker (rounds - 1
-  over its first to last finish), summed over the workers;
+  over its first to last finish), summed over the workers; `rounds_in_window_per_s`, all
+  rounds in the window over its length, beside it as a cross-check;
 - efficiency: rounds_per_s(N) / (N x rounds_per_s(1)), both measured in this run;
 - ratio_to_bound: rounds_per_s over N / t_gen, what N GPUs busy all the time would do;
 - redis_commands_per_round: Redis's `total_commands_processed` over the window, every
@@ -336,6 +337,9 @@ async def _drive(
         "rounds": rounds,
         "window_s": round(t1 - t0, 3),
         "rounds_per_s": total,
+        # The cross-check: a worker that started late or stalled at an edge of the window
+        # lowers this one, not the per-worker sum.
+        "rounds_in_window_per_s": rounds / (t1 - t0),
         "workers_with_rounds": len([t for t in by_worker.values() if t]),
         "ratio_to_bound": total / (n / load.t_gen),
         "jobs_submitted": len(ids),

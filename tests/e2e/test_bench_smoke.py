@@ -96,6 +96,6 @@ def test_scaling_benchmark_runs_worker_processes_and_reports_each_count(tmp_path
     runs = result["runs"]
     assert [r["workers"] for r in runs] == [1, 2]
     assert all(r["rounds"] > 0 and r["rounds_per_s"] > 0 and r["workers_with_rounds"] == r["workers"] for r in runs)
-    assert runs[0]["efficiency"] == 1.0 and runs[1]["efficiency"] > 0
+    assert runs[1]["efficiency"] > 0 and runs[1]["rounds_in_window_per_s"] > 0
     assert runs[1]["redis_commands_per_round"] > 0 and runs[1]["redis_bytes_per_job"] > 0
-    assert result["goal"]["met"] is False, "two workers cannot meet a goal set at eight"
+    assert set(runs[1]["cpu_ms_per_round"]) >= {"workers", "gateway", "redis"}

@@ -105,7 +105,12 @@ def test_every_rendered_object_is_valid_against_its_schema(folder: Path) -> None
     assert objects
     for obj in objects:
         validate(obj)
-        assert obj["metadata"].get("namespace", "gcr") == "gcr" or obj["kind"] == "Namespace"
+        # Each folder applies on its own (`kubectl apply -k` of a model's overlay beside the stack).
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") == "gcr", f"{obj['kind']} {obj['metadata']['name']}"
+        pod = obj["spec"]["template"]["spec"] if obj["kind"] in ("Deployment", "StatefulSet") else {}
+        for c in pod.get("initContainers", []) + pod.get("containers", []):
+            assert ":" in c["image"], f"{obj['metadata']['name']}: {c['image']} has no tag"
 
 
 def test_the_validation_refuses_typos_in_both_kinds_of_schema() -> None:
@@ -143,12 +148,19 @@ def test_the_stack_is_wired_to_its_redis_critic_and_cache() -> None:
 
     gateway = find(stack, "Deployment", "gateway")
     assert container(gateway)["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    for deployment in (gateway, find(stack, "Deployment", "worker-flux-schnell")):
+        assert [source["configMapRef"]["name"] for source in container(deployment)["envFrom"]] == ["gcr-config"]
     hpa = find(stack, "HorizontalPodAutoscaler", "gateway")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "gateway" and hpa["spec"]["minReplicas"] >= 2
     assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replicas"
 
     claims = find(stack, "PersistentVolumeClaim", "model-cache")
     assert claims["spec"]["accessModes"] == ["ReadWriteMany"]
+    worker_pod = find(stack, "Deployment", "worker-flux-schnell")["spec"]["template"]["spec"]
+    [owner] = worker_pod["initContainers"]  # RWX volumes often ignore fsGroup
+    assert "chown 10001:10001 /cache/workers" in owner["command"][-1]
+    [worker] = worker_pod["containers"]
+    assert {"name": "hf-cache", "mountPath": "/cache/huggingface", "subPath": "workers"} in worker["volumeMounts"]
     for deployment in (find(stack, "Deployment", "vllm"), find(stack, "Deployment", "worker-flux-schnell")):
         volumes = deployment["spec"]["template"]["spec"]["volumes"]
         cache = next(v for v in volumes if v["name"] == "hf-cache")
