@@ -58,10 +58,11 @@ def route(
 ) -> str:
     """The model a job of `mode` goes to: `requested`, else the fleet's default for `mode`.
 
-    `UnknownModel` (422) for a requested model that nothing serves and nothing knows: no
-    live worker announces it, it is no configured default, and (`known`) no worker of
-    it ever served `mode`. `NoWorker` (503, retryable) when the fleet is empty, or the
-    model is known but none of its workers is ready now (starting, restarting, unfit)."""
+    `UnknownModel` (422) for a requested model that no ready worker serves for `mode` and
+    nothing vouches for: no worker of it is live but unready (unfit), it is not the
+    configured default, and (`known`) no worker of it ever served `mode`. `NoWorker` (503,
+    retryable) when the fleet is empty, or the model is vouched for but none of its
+    workers is ready now (starting, restarting, unfit)."""
     if not workers:
         raise NoWorker(no_worker_message(mode, workers, stale_s, model=requested), field="mode")
     model = requested or default_model(workers, mode, defaults)
