@@ -280,7 +280,7 @@ def bytes_per_finished_job(client: redis_sync.Redis, keys: Keys, ids: Sequence[s
     return used / len(done)
 
 
-def measure(n: int, load: Load) -> dict[str, Any]:
+def measure(n: int, load: Load, critic_pid: int) -> dict[str, Any]:
     """One run: a fresh prefix, gateway and N workers; the load; the numbers."""
     prefix = f"gcr-scaling-{uuid.uuid4().hex[:8]}-n{n}"
     keys = Keys(prefix)
@@ -298,7 +298,12 @@ def measure(n: int, load: Load) -> dict[str, Any]:
             ) as gateway,
             worker_processes(n, load, prefix, artifacts) as workers,
         ):
-            groups = {"workers": [w.pid for w in workers], "gateway": [gateway.pid], "redis": [redis_pid]}
+            groups = {
+                "workers": [w.pid for w in workers],
+                "gateway": [gateway.pid],
+                "critic": [critic_pid],
+                "redis": [redis_pid],
+            }
             meter = CpuMeter(groups)
             result = asyncio.run(_drive(n, load, prefix, f"http://127.0.0.1:{port}", client, meter))
             result["redis_bytes_per_job"] = bytes_per_finished_job(client, keys, result.pop("ids"))
@@ -385,12 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             runs = []
             for n in counts:
-                critic_cpu = psutil.Process(critic.pid).cpu_times()
-                result = measure(n, load)
-                after = psutil.Process(critic.pid).cpu_times()
-                spent = (after.user + after.system) - (critic_cpu.user + critic_cpu.system)
-                # The critic's CPU over the whole run (warm-up and drain too): an upper bound per round.
-                result["cpu_ms_per_round"]["critic_at_most"] = 1000 * spent / max(result["rounds"], 1)
+                result = measure(n, load, critic.pid)
                 runs.append(result)
                 print(f"{n} workers: {result['rounds_per_s']:.2f} rounds/s", file=sys.stderr)
     single = runs[0]["rounds_per_s"]

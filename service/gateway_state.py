@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from service import fleet
 from service.artifacts import ArtifactStore
 from service.auth import Principal
-from service.errors import Conflict, GcrError, InvalidInput, NotFound, Unauthorized
+from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized, UnknownModel
 from service.keys import MODES, Keys
 from service.protocol import Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
@@ -44,7 +44,7 @@ class GatewayState:
         self.queue = JobQueue(self.redis, self.keys)
         self.rate_limiter = RateLimiter(self.redis, self.keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         self._critic: OpenAICritic | None = None
-        self._fleet: list[dict[str, Any]] = []
+        self._fleet: list[fleet.Heartbeat] = []
         self._fleet_until = 0.0
 
     async def aclose(self) -> None:
@@ -200,7 +200,7 @@ class GatewayState:
         defaults, stale_s = self.settings.default_models, self.settings.worker_stale_s
         try:
             return fleet.route(await self.fleet(), mode, model, defaults, stale_s)
-        except GcrError:
+        except (NoWorker, UnknownModel):
             # A model some worker served for this mode before is known: while none serves
             # it (a restart, a rollout) its jobs get a retryable 503, not a 422.
             known = model is not None and await self.queue.has_served(model, mode)
