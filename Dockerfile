@@ -14,7 +14,8 @@
 # image; nvidia/cuda is Ubuntu and has no Python 3.11. The container needs only
 # the host's NVIDIA driver, which the NVIDIA Container Toolkit mounts in.
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# Pinned to a patch release, so two builds start from the same Python.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base
@@ -31,16 +32,21 @@ RUN groupadd --system --gid 10001 gcr \
 # The project as one wheel; both runtime images install it and neither keeps the source tree.
 FROM base AS wheel
 WORKDIR /src
-# .dockerignore is an allow-list: this copies pyproject.toml, README.md, service/, workers/.
+# .dockerignore is an allow-list: this copies pyproject.toml, README.md, LICENSE and the
+# packages (gcr/, service/, workers/); tests/unit/test_build_context.py builds the wheel
+# from exactly that context and checks it holds every package pyproject.toml declares.
 COPY . .
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------
 FROM base AS gateway
-# constraints/*.txt (scripts/lock) pin every package, so two builds install the same.
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    --mount=type=bind,source=constraints,target=/constraints \
-    pip install -c /constraints/gateway.txt "$(echo /wheels/gcr-*.whl)[server]"
+# constraints/lock.txt (scripts/lock) pins every package, for the images, scripts/setup
+# and CI alike, so what ships is what the tests ran.
+# COPY --from, not a bind mount from the stage: buildah 1.28 loses a cached stage's
+# mount source (podman users build this file too). The wheel is ~1 MB.
+COPY --from=wheel /wheels /wheels
+RUN --mount=type=bind,source=constraints,target=/constraints \
+    pip install -c /constraints/lock.txt "$(echo /wheels/gcr-*.whl)[server]"
 USER gcr
 WORKDIR /home/gcr
 EXPOSE 8000
@@ -60,13 +66,29 @@ FROM base AS worker
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126   (driver >= 525)
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu     (no GPU; see deploy/compose.dev.yml)
 ARG TORCH_INDEX_URL=https://pypi.org/simple
+# torchvision comes from the same index as torch, so the two are one build (PyPI's
+# torchvision beside a CPU torch from elsewhere fails: "operator torchvision::nms does not
+# exist"). The check after the install fails the build on a mismatched pair.
+# TORCHVISION=false leaves it out: only Qwen-Image-Edit's processor needs it, and a folder
+# of torch wheels without a torchvision of the same build (the container test's CPU torch)
+# has none to give.
+ARG TORCHVISION=true
+# A folder of wheels pip also looks in (mounted into the build, e.g. `podman build -v`);
+# empty: none.
+ARG PIP_FIND_LINKS=
 # Own layer before the project: torch (several GB) stays cached across code changes.
+# torchvision.ops.nms is the call that fails on a mismatched pair.
 RUN --mount=type=bind,source=constraints,target=/constraints \
-    pip install -c /constraints/worker.txt \
-        --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple torch torchvision
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    --mount=type=bind,source=constraints,target=/constraints \
-    pip install -c /constraints/worker.txt "$(echo /wheels/gcr-*.whl)[worker]"
+    if [ "${TORCHVISION}" = true ]; then set -- torch torchvision; else set -- torch; fi \
+    && pip install -c /constraints/lock.txt \
+        --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple "$@" \
+    && python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" \
+    && if [ "${TORCHVISION}" = true ]; then \
+        python -c "import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)"; \
+    fi
+COPY --from=wheel /wheels /wheels
+RUN --mount=type=bind,source=constraints,target=/constraints \
+    pip install -c /constraints/lock.txt "$(echo /wheels/gcr-*.whl)[worker]"
 # NOTE: a named volume mounted on an empty image directory starts with the image's
 # ownership, so these two must exist and belong to gcr before the volume is attached.
 RUN mkdir -p /cache/huggingface /cache/gcr && chown -R gcr:gcr /cache
