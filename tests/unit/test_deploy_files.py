@@ -1,13 +1,16 @@
 """Deployment files: the wiring between compose services, Kubernetes objects and settings.
 
-Parses the files only; never runs `docker` (no engine on CI machines). Compose
-`${VAR:-default}` substitutions resolve to their defaults, i.e. what `docker compose
-up` does with no `.env`.
+Parses and merges the files the way compose does (tests/unit/test_compose_render.py
+checks that podman-compose and Docker Compose render them the same way, and
+scripts/test-containers runs them). Compose `${VAR:-default}` substitutions resolve to
+their defaults, i.e. what `docker compose up` does with no `.env`, or to a
+combination's env file.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import re
 import tomllib
@@ -28,18 +31,19 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "docker-compose.yml"
 DEV = ROOT / "deploy" / "compose.dev.yml"
 EDIT = ROOT / "deploy" / "compose.edit.yml"
-ONE_GPU = ROOT / "deploy" / "compose.one-gpu.yml"
+ONE_GPU_ENV = ROOT / "deploy" / "one-gpu.env"
 MORE_WORKERS = ROOT / "deploy" / "compose.more-workers.yml"
 K8S = ROOT / "deploy" / "k8s"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-CONFIGS = {
-    "base": [BASE],
-    "dev": [BASE, DEV],
-    "edit": [BASE, EDIT],
-    "one-gpu": [BASE, ONE_GPU],
-    "more-workers": [BASE, MORE_WORKERS],
+# Every supported combination: compose files, and the env file given with --env-file.
+COMBINATIONS: dict[str, tuple[list[Path], Path | None]] = {
+    "base": ([BASE], None),
+    "dev": ([BASE, DEV], None),
+    "edit": ([BASE, EDIT], None),
+    "one-gpu": ([BASE], ONE_GPU_ENV),
+    "more-workers": ([BASE, MORE_WORKERS], None),
 }
 VLLM_IMAGE = "vllm/vllm-openai"
 VLLM_DEFAULT_PORT = 8000
@@ -80,21 +84,30 @@ _ComposeLoader.add_constructor("!reset", _tagged)
 _ComposeLoader.add_constructor("!override", _tagged)
 
 
-def _substitute(value: Any) -> Any:
-    """Resolve `${VAR:-default}` to its default everywhere (no variable is set)."""
+def _substitute(value: Any, variables: dict[str, str]) -> Any:
+    """Resolve `${VAR:-default}` to the variable where set, else to its default."""
     if isinstance(value, str):
 
-        def default(match: re.Match[str]) -> str:
-            return match.group("default") or ""
+        def resolve(match: re.Match[str]) -> str:
+            given = variables.get(match.group("name"))
+            return given if given else (match.group("default") or "")
 
-        return SUBSTITUTION.sub(default, value)
+        return SUBSTITUTION.sub(resolve, value)
     if isinstance(value, dict):
-        return {key: _substitute(item) for key, item in value.items()}
+        return {key: _substitute(item, variables) for key, item in value.items()}
     if isinstance(value, list):
-        return [_substitute(item) for item in value]
+        return [_substitute(item, variables) for item in value]
     if isinstance(value, _Tagged):
-        return _Tagged(value.tag, _substitute(value.value))
+        return _Tagged(value.tag, _substitute(value.value, variables))
     return value
+
+
+def read_env_file(path: Path | None) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and # comments skipped (compose's env file format)."""
+    if path is None:
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
 
 
 def _merge(base: Any, override: Any) -> Any:
@@ -125,13 +138,19 @@ def _strip(value: Any) -> Any:
     return value
 
 
-def load_compose(*paths: Path) -> dict[str, Any]:
+def load_compose(*paths: Path, env_file: Path | None = None) -> dict[str, Any]:
+    variables = read_env_file(env_file)
     merged: dict[str, Any] = {}
     for path in paths:
         document = yaml.load(path.read_text(), Loader=_ComposeLoader)
         assert isinstance(document, dict), f"{path}: not a mapping"
-        merged = _merge(merged, _substitute(document))
+        merged = _merge(merged, _substitute(document, variables))
     return merged
+
+
+def load_combination(name: str) -> dict[str, Any]:
+    paths, env_file = COMBINATIONS[name]
+    return load_compose(*paths, env_file=env_file)
 
 
 def services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -194,9 +213,9 @@ def healthcheck_text(service: dict[str, Any]) -> str:
     return " ".join(test) if isinstance(test, list) else str(test)
 
 
-@pytest.fixture(params=sorted(CONFIGS))
+@pytest.fixture(params=sorted(COMBINATIONS))
 def config(request: pytest.FixtureRequest) -> dict[str, Any]:
-    return load_compose(*CONFIGS[request.param])
+    return load_combination(request.param)
 
 
 # --- compose ------------------------------------------------------------------------
@@ -205,8 +224,8 @@ def config(request: pytest.FixtureRequest) -> dict[str, Any]:
 def test_dockerfile_has_the_build_targets_compose_uses() -> None:
     stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)\s*$", DOCKERFILE.read_text(), re.M | re.I))
     assert {"gateway", "worker"} <= stages
-    for paths in CONFIGS.values():
-        for name, svc in services(load_compose(*paths)).items():
+    for combination in COMBINATIONS:
+        for name, svc in services(load_combination(combination)).items():
             build = svc.get("build")
             if isinstance(build, dict) and "target" in build:
                 assert build["target"] in stages, f"{name}: no stage {build['target']!r} in the Dockerfile"
@@ -267,9 +286,9 @@ def test_workers_depend_on_started_services_only(config: dict[str, Any]) -> None
 
 
 def test_vllm_runs_the_upstream_launch_settings() -> None:
-    pairs = ((CONFIGS["base"], "vllm", "worker"), (CONFIGS["edit"], "vllm-edit", "worker-edit"))
-    for paths, vllm_name, worker_name in pairs:
-        svcs = services(load_compose(*paths))
+    pairs = (("base", "vllm", "worker"), ("edit", "vllm-edit", "worker-edit"))
+    for combination, vllm_name, worker_name in pairs:
+        svcs = services(load_combination(combination))
         args = command(svcs[vllm_name])
         model = env(svcs[worker_name])["GCR_CRITIC_MODEL"]
         assert args[0] == model, "vllm serve <model>: the worker's GCR_CRITIC_MODEL"
@@ -282,7 +301,7 @@ def test_vllm_runs_the_upstream_launch_settings() -> None:
         assert "/v1/models" in healthcheck_text(svcs[vllm_name])
         assert svcs[worker_name]["depends_on"][vllm_name]["condition"] == "service_healthy"
     edit_models = {"TIGER-Lab/RationalRewards-8B-T2I", "TIGER-Lab/RationalRewards-8B-Edit"}
-    served = {command(services(load_compose(*CONFIGS["edit"]))[n])[0] for n in ("vllm", "vllm-edit")}
+    served = {command(services(load_combination("edit"))[n])[0] for n in ("vllm", "vllm-edit")}
     assert served == edit_models
 
 
@@ -352,9 +371,9 @@ def placement_problems(config: dict[str, Any]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
 def test_no_two_services_share_a_gpu_unless_their_memory_fits(name: str) -> None:
-    assert placement_problems(load_compose(*CONFIGS[name])) == []
+    assert placement_problems(load_combination(name)) == []
 
 
 def test_the_placement_rule_catches_count_1_on_every_service() -> None:
@@ -371,16 +390,16 @@ def test_the_placement_rule_catches_count_1_on_every_service() -> None:
 def test_default_placement_pins_each_gpu_service_to_its_own_card() -> None:
     base = services(load_compose(BASE))
     assert gpu_ids(base["vllm"]) == {"0"} and gpu_ids(base["worker"]) == {"1"}
-    edit = services(load_compose(*CONFIGS["edit"]))
+    edit = services(load_combination("edit"))
     assert gpu_ids(edit["vllm-edit"]) == {"2"} and gpu_ids(edit["worker-edit"]) == {"3"}
-    one = services(load_compose(*CONFIGS["one-gpu"]))
+    one = services(load_combination("one-gpu"))
     assert gpu_ids(one["vllm"]) == gpu_ids(one["worker"]) == {"0"}
     assert float(flag(command(one["vllm"]), "--gpu-memory-utilization") or 1) <= 0.5
     assert 0.4 < memory_share(one["worker"]) < 0.55  # FLUX.1-schnell at batch 2: ~38 GiB of 80
-    more = services(load_compose(*CONFIGS["more-workers"]))
+    more = services(load_combination("more-workers"))
     assert [gpu_ids(more[n]) for n in ("worker", "worker-2", "worker-3")] == [{"1"}, {"2"}, {"3"}]
-    for config in CONFIGS.values():
-        for name, svc in services(load_compose(*config)).items():
+    for combination in COMBINATIONS:
+        for name, svc in services(load_combination(combination)).items():
             if gpu_devices(svc) and not is_vllm(svc):
                 assert env(svc)["GCR_GENERATOR_DEVICE"] == "cuda", f"{name}: a GPU worker pins its device"
 
@@ -405,8 +424,8 @@ def test_gpu_reservations() -> None:
     assert gpu_devices(base["worker"]) and gpu_devices(base["vllm"])
     assert env(base["worker"])["GCR_WORKER_METRICS_PORT"] == "9100"
     assert env(base["worker"])["GCR_GENERATOR"] == "black-forest-labs/FLUX.1-schnell"
-    assert gpu_devices(services(load_compose(*CONFIGS["edit"]))["worker-edit"])
-    dev = load_compose(*CONFIGS["dev"])
+    assert gpu_devices(services(load_combination("edit"))["worker-edit"])
+    dev = load_combination("dev")
     assert not gpu_devices(services(dev)["worker"]), "the GPU-less trial must not reserve a GPU"
     assert not any(gpu_devices(services(dev)[name]) for name in active(dev))
     assert env(services(dev)["worker"])["GCR_GENERATOR"].startswith("tiny:")
@@ -420,17 +439,20 @@ def test_gateway_healthcheck_is_liveness() -> None:
 
 
 def test_dev_critic_is_the_standin_from_the_gateway_image() -> None:
-    critic = services(load_compose(*CONFIGS["dev"]))["critic"]
+    """The dev overlay turns the `vllm` service into the stand-in critic, on vLLM's port."""
+    critic = services(load_combination("dev"))["vllm"]
     assert critic["build"]["target"] == "gateway"
-    assert command(critic)[:3] == ["gcr", "dev", "standin-critic"]
-    assert "8001" in healthcheck_text(critic), "the gateway image's own HEALTHCHECK probes port 8000"
+    assert critic["entrypoint"] == ["gcr", "dev", "standin-critic"]
+    assert flag(command(critic), "--port") == str(VLLM_DEFAULT_PORT)
+    assert not gpu_devices(critic) and not critic.get("volumes")
+    assert "/v1/models" in healthcheck_text(critic)
 
 
 # --- settings names ---------------------------------------------------------------------
 
 
 def _deploy_texts() -> Iterator[tuple[Path, str]]:
-    for path in [BASE, DEV, EDIT, PROMETHEUS, DOCKERFILE, *sorted(K8S.rglob("*.y*ml"))]:
+    for path in [BASE, DEV, EDIT, MORE_WORKERS, ONE_GPU_ENV, PROMETHEUS, DOCKERFILE, *sorted(K8S.rglob("*.y*ml"))]:
         yield path, path.read_text()
 
 
@@ -473,30 +495,43 @@ def _pins(path: Path) -> dict[str, str]:
     return pins
 
 
-def test_images_install_from_the_lock_files() -> None:
+LOCK = CONSTRAINTS / "lock.txt"
+
+
+def test_the_images_install_with_the_lock_file() -> None:
     dockerfile = DOCKERFILE.read_text()
-    assert '-c /constraints/gateway.txt "$(echo /wheels/gcr-*.whl)[server]"' in dockerfile
-    assert dockerfile.count("-c /constraints/worker.txt") == 2  # torch and torchvision, then gcr[worker]
+    installs = [line for line in dockerfile.splitlines() if "pip install" in line]
+    assert installs and all("-c /constraints/lock.txt" in line for line in installs), installs
     assert "!constraints/" in (ROOT / ".dockerignore").read_text()
 
 
-@pytest.mark.parametrize(
-    ("lock", "extras"), [("gateway.txt", ("server", "cli")), ("worker.txt", ("worker", "server", "cli"))]
-)
-def test_lock_files_pin_every_dependency_within_pyproject(lock: str, extras: tuple[str, ...]) -> None:
+def test_the_tests_run_with_what_the_lock_file_pins() -> None:
+    """scripts/setup installed this environment with the images' lock: every package the
+    lock names is here at exactly its pinned version (torch's local +cpu label aside)."""
+    pins = _pins(LOCK)
+    drift = {
+        name: (dist.version, pins[name])
+        for dist in importlib.metadata.distributions()
+        if (name := canonicalize_name(dist.metadata["Name"])) in pins
+        and Version(dist.version).public != Version(pins[name]).public
+    }
+    assert drift == {}, f"installed vs locked: {drift}; run scripts/setup"
+
+
+def test_the_lock_file_pins_every_dependency_within_pyproject() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = [Requirement(r) for r in project["dependencies"]]
-    for extra in extras:
-        wanted += [Requirement(r) for r in project["optional-dependencies"][extra]]
-    pins = _pins(CONSTRAINTS / lock)
+    for requirements in project["optional-dependencies"].values():
+        wanted += [Requirement(r) for r in requirements]
+    pins = _pins(LOCK)
     for requirement in (r for r in wanted if r.name != "gcr"):  # gcr[cli] inside gcr[server]: itself
         pinned = pins.get(canonicalize_name(requirement.name))
-        assert pinned is not None, f"{lock} does not pin {requirement.name}; run scripts/lock"
-        assert requirement.specifier.contains(pinned, prereleases=True), f"{lock}: {requirement} vs {pinned}"
+        assert pinned is not None, f"lock.txt does not pin {requirement.name}; run scripts/lock"
+        assert requirement.specifier.contains(pinned, prereleases=True), f"lock.txt: {requirement} vs {pinned}"
 
 
 def test_the_worker_image_gets_the_torch_ci_tests_with_and_its_torchvision() -> None:
-    pins = _pins(CONSTRAINTS / "worker.txt")
+    pins = _pins(LOCK)
     setup = (ROOT / "scripts" / "setup").read_text()
     tested = re.search(r"torch==([0-9.]+)", setup)
     assert tested and pins["torch"] == tested.group(1)
