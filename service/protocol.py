@@ -293,13 +293,17 @@ class ErrorBody(BaseModel):
     choices: list[str] | None = Field(
         None, description="Only on `unknown_model`: the names that would be accepted (the served models)."
     )
+    request_id: str | None = Field(
+        None, description="Only on internal errors: the id the gateway's log has the failure under."
+    )
 
     @model_serializer(mode="wrap")
-    def _omit_absent_choices(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """`choices` appears only where an error has some; every other field always does."""
+    def _omit_absent_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`choices` and `request_id` appear only where an error has them; every other field always does."""
         data: dict[str, Any] = handler(self)
-        if data.get("choices") is None:
-            data.pop("choices", None)
+        for name in ("choices", "request_id"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 

@@ -57,8 +57,15 @@ class Settings(BaseSettings):
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="A request body that stops arriving for this long is answered 408."
     )
+    # The `openai` package's default timeout is 600 s (`DEFAULT_TIMEOUT` in its `_constants.py`),
+    # and it retries a timed-out call as a new request: answering 10 s before that, with
+    # `x-should-retry: false`, makes a slow job one 504 instead of three jobs.
     openai_wait_s: float = Field(
-        300.0, gt=0, le=3600, description="How long /v1/images/* wait for their job before 504 job_still_running."
+        590.0,
+        gt=0,
+        le=3600,
+        description="How long /v1/images/* wait for their job before 504 job_still_running "
+        "(just under the openai package's 600 s default timeout).",
     )
     max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")

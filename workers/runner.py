@@ -147,7 +147,12 @@ class _Job:
         await self.set(generator_model=self.r.scheduler.generator.name)
         await self.emit("status", status="running", attempt=self.doc.attempts, resumed_rounds=len(self.rounds))
         if self.spec.mode == "edit":
-            self.source_png = await self.r.store.get_source_image(self.id)
+            try:
+                self.source_png = await self.r.store.get_source_image(self.id)
+            except StoreUnavailable:
+                raise  # Redis: the worker resumes the job
+            except GcrError as exc:  # the artifact store refused it, or it expired: the job's failure
+                return await self.finish("failed", error=exc)
             self.source_image = await asyncio.to_thread(decode_image, self.source_png)
         await self.record_effective_spec()
         while True:
