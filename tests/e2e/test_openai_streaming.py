@@ -80,7 +80,7 @@ async def test_generate_streams_the_last_rounds_then_the_best(stack: Stack) -> N
     usage = completed.usage  # type: ignore[union-attr]
     assert usage.input_tokens > 0 and usage.output_tokens > 0
     assert usage.total_tokens == usage.input_tokens + usage.output_tokens
-    assert completed.size == "64x64" and completed.output_format == "png"  # type: ignore[union-attr]
+    assert completed.size == "64x64" and completed.output_format == "png"
 
 
 async def test_a_job_that_stops_early_still_gets_its_last_rounds_in_order(stack: Stack) -> None:
@@ -116,12 +116,12 @@ async def test_edits_stream_in_the_asked_format(stack: Stack, output_format: str
     await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="blue", rounds=[0.3, 0.5])]))
     await stack.start_worker()
     async with _client(stack) as client:
-        stream = await client.images.edit(
+        stream = await client.images.edit(  # type: ignore[call-overload]
             image=("source.png", _source_png(), "image/png"),
             prompt="make it blue",
             stream=True,
             partial_images=3,
-            output_format=output_format,  # type: ignore[arg-type]
+            output_format=output_format,
             output_compression=90,
             extra_body={"gcr": '{"loop": {"max_rounds": 2, "threshold": 0.9, "patience": null}}'},
         )

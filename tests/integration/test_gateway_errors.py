@@ -65,7 +65,7 @@ async def test_bad_v1_fields_are_a_400_in_openais_shape(stack: Stack, body: dict
     await stack.start_worker()
     async with _openai(stack) as client:
         with pytest.raises(openai.BadRequestError) as refused:
-            await client.images.generate(prompt="a kite", **body)  # type: ignore[arg-type]
+            await client.images.generate(prompt="a kite", **body)  # type: ignore[call-overload]
     error = refused.value.body
     assert isinstance(error, dict) and error["type"] == "invalid_request_error"
     assert param.split(".")[-1] in str(refused.value.param) and refused.value.code
