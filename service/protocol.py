@@ -30,6 +30,8 @@ StopReason = Literal[
     "accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed", "unclaimed"
 ]
 Stage = Literal["queued", "generating", "critiquing", "refining"]
+WebhookEventName = Literal["start", "round", "completed"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEventName, ...] = ("completed",)
 
 # Dimension keys of a critique. t2i has the first three (text_rendering may be N/A);
 # edit adds image_faithfulness.
@@ -118,6 +120,11 @@ class GenerateRequest(ClientBody):
     )
     callback_url: Annotated[str, Field(max_length=2000, pattern=r"^https?://")] | None = Field(
         None, description="POSTed a signed JSON summary when the job ends (public http(s) URLs only)."
+    )
+    webhook_events_filter: Annotated[list[WebhookEventName], Field(min_length=1, max_length=3)] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS),
+        description="Which events POST to callback_url (Replicate's filter): `start`, `round` (each finished "
+        "round), `completed` (the job ended). Default: completed only.",
     )
 
     @field_validator("prompt")
