@@ -318,6 +318,22 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error object, as /v1 answers it (gcr's `retryable` and extras beside it)."""
+
+    message: str
+    type: str = Field(description="`invalid_request_error`, `authentication_error`, `rate_limit_error`, ...")
+    param: str | None = None
+    code: str | None = None
+    retryable: bool = False
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error answer on /v1 has this shape."""
+
+    error: OpenAIErrorBody
+
+
 # --- Events -------------------------------------------------------------------------
 
 EventType = Literal["status", "stage", "progress", "preview", "round", "error", "end"]

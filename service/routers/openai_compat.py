@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
 from service import fleet, links
-from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Caller, State
+from service.deps import Caller, State
 from service.errors import GcrError, InternalError, InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
 from service.gateway_state import GatewayState
 from service.openai_images import (
@@ -48,10 +48,13 @@ from service.openai_images import (
     stream_event,
     usage,
 )
-from service.protocol import TERMINAL_STATUSES, JobDocument
+from service.protocol import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
 from service.submit import submit, validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 429, 500, 502, 503, 504)
+}
 log = logging.getLogger("gcr.gateway")
 
 STREAM_BLOCK_MS = 10_000
@@ -208,7 +211,7 @@ async def _events(
     yield stream_event("completed", mode, image, body, size_of(final), extra)
 
 
-@router.post("/images/generations", responses={**ERROR_RESPONSES, **UPLOAD_ERRORS})
+@router.post("/images/generations", responses=OPENAI_ERRORS)
 async def images_generations(
     body: ImageGenerationRequest,
     request: Request,
@@ -221,7 +224,7 @@ async def images_generations(
     return await _run(request, state, caller, body, "t2i", None, idempotency_key)
 
 
-@router.post("/images/edits", responses={**ERROR_RESPONSES, **UPLOAD_ERRORS})
+@router.post("/images/edits", responses=OPENAI_ERRORS)
 async def images_edits(
     request: Request,
     state: State,
@@ -276,7 +279,7 @@ async def images_edits(
     return await _run(request, state, caller, body, "edit", source, idempotency_key)
 
 
-@router.get("/models")
+@router.get("/models", responses={401: {"model": OpenAIErrorResponse}, 429: {"model": OpenAIErrorResponse}})
 async def list_models(state: State, _caller: Caller) -> dict[str, Any]:
     """OpenAI's model list: the generator models live workers serve, with gcr's details in `gcr`
     (modes, ready workers, the modes it is the default for, its generation defaults)."""
