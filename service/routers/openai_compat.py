@@ -141,7 +141,7 @@ async def _run(
     doc, _created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
     if body.stream:
         stream = _stream(state, doc, body, base)
-        return EventSourceResponse(stream, ping=10, headers={"X-Gcr-Job-Id": doc.id})
+        return EventSourceResponse(stream, ping=state.settings.sse_keepalive_s, headers={"X-Gcr-Job-Id": doc.id})
 
     async def finish() -> Response:
         done = await state.wait_for_end(doc.id, state.settings.openai_wait_s)

@@ -179,3 +179,40 @@ async def test_vllm_omni_extras_and_output_format_without_streaming(stack: Stack
         "blurry",
     )
     assert disagree.value.param == "seed" and "disagree" in disagree.value.message
+
+
+async def test_a_stream_over_critiques_slower_than_the_keep_alive(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    """Keep-alives (SSE comments) flow while the critic thinks; the package skips them."""
+    async with Stack(redis_url, redis_prefix, standin_url, sse_keepalive_s=0.2) as stack:
+        rules = [StandinRule(instruction="slow", rounds=[0.3, 0.5])]
+        await stack.configure_critic(StandinConfig(rules=rules, latency_s=1.0))
+        await stack.start_worker()
+        body = {
+            "prompt": "a slow kite",
+            "size": "32x32",
+            "stream": True,
+            "partial_images": 2,
+            "gcr": {"loop": {"max_rounds": 2, "threshold": 0.9, "patience": None}},
+        }
+        async with (
+            httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
+            http.stream("POST", "/v1/images/generations", json=body) as raw,
+        ):
+            lines = [line async for line in raw.aiter_lines()]
+        assert sum(line.startswith(":") for line in lines) >= 3  # quiet for 2 s: keep-alives were sent
+        async with _client(stack) as client:
+            stream = await client.images.generate(
+                prompt="a slow kite",
+                size="32x32",
+                stream=True,
+                partial_images=2,
+                extra_body={"gcr": body["gcr"]},
+            )
+            events = [event async for event in stream]
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
