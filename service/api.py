@@ -101,9 +101,9 @@ def install_error_handlers(app: FastAPI) -> None:
         body = ErrorBody(
             code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable, choices=exc.choices
         )
-        if exc.status_code >= 500 and not exc.retryable:
+        if exc.status_code == 500:  # our failure, not the job's or a dependency's: make it findable
             body.request_id = headers["x-request-id"] = _request_id(request)
-            log.error("%s answered %d %s (request %s)", request.url.path, exc.status_code, exc.code, body.request_id)
+            log.error("%s answered 500 %s (request %s): %s", request.url.path, exc.code, body.request_id, exc.message)
         if "x-should-retry" in exc.headers:  # the route knows better (a job exists: no retry)
             body.retryable = exc.headers["x-should-retry"] == "true"
         return _error_response(request, exc.status_code, body, headers)
