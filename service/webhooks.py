@@ -53,9 +53,9 @@ def delivery_id(job_id: str, event: WebhookEvent, round_index: int | None = None
     return f"msg_{job_id}_{event}{suffix}"
 
 
-def signed_headers(secret: str | None, message_id: str, body: bytes, at: float | None = None) -> dict[str, str]:
-    """The Standard Webhooks headers of one attempt (no signature without a secret)."""
-    timestamp = datetime.fromtimestamp(int(time.time() if at is None else at), tz=UTC)
+def signed_headers(secret: str | None, message_id: str, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt, timestamped now (no signature without a secret)."""
+    timestamp = datetime.fromtimestamp(int(time.time()), tz=UTC)
     headers = {"webhook-id": message_id, "webhook-timestamp": str(int(timestamp.timestamp()))}
     if secret is not None:
         headers["webhook-signature"] = Webhook(secret).sign(message_id, timestamp, body.decode())
