@@ -120,6 +120,7 @@ BY_CODE: dict[str, type[APIStatusError]] = {
     "rate_limited": RateLimitError,
     "no_worker": NoWorkerError,
     "store_unavailable": StoreUnavailableError,
+    "artifact_store_error": StoreUnavailableError,
     "critic_error": CriticError,
     "critic_unavailable": CriticError,
     "critic_timeout": CriticError,

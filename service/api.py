@@ -2,7 +2,9 @@
 
 It holds no job state in memory, so any number of replicas can serve the same
 Redis. Errors of every kind leave through one handler as one body shape:
-`{"error": {"code", "message", "field", "retryable"}}`. The routes live in
+`{"error": {"code", "message", "field", "retryable"}}` (OpenAI's
+`{"error": {"message", "type", "param", "code"}}` on /v1); an unexpected exception is a
+JSON 500 with a request id, never Starlette's plain text. The routes live in
 `service/routers/` (jobs, critique, admin, health, the OpenAI-compatible images API).
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,10 +44,36 @@ HTTP_CODES = {
     413: "payload_too_large",
 }
 RETRY_AFTER_S = 5
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
-def _error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(), headers=headers)
+def _openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def _error_response(
+    request: Request, status: int, body: ErrorBody, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """One error body per API: ours, or OpenAI's shape on /v1 (so the `openai` package raises
+    its own exception classes with our message). Every answer says whether a retry can help in
+    `x-should-retry`, the header the `openai` package obeys (`retryable` in our body)."""
+    headers = {"x-should-retry": "true" if body.retryable else "false", **(headers or {})}
+    if not request.url.path.startswith("/v1/"):
+        return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(), headers=headers)
+    if status == 422:
+        status = 400  # OpenAI answers every invalid request 400 (`BadRequestError` in the package)
+    error = {
+        "message": body.message,
+        "type": _openai_type(status),
+        "param": body.field,
+        "code": body.code,
+        **body.model_dump(include={"retryable", "choices", "request_id"}),
+    }
+    return JSONResponse(status_code=status, content={"error": error}, headers=headers)
 
 
 def _validation_field(loc: tuple[Any, ...]) -> str:
@@ -51,9 +81,15 @@ def _validation_field(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _request_id(request: Request) -> str:
+    """The client's `X-Request-Id` when it is a sane token, else a new one."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GcrError)
-    async def gcr_error(_request: Request, exc: GcrError) -> JSONResponse:
+    async def gcr_error(request: Request, exc: GcrError) -> JSONResponse:
         http_metrics.ERRORS.labels(exc.code).inc()
         headers = dict(exc.headers)
         if isinstance(exc, RateLimited):
@@ -65,23 +101,43 @@ def install_error_handlers(app: FastAPI) -> None:
         body = ErrorBody(
             code=exc.code, message=exc.message, field=exc.field, retryable=exc.retryable, choices=exc.choices
         )
-        return _error_response(exc.status_code, body, headers)
+        if exc.status_code == 500:  # our failure, not the job's or a dependency's: make it findable
+            body.request_id = headers["x-request-id"] = _request_id(request)
+            log.error("%s answered 500 %s (request %s): %s", request.url.path, exc.code, body.request_id, exc.message)
+        if "x-should-retry" in exc.headers:  # the route knows better (a job exists: no retry)
+            body.retryable = exc.headers["x-should-retry"] == "true"
+        return _error_response(request, exc.status_code, body, headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # Starlette's own refusals (unknown route, wrong method, malformed multipart) get our body too.
         code = HTTP_CODES.get(exc.status_code, "http_error")
         http_metrics.ERRORS.labels(code).inc()
         headers = dict(exc.headers) if exc.headers else None
-        return _error_response(exc.status_code, ErrorBody(code=code, message=str(exc.detail)), headers)
+        body = ErrorBody(code=code, message=str(exc.detail), retryable=exc.status_code == 408)
+        return _error_response(request, exc.status_code, body, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def request_invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
         field = _validation_field(tuple(first.get("loc", ())))
         message = "; ".join(f"{_validation_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors)
-        return _error_response(422, ErrorBody(code="invalid_input", message=message, field=field or None))
+        return _error_response(request, 422, ErrorBody(code="invalid_input", message=message, field=field or None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette runs this in its outermost middleware, so it also catches what escapes other
+        # middlewares; without it an unexpected exception left as a plain-text 500.
+        request_id = _request_id(request)
+        log.error("unexpected error on %s %s (request %s)", request.method, request.url.path, request_id, exc_info=exc)
+        http_metrics.ERRORS.labels("internal").inc()
+        body = ErrorBody(
+            code="internal",
+            message=f"internal error; the gateway's log has it under request id {request_id}",
+            request_id=request_id,
+        )
+        return _error_response(request, 500, body, {"x-request-id": request_id})
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -134,7 +190,11 @@ def body_limits(settings: Settings) -> dict[str, int]:
     """The largest body each route that takes one accepts: one image, base64 or raw, plus
     room for the JSON (or the multipart framing) around it; two for POST /critique."""
     image = settings.max_image_bytes * 4 // 3  # base64 is 4/3 of the bytes; raw multipart less
-    return {"/generate": image + JSON_OVERHEAD_BYTES, "/critique": 2 * image + JSON_OVERHEAD_BYTES}
+    return {
+        "/generate": image + JSON_OVERHEAD_BYTES,
+        "/critique": 2 * image + JSON_OVERHEAD_BYTES,
+        "/v1/images/edits": image + JSON_OVERHEAD_BYTES,
+    }
 
 
 async def _expire_unclaimed(state: GatewayState) -> None:

@@ -11,6 +11,9 @@ does the I/O: one well-kept library, async, the same calls for files and S3, and
 presigned URLs for S3 (`GCR_ARTIFACT_REDIRECT`). Objects expire with their job: a file
 store is swept of objects older than the result TTL; an S3 bucket gets the lifecycle
 rule in `deploy/s3-lifecycle.json`.
+
+Its errors (obstore's own classes, which are not `OSError`s, and `OSError`s) become
+`ArtifactStoreError` here: a retryable 503 at the gateway, a clear job error at the worker.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import obstore
+from obstore.exceptions import BaseError as ObstoreError
+from obstore.exceptions import NotFoundError
 from obstore.store import ObjectStore, S3Store, from_url
 
-from service.errors import ArtifactGone, StoreUnavailable
+from service.errors import ArtifactGone, ArtifactStoreError
 
 log = logging.getLogger("gcr.artifacts")
 
@@ -49,18 +54,19 @@ class ArtifactStore:
     async def put(self, key: str, data: bytes) -> None:
         try:
             await obstore.put_async(self.store, key, data)
-        except OSError as exc:
-            raise StoreUnavailable(f"the artifact store could not take {key.rsplit('/', 1)[-1]}; retry") from exc
+        except (OSError, ObstoreError) as exc:
+            name = key.rsplit("/", 1)[-1]
+            raise ArtifactStoreError(f"the artifact store could not take {name}: {_first_line(exc)}") from exc
 
     async def get(self, key: str) -> bytes:
         """The object's bytes; `ArtifactGone` (410) when it is not there (any more)."""
         try:
             result = await obstore.get_async(self.store, key)
             return bytes(await result.bytes_async())
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, NotFoundError) as exc:
             raise ArtifactGone("this image is no longer stored (images expire with their job)") from exc
-        except OSError as exc:
-            raise StoreUnavailable("the artifact store is unavailable; retry shortly") from exc
+        except (OSError, ObstoreError) as exc:
+            raise ArtifactStoreError(f"the artifact store could not read an image: {_first_line(exc)}") from exc
 
     async def presigned(self, key: str, expires_s: int = 300) -> str | None:
         """A short-lived URL to GET the object directly (S3 only; None for files)."""
@@ -73,6 +79,11 @@ class ArtifactStore:
         if self.root is None:
             return 0
         return await asyncio.to_thread(_sweep_files, self.root, time.time() - older_than_s)
+
+
+def _first_line(exc: BaseException) -> str:
+    # obstore's messages go on with a multi-line debug dump of the Rust error; the first line says it.
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _sweep_files(root: Path, cutoff: float) -> int:

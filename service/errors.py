@@ -11,7 +11,9 @@
     ├── Conflict               409  the same Idempotency-Key is being processed right now
     ├── QueueFull              429  the queue cap is reached; retry later
     ├── RateLimited            429  this key's token bucket is empty; retry after Retry-After
+    ├── InternalError          500  a bug: the catch-all answer (with a request id to find it in the logs)
     ├── StoreUnavailable       503  Redis cannot be reached
+    ├── ArtifactStoreError     503  the artifact store (disk, S3) refused a read or write
     ├── NoWorker               503  no live worker serves the job's mode; nothing would run it
     ├── JobStillRunning        504  a waiting call (OpenAI images API) timed out; the job goes on
     ├── JobFailed              502  a waiting call found its job ended without an image (the job's code)
@@ -124,6 +126,21 @@ class RateLimited(GcrError):
 
 class StoreUnavailable(GcrError):
     code = "store_unavailable"
+    status_code = 503
+    retryable = True
+
+
+class InternalError(GcrError):
+    """Something failed that gcr has no name for (a bug); the log has the traceback."""
+
+
+class ArtifactStoreError(GcrError):
+    """The artifact store refused a read or a write: a full disk, a folder that went away or
+    became read-only, S3 errors. Not `StoreUnavailable`: a worker whose images cannot be
+    stored ends the job with this error (its finished rounds kept) instead of resuming it
+    over and over; at the gateway it is a retryable 503."""
+
+    code = "artifact_store_error"
     status_code = 503
     retryable = True
 

@@ -13,7 +13,7 @@ from service.artifacts import ArtifactStore
 from service.auth import Principal
 from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized, UnknownModel
 from service.keys import MODES, Keys
-from service.protocol import Critique, CritiqueRequest, GenerateRequest, JobDocument
+from service.protocol import DEFAULT_WEBHOOK_EVENTS, Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
 from service.ratelimit import RateLimiter
 from service.redis_client import connect
@@ -28,8 +28,13 @@ if TYPE_CHECKING:
 def _fingerprint(spec: GenerateRequest) -> str:
     # A request that names no model fingerprints as before `model` existed: a retry with the
     # same Idempotency-Key across the upgrade still finds its job.
-    unset = {"model"} if spec.model is None else None
-    return hashlib.sha256(spec.model_dump_json(exclude=unset).encode()).hexdigest()
+    # The same for fields added later, at their defaults (the webhook event filter).
+    unset = set()
+    if spec.model is None:
+        unset.add("model")
+    if tuple(spec.webhook_events_filter) == DEFAULT_WEBHOOK_EVENTS:
+        unset.add("webhook_events_filter")
+    return hashlib.sha256(spec.model_dump_json(exclude=unset or None).encode()).hexdigest()
 
 
 class GatewayState:

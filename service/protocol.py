@@ -30,6 +30,8 @@ StopReason = Literal[
     "accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed", "unclaimed"
 ]
 Stage = Literal["queued", "generating", "critiquing", "refining"]
+WebhookEventName = Literal["start", "round", "completed"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEventName, ...] = ("completed",)
 
 # Dimension keys of a critique. t2i has the first three (text_rendering may be N/A);
 # edit adds image_faithfulness.
@@ -118,6 +120,11 @@ class GenerateRequest(ClientBody):
     )
     callback_url: Annotated[str, Field(max_length=2000, pattern=r"^https?://")] | None = Field(
         None, description="POSTed a signed JSON summary when the job ends (public http(s) URLs only)."
+    )
+    webhook_events_filter: Annotated[list[WebhookEventName], Field(min_length=1, max_length=3)] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS),
+        description="Which events POST to callback_url (Replicate's filter): `start`, `round` (each finished "
+        "round), `completed` (the job ended). Default: completed only.",
     )
 
     @field_validator("prompt")
@@ -293,18 +300,38 @@ class ErrorBody(BaseModel):
     choices: list[str] | None = Field(
         None, description="Only on `unknown_model`: the names that would be accepted (the served models)."
     )
+    request_id: str | None = Field(
+        None, description="Only on internal errors: the id the gateway's log has the failure under."
+    )
 
     @model_serializer(mode="wrap")
-    def _omit_absent_choices(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """`choices` appears only where an error has some; every other field always does."""
+    def _omit_absent_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`choices` and `request_id` appear only where an error has them; every other field always does."""
         data: dict[str, Any] = handler(self)
-        if data.get("choices") is None:
-            data.pop("choices", None)
+        for name in ("choices", "request_id"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+class OpenAIErrorBody(BaseModel):
+    """OpenAI's error object, as /v1 answers it (gcr's `retryable` and extras beside it)."""
+
+    message: str
+    type: str = Field(description="`invalid_request_error`, `authentication_error`, `rate_limit_error`, ...")
+    param: str | None = None
+    code: str | None = None
+    retryable: bool = False
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every error answer on /v1 has this shape."""
+
+    error: OpenAIErrorBody
 
 
 # --- Events -------------------------------------------------------------------------

@@ -7,6 +7,7 @@ table lists these fields; `tests/unit/test_docs.py` keeps the two in step.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import socket
@@ -57,8 +58,18 @@ class Settings(BaseSettings):
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="A request body that stops arriving for this long is answered 408."
     )
+    # The `openai` package's default timeout is 600 s (`DEFAULT_TIMEOUT` in its `_constants.py`),
+    # and it retries a timed-out call as a new request: answering 10 s before that, with
+    # `x-should-retry: false`, makes a slow job one 504 instead of three jobs.
     openai_wait_s: float = Field(
-        300.0, gt=0, le=3600, description="How long /v1/images/* wait for their job before 504 job_still_running."
+        590.0,
+        gt=0,
+        le=3600,
+        description="How long /v1/images/* wait for their job before 504 job_still_running "
+        "(just under the openai package's 600 s default timeout).",
+    )
+    sse_keepalive_s: float = Field(
+        10.0, gt=0, le=300, description="A quiet event stream gets a keep-alive comment this often."
     )
     max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")
@@ -85,7 +96,9 @@ class Settings(BaseSettings):
     )
     rate_limit_per_s: float = Field(20.0, ge=0, description="Requests per second per key (token bucket); 0: off.")
     rate_limit_burst: int = Field(40, ge=1, description="Bucket size of the per-key rate limit.")
-    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Standard Webhooks secret (`whsec_` + base64 of 24-64 random bytes) signing webhooks."
+    )
     webhook_allow_private: bool = Field(
         False, description="Allow callback URLs on private/loopback addresses (tests, single-host setups)."
     )
@@ -173,6 +186,23 @@ class Settings(BaseSettings):
             if not TENANT_NAME.fullmatch(tenant):
                 raise ValueError(f"tenant {tenant!r}: {TENANT_RULE}")
         return table
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is None:
+            return None
+        value = secret.get_secret_value()
+        try:
+            key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            key = b""
+        if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError(
+                "not a Standard Webhooks secret: whsec_ then base64 of 24-64 random bytes; make one with: python -c "
+                "\"import base64,secrets; print('whsec_' + base64.b64encode(secrets.token_bytes(32)).decode())\""
+            )
+        return secret
 
     @field_validator("default_models")
     @classmethod

@@ -82,8 +82,11 @@ async def submit(
     Returns the job and whether it was created now (False: an idempotent replay)."""
     if idempotency_key is not None and (replay := await state.replay(caller, idempotency_key, spec)):
         return replay, False
-    routed = spec.model_copy(update={"model": await state.route(spec.mode, spec.model)})
-    doc, source_png = await prepare_job(routed, source, state.settings, owner=caller.tenant, base_url=base_url)
+    # Validate first, route second: a bad request is the client's 4xx whether or not a worker
+    # serves its mode (routing first answered a missing edit image with a retryable 503).
+    doc, source_png = await prepare_job(spec, source, state.settings, owner=caller.tenant, base_url=base_url)
+    routed = doc.spec.model_copy(update={"model": await state.route(spec.mode, spec.model)})
+    doc = doc.model_copy(update={"spec": routed})
     if idempotency_key is None:
         await state.store.create(doc, source_png, state.settings.queue_max)
     elif (replay := await state.create_once(caller, idempotency_key, spec, doc, source_png)) is not None:

@@ -1,23 +1,37 @@
-"""Webhooks: a signed JSON summary POSTed to the job's `callback_url` when it ends.
+"""Webhooks, per Standard Webhooks: a signed JSON POST to the job's `callback_url`.
 
-The signature header is `X-Gcr-Signature: t=<unix seconds>,v1=<hex>`, where hex is
-HMAC-SHA256(GCR_WEBHOOK_SECRET, "<t>.<body>"). Receivers check it with
-`verify_signature` (or the same three lines in their language) and reject old
-timestamps, which stops replays. Deliveries are retried with exponential backoff;
-the outcome is recorded on the job as `webhook`.
+Which events: the request's `webhook_events_filter`, like Replicate's: `start` (a worker
+began the job), `round` (a round finished; the body carries it), `completed` (the job
+ended, whatever its status). Default: `["completed"]`, one delivery per job.
+
+Each delivery has three headers (https://www.standardwebhooks.com):
+- `webhook-id`: the delivery's id, the same on every retry of it and made from the job,
+  the event and the round, so a receiver can drop duplicates (a resumed job re-sends);
+- `webhook-timestamp`: unix seconds of this attempt;
+- `webhook-signature`: `v1,<base64 HMAC-SHA256(secret, "<id>.<timestamp>.<body>")>`, when
+  `GCR_WEBHOOK_SECRET` (`whsec_<base64>`) is set.
+
+Receivers verify with any Standard Webhooks library, e.g. Python's `standardwebhooks`:
+`Webhook(secret).verify(body, headers)`, which also refuses timestamps older than 5
+minutes (replays). Signing uses that same package, the spec authors' reference code, so
+the format cannot drift from what receivers check.
+
+Only answers a retry can change are retried (408, 429, 5xx and network errors), with
+exponential backoff; any other answer fails the delivery at once. The `completed`
+delivery's outcome is recorded on the job as `webhook`; the others are logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import httpx
+from standardwebhooks import Webhook
 
 from service.errors import GcrError, InvalidInput
 from service.netguard import check_public_url
@@ -28,38 +42,38 @@ from service.store import JobStore
 
 log = logging.getLogger("gcr.webhooks")
 
-SIGNATURE_HEADER = "X-Gcr-Signature"
+WebhookEvent = Literal["start", "round", "completed"]
 BACKOFF_MAX_S = 60.0
+RETRIED_STATUSES = frozenset({408, 429})
 
 
-def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
-    t = int(time.time()) if timestamp is None else timestamp
-    digest = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={digest}"
+def delivery_id(job_id: str, event: WebhookEvent, round_index: int | None = None) -> str:
+    """The same for every attempt, and for a re-sent event of a resumed job."""
+    suffix = f"_{round_index}" if event == "round" and round_index is not None else ""
+    return f"msg_{job_id}_{event}{suffix}"
 
 
-def verify_signature(secret: str, body: bytes, header: str, tolerance_s: float = 300.0) -> bool:
-    """True when `header` signs `body` with `secret` and is at most `tolerance_s` old."""
-    try:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        t = int(fields["t"])
-    except (KeyError, ValueError):
-        return False
-    if abs(time.time() - t) > tolerance_s:
-        return False
-    expected = sign(secret, body, t).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, fields.get("v1", ""))
+def signed_headers(secret: str | None, message_id: str, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt, timestamped now (no signature without a secret)."""
+    timestamp = datetime.fromtimestamp(int(time.time()), tz=UTC)
+    headers = {"webhook-id": message_id, "webhook-timestamp": str(int(timestamp.timestamp()))}
+    if secret is not None:
+        headers["webhook-signature"] = Webhook(secret).sign(message_id, timestamp, body.decode())
+    return headers
 
 
-def payload(doc: JobDocument, public_url: str | None) -> dict[str, Any]:
-    """The webhook body. Links are absolute: GCR_PUBLIC_URL, else the base URL the client
-    submitted to (the gateway stores it on the job)."""
+def payload(
+    doc: JobDocument, public_url: str | None, event: WebhookEvent = "completed", round_index: int | None = None
+) -> dict[str, Any]:
+    """The webhook body: the event, the job's summary (and for `round`, that round). Links are
+    absolute: GCR_PUBLIC_URL, else the base URL the client submitted to (stored on the job)."""
     base = (public_url or doc.base_url or "").rstrip("/")
     best = None
     if doc.best is not None:
         link = f"{base}/jobs/{doc.id}/images/{doc.best.round}/{doc.best.candidate}"
         best = {**doc.best.model_dump(), "image_url": link}
-    return {
+    body: dict[str, Any] = {
+        "event": event,
         "id": doc.id,
         "status": doc.status,
         "stop_reason": doc.stop_reason,
@@ -68,11 +82,23 @@ def payload(doc: JobDocument, public_url: str | None) -> dict[str, Any]:
         "error": doc.error.model_dump() if doc.error else None,
         "finished_at": doc.finished_at,
         "job_url": f"{base}/jobs/{doc.id}",
+        "rounds": len(doc.rounds),
     }
+    if event == "round" and round_index is not None:
+        round_ = next((r for r in doc.rounds if r.index == round_index), None)
+        if round_ is not None:
+            body["round"] = round_.model_dump(
+                mode="json", exclude={"candidates": {"__all__": {"critique": {"raw", "analysis"}}}}
+            )
+    return body
 
 
 class _NotDelivered(Exception):
     """This attempt did not deliver (the reason is on the status): try again."""
+
+
+class _Refused(Exception):
+    """The receiver answered something a retry will not change (a 4xx but 408 and 429, a 3xx)."""
 
 
 class WebhookNotifier:
@@ -84,10 +110,11 @@ class WebhookNotifier:
         self._tasks: set[asyncio.Task[WebhookStatus]] = set()
         self._http = httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False)
 
-    def notify(self, doc: JobDocument) -> None:
-        if doc.spec.callback_url is None:
+    def notify(self, doc: JobDocument, event: WebhookEvent = "completed", round_index: int | None = None) -> None:
+        """Deliver `event` in the background if the job has a callback and its filter takes it."""
+        if doc.spec.callback_url is None or event not in doc.spec.webhook_events_filter:
             return
-        task = asyncio.create_task(self.deliver(doc, doc.spec.callback_url))
+        task = asyncio.create_task(self.deliver(doc, doc.spec.callback_url, event, round_index))
         self._tasks.add(task)
         task.add_done_callback(self._forget)
 
@@ -105,11 +132,13 @@ class WebhookNotifier:
             task.cancel()
         await self._http.aclose()
 
-    async def deliver(self, doc: JobDocument, url: str) -> WebhookStatus:
-        """Deliver with retries and record the outcome, delivered or failed, on the job."""
+    async def deliver(
+        self, doc: JobDocument, url: str, event: WebhookEvent = "completed", round_index: int | None = None
+    ) -> WebhookStatus:
+        """Deliver with retries; the `completed` delivery's outcome is recorded on the job."""
         status = WebhookStatus(state="pending")
         try:
-            await self._attempt(doc, url, status)
+            await self._attempt(doc, url, status, event, round_index)
         except Exception as exc:
             # Not an HTTP failure (httpx lets a bad port out as ValueError or an exception
             # group, for one): retrying will not help, but the job must still say it failed.
@@ -117,16 +146,27 @@ class WebhookNotifier:
             status.last_error = f"{type(exc).__name__}: {exc}"
         if status.state != "delivered":
             status.state = "failed"
-            log.warning("webhook for job %s failed after %d attempt(s): %s", doc.id, status.attempts, status.last_error)
+            log.warning(
+                "%s webhook for job %s failed after %d attempt(s): %s",
+                event,
+                doc.id,
+                status.attempts,
+                status.last_error,
+            )
+        if event != "completed":
+            return status
         try:
             await self.store.force_update(doc.id, webhook=status)
         except GcrError as exc:
             log.warning("could not record webhook status of job %s: %s", doc.id, exc.message)
         return status
 
-    async def _attempt(self, doc: JobDocument, url: str, status: WebhookStatus) -> None:
+    async def _attempt(
+        self, doc: JobDocument, url: str, status: WebhookStatus, event: WebhookEvent, round_index: int | None
+    ) -> None:
         """POST until delivered or out of attempts, keeping `status` current after each."""
-        body = json.dumps(payload(doc, self.settings.public_url)).encode()
+        body = json.dumps(payload(doc, self.settings.public_url, event, round_index)).encode()
+        message_id = delivery_id(doc.id, event, round_index)
         delivery = retrying(
             on=_NotDelivered,
             first_s=self.settings.webhook_backoff_s,
@@ -137,19 +177,21 @@ class WebhookNotifier:
             async for attempt in delivery:
                 with attempt:
                     status.attempts = attempt.retry_state.attempt_number
-                    await self._post_once(url, body, status)
-        except _NotDelivered:
-            return  # out of attempts; the last error is on `status`
+                    await self._post_once(url, message_id, body, status)
+        except (_NotDelivered, _Refused):
+            return  # out of attempts, or refused for good; the last error is on `status`
         except InvalidInput as exc:
             status.last_error = exc.message  # the address is refused: retrying will not change that
 
-    async def _post_once(self, url: str, body: bytes, status: WebhookStatus) -> None:
-        """One POST; `_NotDelivered` (retried) unless the receiver took it."""
+    async def _post_once(self, url: str, message_id: str, body: bytes, status: WebhookStatus) -> None:
+        """One POST; `_NotDelivered` (retried) when a retry may help, `_Refused` when not."""
         await check_public_url(url, field="callback_url", allow_private=self.settings.webhook_allow_private)
-        headers = {"content-type": "application/json", "user-agent": "gcr-webhook/1"}
         secret = self.settings.webhook_secret
-        if secret is not None:
-            headers[SIGNATURE_HEADER] = sign(secret.get_secret_value(), body)
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "gcr-webhook/1",
+            **signed_headers(secret.get_secret_value() if secret else None, message_id, body),
+        }
         try:
             response = await self._http.post(url, content=body, headers=headers)
         except httpx.HTTPError as exc:
@@ -157,5 +199,7 @@ class WebhookNotifier:
             raise _NotDelivered from exc
         if response.status_code >= 300:
             status.last_error = f"receiver answered {response.status_code}"
-            raise _NotDelivered
+            if response.status_code in RETRIED_STATUSES or response.status_code >= 500:
+                raise _NotDelivered
+            raise _Refused
         status.state, status.delivered_at, status.last_error = "delivered", time.time(), None

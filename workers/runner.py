@@ -36,7 +36,7 @@ from service.protocol import (
     StopReason,
 )
 from service.store import JobStore
-from service.webhooks import WebhookNotifier
+from service.webhooks import WebhookEvent, WebhookNotifier
 from workers import metrics
 from workers.generators.base import GenRequest, PreviewSink
 from workers.images import decode_image, encode_png
@@ -139,6 +139,12 @@ class _Job:
             with contextlib.suppress(GcrError):
                 await task
 
+    def webhook(self, event: WebhookEvent, round_index: int | None = None) -> None:
+        """A `start` or `round` webhook, if the job's filter asks for it (sent in the background)."""
+        if self.r.notifier is not None and event in self.spec.webhook_events_filter:
+            doc = self.doc.model_copy(update={"rounds": list(self.rounds)})
+            self.r.notifier.notify(doc, event, round_index)
+
     def elapsed(self) -> float:
         return time.time() - self.started_at
 
@@ -146,8 +152,14 @@ class _Job:
     async def run(self) -> None:
         await self.set(generator_model=self.r.scheduler.generator.name)
         await self.emit("status", status="running", attempt=self.doc.attempts, resumed_rounds=len(self.rounds))
+        self.webhook("start")
         if self.spec.mode == "edit":
-            self.source_png = await self.r.store.get_source_image(self.id)
+            try:
+                self.source_png = await self.r.store.get_source_image(self.id)
+            except StoreUnavailable:
+                raise  # Redis: the worker resumes the job
+            except GcrError as exc:  # the artifact store refused it, or it expired: the job's failure
+                return await self.finish("failed", error=exc)
             self.source_image = await asyncio.to_thread(decode_image, self.source_png)
         await self.record_effective_spec()
         while True:
@@ -176,6 +188,7 @@ class _Job:
                 raise OwnershipLost(self.id)
             metrics.ROUNDS.inc()
             self.rounds.append(round_)
+            self.webhook("round", round_.index)
             await self.emit(
                 "round",
                 round=round_.model_dump(mode="json", exclude={"candidates": {"__all__": {"critique": {"raw"}}}}),

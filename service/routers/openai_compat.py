@@ -1,123 +1,85 @@
 """The OpenAI images API over the whole Generate-Critique-Refine loop.
 
 `POST /v1/images/generations` (JSON) and `POST /v1/images/edits` (multipart) take
-OpenAI's request shapes, run one gcr job and answer in OpenAI's shape with the best
-image(s) of all rounds: `data[].b64_json` (the default) or `data[].url` (a gateway link,
-fetched with the same Bearer key), and `data[].revised_prompt`, the prompt of the round
-that made the image. Loop and generation settings ride in the extra field `gcr`
-(`extra_body={"gcr": {"loop": {...}}}` in the `openai` package; for edits, a JSON
-string). The job id comes back in the `X-Gcr-Job-Id` header and in `gcr.job_id`.
-`n` images are the n best candidates of one job (at least n candidates per round).
+OpenAI's request shapes (see `service.openai_images`), run one gcr job and answer in
+OpenAI's shape with the best image(s) of all rounds: `data[].b64_json` (the default) or
+`data[].url` (a gateway link, fetched with the same Bearer key), and
+`data[].revised_prompt`, the prompt of the round that made the image. The job id comes
+back in the `X-Gcr-Job-Id` header and in `gcr.job_id`. `n` images are the n best
+candidates of one job (at least n candidates per round). `stream=true` sends the rounds
+as `partial_image` events, then `completed`.
 
-The call waits for the job up to `GCR_OPENAI_WAIT_S`; past that it answers 504
-`job_still_running` naming the job to poll. Fields OpenAI defines that a diffusion loop
-has no use for (quality, style, user, ...) are accepted and ignored.
+One call, one job: once the job exists, every error answer carries `x-should-retry:
+false` (the `openai` package and others honour it), since a retry would submit a second
+job; `Idempotency-Key` works as on `POST /generate`. The call waits for the job up to
+`GCR_OPENAI_WAIT_S`, then answers 504 `job_still_running` naming the job to poll.
+Errors come in OpenAI's shape (`service.api`).
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import json
+import logging
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, Form, Header, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
 
 from service import fleet, links
-from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Caller, State
-from service.errors import InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
+from service.deps import Caller, State
+from service.errors import GcrError, InternalError, InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
 from service.gateway_state import GatewayState
-from service.protocol import Candidate, GenerateRequest, JobDocument, Round
+from service.openai_images import (
+    GcrOptions,
+    ImageGenerationRequest,
+    OutputFormat,
+    PartialPlan,
+    ResponseFormat,
+    b64,
+    encode,
+    job_request,
+    ranked,
+    size_of,
+    stream_event,
+    usage,
+)
+from service.protocol import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
 from service.submit import submit, validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 401, 404, 408, 409, 413, 415, 429, 500, 502, 503, 504)
+}
+log = logging.getLogger("gcr.gateway")
 
-ResponseFormat = Literal["b64_json", "url"]
-
-
-class GcrOptions(BaseModel):
-    """gcr's own settings, in the request's extra field `gcr`."""
-
-    model_config = ConfigDict(extra="forbid")
-    loop: dict[str, Any] = Field(default_factory=dict)
-    generation: dict[str, Any] = Field(default_factory=dict)
-    priority: Literal["high", "normal", "low"] = "normal"
+STREAM_BLOCK_MS = 10_000
+NO_RETRY = {"x-should-retry": "false"}
+T = TypeVar("T")
 
 
-class ImageGenerationRequest(BaseModel):
-    """OpenAI's `POST /images/generations` body (fields gcr has no use for are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    n: int = Field(1, ge=1, le=8)
-    size: str | None = Field(None, description="WIDTHxHEIGHT (multiples of 16), or `auto`.")
-    response_format: ResponseFormat = "b64_json"
-    gcr: GcrOptions = Field(default_factory=GcrOptions)
-
-
-def _size(size: str | None) -> dict[str, int]:
-    if size is None or size == "auto":
-        return {}
-    width, sep, height = size.lower().partition("x")
-    if not sep or not width.isdigit() or not height.isdigit():
-        raise InvalidInput(f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or auto", field="size")
-    return {"width": int(width), "height": int(height)}
-
-
-def _job_request(body: ImageGenerationRequest, mode: str, source_b64: str | None) -> GenerateRequest:
-    loop = dict(body.gcr.loop)
-    loop["candidates_per_round"] = max(int(loop.get("candidates_per_round", 1)), body.n)
-    spec = {
-        "prompt": body.prompt,
-        "mode": mode,
-        "model": body.model,
-        "source_image": source_b64,
-        "generation": {**body.gcr.generation, **_size(body.size)},
-        "loop": loop,
-        "priority": body.gcr.priority,
-    }
+async def _for_job(job_id: str, work: Awaitable[T]) -> T:
+    """Run `work` for an existing job: whatever goes wrong, the answer names the job and tells
+    clients not to retry (a retry would submit a second job)."""
     try:
-        return GenerateRequest.model_validate(spec)
-    except ValidationError as exc:
-        raise validation_error(exc) from exc
+        return await work
+    except GcrError as exc:
+        exc.headers.update({**NO_RETRY, "X-Gcr-Job-Id": job_id})
+        raise
+    except Exception as exc:
+        log.exception("answering for job %s failed", job_id)
+        error = InternalError(f"the gateway failed while answering for job {job_id}; the job goes on: poll it")
+        error.headers.update({**NO_RETRY, "X-Gcr-Job-Id": job_id})
+        raise error from exc
 
 
-def _ranked(doc: JobDocument) -> list[tuple[Round, Candidate]]:
-    scored = [(r, c) for r in doc.rounds for c in r.candidates if c.overall is not None and c.has_image]
-    return sorted(scored, key=lambda rc: (-(rc[1].overall or 0.0), rc[0].index, rc[1].index))
-
-
-async def _answer(
-    request: Request, state: GatewayState, doc: JobDocument, n: int, response_format: ResponseFormat
-) -> JSONResponse:
-    base = links.base_url(request, state.settings)
-    headers = {"X-Gcr-Job-Id": doc.id}
-    if doc.status not in ("succeeded", "failed", "cancelled", "expired"):
-        raise JobStillRunning(
-            f"job {doc.id} is still {doc.status} after {state.settings.openai_wait_s:g}s; "
-            f"poll GET {links.job_url(base, doc.id)} (or follow its /events)",
-            job_id=doc.id,
-        )
-    picks = _ranked(doc)[:n]
-    if not picks:
-        reason = doc.error.message if doc.error else f"it ended {doc.status} without an image"
-        code = doc.error.code if doc.error else "no_image"
-        retryable = bool(doc.error and doc.error.retryable)
-        raise JobFailed(f"job {doc.id}: {reason}", code=code, job_id=doc.id, retryable=retryable)
-    data = []
-    for round_, candidate in picks:
-        item: dict[str, Any] = {"revised_prompt": round_.prompt}
-        if response_format == "url":
-            item["url"] = links.image_url(base, doc.id, round_.index, candidate.index)
-        else:
-            png = await state.store.get_image(doc.id, round_.index, candidate.index)
-            item["b64_json"] = base64.b64encode(png).decode()
-        data.append(item)
+def _gcr_extra(doc: JobDocument, base: str) -> dict[str, Any]:
     rendered = links.render(doc, base)
-    extra = {
+    return {
         "job_id": doc.id,
         "job_url": links.job_url(base, doc.id),
         "status": doc.status,
@@ -125,28 +87,144 @@ async def _answer(
         "rounds": len(doc.rounds),
         "best": rendered.best.model_dump() if rendered.best else None,
     }
-    return JSONResponse({"created": int(doc.created_at), "data": data, "gcr": extra}, headers=headers)
+
+
+def _no_image(doc: JobDocument) -> JobFailed:
+    reason = doc.error.message if doc.error else f"it ended {doc.status} without an image"
+    code = doc.error.code if doc.error else "no_image"
+    retryable = bool(doc.error and doc.error.retryable)
+    return JobFailed(f"job {doc.id}: {reason}", code=code, job_id=doc.id, retryable=retryable)
+
+
+async def _answer(request: Request, state: GatewayState, doc: JobDocument, body: ImageGenerationRequest) -> Response:
+    base = links.base_url(request, state.settings)
+    if doc.status not in TERMINAL_STATUSES:
+        raise JobStillRunning(
+            f"job {doc.id} is still {doc.status} after {state.settings.openai_wait_s:g}s; "
+            f"poll GET {links.job_url(base, doc.id)} (or follow its /events)",
+            job_id=doc.id,
+        )
+    picks = ranked(doc)[: body.n]
+    if not picks:
+        raise _no_image(doc)
+    data = []
+    for round_, candidate in picks:
+        item: dict[str, Any] = {"revised_prompt": round_.prompt}
+        if body.response_format == "url":
+            item["url"] = links.image_url(base, doc.id, round_.index, candidate.index)
+        else:
+            png = await state.store.get_image(doc.id, round_.index, candidate.index)
+            item["b64_json"] = b64(await asyncio.to_thread(encode, png, body.output_format, body.output_compression))
+        data.append(item)
+    content = {
+        "created": int(doc.created_at),
+        "data": data,
+        "output_format": body.output_format,
+        "size": size_of(doc),
+        "usage": usage(doc),
+        "gcr": _gcr_extra(doc, base),
+    }
+    return JSONResponse(content, headers={"X-Gcr-Job-Id": doc.id})
 
 
 async def _run(
-    request: Request, state: State, caller: Caller, body: ImageGenerationRequest, mode: str, source: bytes | None
-) -> JSONResponse:
-    spec = _job_request(body, mode, base64.b64encode(source).decode() if source is not None else None)
+    request: Request,
+    state: State,
+    caller: Caller,
+    body: ImageGenerationRequest,
+    mode: str,
+    source: bytes | None,
+    idempotency_key: str | None,
+) -> Response:
+    spec = job_request(body, mode)
     base = links.base_url(request, state.settings)
-    doc, _created = await submit(state, caller, spec.model_copy(update={"source_image": None}), source, base_url=base)
-    doc = await state.wait_for_end(doc.id, state.settings.openai_wait_s)
-    return await _answer(request, state, doc, body.n, body.response_format)
+    doc, _created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
+    if body.stream:
+        stream = _stream(state, doc, body, base)
+        return EventSourceResponse(stream, ping=state.settings.sse_keepalive_s, headers={"X-Gcr-Job-Id": doc.id})
+
+    async def finish() -> Response:
+        done = await state.wait_for_end(doc.id, state.settings.openai_wait_s)
+        return await _answer(request, state, done, body)
+
+    return await _for_job(doc.id, finish())
 
 
-@router.post("/images/generations", responses={**ERROR_RESPONSES, **UPLOAD_ERRORS})
+async def _stream(state: GatewayState, doc: JobDocument, body: ImageGenerationRequest, base: str) -> AsyncIterator[Any]:
+    """The job's rounds as OpenAI stream events; an error becomes an `error` event (OpenAI's
+    shape: the `openai` package raises it), since the status line is already sent."""
+    try:
+        async for event in _events(state, doc, body, base):
+            yield {"event": event["type"], "data": json.dumps(event)}
+    except GcrError as exc:
+        error = {"message": exc.message, "type": "server_error", "param": exc.field, "code": exc.code}
+        yield {"event": "error", "data": json.dumps({"type": "error", "error": error})}
+    except Exception:
+        log.exception("the stream of job %s failed", doc.id)
+        error = {"message": f"the stream failed; the job goes on: poll job {doc.id}", "type": "server_error"}
+        yield {"event": "error", "data": json.dumps({"type": "error", "error": {**error, "param": None}})}
+
+
+async def _events(
+    state: GatewayState, doc: JobDocument, body: ImageGenerationRequest, base: str
+) -> AsyncIterator[dict[str, Any]]:
+    mode, size = doc.spec.mode, size_of(doc)
+    plan = PartialPlan(body.partial_images, doc.spec.loop.max_rounds)
+    rounds: dict[int, dict[str, Any]] = {}
+    sent = 0
+
+    async def partial(index: int) -> dict[str, Any]:
+        nonlocal sent
+        round_ = rounds[index]
+        png = await state.store.get_image(doc.id, index, int(round_["chosen"]))
+        image = await asyncio.to_thread(encode, png, body.output_format, body.output_compression)
+        extra = {"partial_image_index": sent, "gcr": {"job_id": doc.id, "round": index, "overall": round_["overall"]}}
+        sent += 1
+        return stream_event("partial_image", mode, image, body, size, extra)
+
+    after = "0-0"
+    ended = False
+    while not ended:
+        events = await state.store.read_events(doc.id, after=after, block_ms=STREAM_BLOCK_MS)
+        if not events and not await state.store.exists(doc.id):
+            break
+        for entry_id, event in events:
+            after = entry_id
+            if event.type == "round" and isinstance(event.data.get("round"), dict):
+                round_ = event.data["round"]
+                rounds[int(round_["index"])] = round_
+                for index in plan.on_round(int(round_["index"])):
+                    yield await partial(index)
+            elif event.type == "end":
+                ended = True
+                break
+    for index in plan.at_end():
+        yield await partial(index)
+    final = await state.store.get(doc.id)
+    picks = ranked(final)
+    if not picks:
+        raise _no_image(final)
+    best_round, best = picks[0]
+    png = await state.store.get_image(doc.id, best_round.index, best.index)
+    image = await asyncio.to_thread(encode, png, body.output_format, body.output_compression)
+    extra = {"revised_prompt": best_round.prompt, "usage": usage(final), "gcr": _gcr_extra(final, base)}
+    yield stream_event("completed", mode, image, body, size_of(final), extra)
+
+
+@router.post("/images/generations", responses=OPENAI_ERRORS)
 async def images_generations(
-    body: ImageGenerationRequest, request: Request, state: State, caller: Caller
-) -> JSONResponse:
-    """OpenAI `images.generate`: runs the whole loop, answers with the best image(s) of all rounds."""
-    return await _run(request, state, caller, body, "t2i", None)
+    body: ImageGenerationRequest,
+    request: Request,
+    state: State,
+    caller: Caller,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Response:
+    """OpenAI `images.generate`: runs the whole loop, answers with the best image(s) of all rounds
+    (or streams each round's image with `stream`)."""
+    return await _run(request, state, caller, body, "t2i", None, idempotency_key)
 
 
-@router.post("/images/edits", responses={**ERROR_RESPONSES, **UPLOAD_ERRORS})
+@router.post("/images/edits", responses=OPENAI_ERRORS)
 async def images_edits(
     request: Request,
     state: State,
@@ -157,8 +235,17 @@ async def images_edits(
     n: Annotated[int, Form(ge=1, le=8)] = 1,
     size: Annotated[str | None, Form()] = None,
     response_format: Annotated[ResponseFormat, Form()] = "b64_json",
+    output_format: Annotated[OutputFormat, Form()] = "png",
+    output_compression: Annotated[int | None, Form(ge=0, le=100)] = None,
+    stream: Annotated[bool, Form()] = False,
+    partial_images: Annotated[int, Form(ge=0, le=3)] = 0,
+    seed: Annotated[int | None, Form()] = None,
+    num_inference_steps: Annotated[int | None, Form()] = None,
+    guidance_scale: Annotated[float | None, Form()] = None,
+    negative_prompt: Annotated[str | None, Form()] = None,
     gcr: Annotated[str | None, Form(description="gcr's settings as JSON: {loop, generation, priority}")] = None,
-) -> JSONResponse:
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Response:
     """OpenAI `images.edit` (multipart): the loop in edit mode on the uploaded image."""
     if len(image) != 1:
         raise InvalidInput(f"send exactly one image; got {len(image)}", field="image")
@@ -170,13 +257,29 @@ async def images_edits(
         options = GcrOptions.model_validate(json.loads(gcr)) if gcr else GcrOptions()
     except (ValueError, ValidationError) as exc:
         raise InvalidInput(f"gcr must be a JSON object of loop, generation, priority: {exc}", field="gcr") from exc
-    body = ImageGenerationRequest(
-        prompt=prompt, model=model, n=n, size=size, response_format=response_format, gcr=options
-    )
-    return await _run(request, state, caller, body, "edit", source)
+    fields = {
+        "prompt": prompt,
+        "model": model,
+        "n": n,
+        "size": size,
+        "response_format": response_format,
+        "output_format": output_format,
+        "output_compression": output_compression,
+        "stream": stream,
+        "partial_images": partial_images,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "negative_prompt": negative_prompt,
+    }
+    try:
+        body = ImageGenerationRequest.model_validate({**fields, "gcr": options})
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+    return await _run(request, state, caller, body, "edit", source, idempotency_key)
 
 
-@router.get("/models")
+@router.get("/models", responses={401: {"model": OpenAIErrorResponse}, 429: {"model": OpenAIErrorResponse}})
 async def list_models(state: State, _caller: Caller) -> dict[str, Any]:
     """OpenAI's model list: the generator models live workers serve, with gcr's details in `gcr`
     (modes, ready workers, the modes it is the default for, its generation defaults)."""

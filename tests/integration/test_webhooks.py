@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+from pydantic import ValidationError
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,44 +27,57 @@ from service.redis_client import connect
 from service.servers import serving
 from service.settings import Settings
 from service.store import JobStore
-from service.webhooks import SIGNATURE_HEADER, WebhookNotifier, sign, verify_signature
+from service.webhooks import WebhookNotifier
 from tests.stack import Stack
 
-SECRET = "s3cret"
+# A Standard Webhooks secret: whsec_ + base64 of 32 bytes.
+SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
 
 
 class Receiver:
-    """A real HTTP receiver on loopback that fails the first `fail_first` deliveries."""
+    """A real HTTP receiver on loopback that answers `fail_with` to the first `fail_first` deliveries."""
 
-    def __init__(self, fail_first: int = 0) -> None:
+    def __init__(self, fail_first: int = 0, fail_with: int = 500) -> None:
         self.fail_first = fail_first
-        self.received: list[tuple[bytes, str]] = []
+        self.fail_with = fail_with
+        self.received: list[tuple[bytes, dict[str, str]]] = []
         self.url = ""
 
     async def hook(self, request: Request) -> Response:
-        self.received.append((await request.body(), request.headers.get(SIGNATURE_HEADER, "")))
-        return Response(status_code=500 if len(self.received) <= self.fail_first else 204)
+        self.received.append((await request.body(), dict(request.headers)))
+        return Response(status_code=self.fail_with if len(self.received) <= self.fail_first else 204)
 
 
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver(fail_first=1)
+@asynccontextmanager
+async def receiving(fail_first: int = 0, fail_with: int = 500) -> AsyncIterator[Receiver]:
+    rec = Receiver(fail_first, fail_with)
     async with serving(Starlette(routes=[Route("/hook", rec.hook, methods=["POST"])])) as url:
         rec.url = f"{url}/hook"
         yield rec
 
 
-def test_signature_round_trip_and_tampering() -> None:
-    body = b'{"id": "x"}'
-    header = sign(SECRET, body)
-    assert verify_signature(SECRET, body, header)
-    assert not verify_signature(SECRET, body + b" ", header)
-    assert not verify_signature("other", body, header)
-    assert not verify_signature(SECRET, body, sign(SECRET, body, timestamp=1))  # too old: replay
-    assert not verify_signature(SECRET, body, "garbage")
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    async with receiving(fail_first=1) as rec:
+        yield rec
 
 
-async def test_webhook_is_signed_retried_and_recorded(
+def _by_spec(secret: str, headers: dict[str, str], body: bytes) -> str:
+    """The signature as the Standard Webhooks spec defines it, computed here by hand."""
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+async def _finished(stack: Stack, job_id: str) -> JobDocument:
+    await stack.wait(job_id)
+    async with asyncio.timeout(10):
+        while (doc := await stack.client.get(job_id)).webhook is None or doc.webhook.state == "pending":
+            await asyncio.sleep(0.05)
+    return doc
+
+
+async def test_webhook_is_signed_per_standard_webhooks_retried_with_one_id_and_recorded(
     redis_url: str, redis_prefix: str, standin_url: str, receiver: Receiver
 ) -> None:
     async with Stack(
@@ -65,18 +85,79 @@ async def test_webhook_is_signed_retried_and_recorded(
     ) as stack:
         await stack.start_worker()
         job_id = await stack.submit("a kite", loop={"max_rounds": 1}, callback_url=receiver.url)
-        await stack.wait(job_id)
-        async with asyncio.timeout(10):
-            while (doc := await stack.client.get(job_id)).webhook is None:
-                await asyncio.sleep(0.05)
-    assert doc.webhook.state == "delivered" and doc.webhook.attempts == 2
-    body, header = receiver.received[-1]
-    assert verify_signature(SECRET, body, header)
-    assert b'"status": "succeeded"' in body and job_id.encode() in body
-    sent = json.loads(body)
+        doc = await _finished(stack, job_id)
+    assert doc.webhook is not None and doc.webhook.state == "delivered" and doc.webhook.attempts == 2
+    (first_body, first), (body, headers) = receiver.received
+    assert first["webhook-id"] == headers["webhook-id"]  # one delivery, one id, however many attempts
+    assert headers["webhook-signature"] == _by_spec(SECRET, headers, body)
+    sent = Webhook(SECRET).verify(body, headers)  # the standardwebhooks package accepts it
+    assert sent == json.loads(first_body)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(body + b" ", headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + base64.b64encode(b"another key of 24 bytes!").decode()).verify(body, headers)
+    assert sent["event"] == "completed" and sent["status"] == "succeeded" and sent["id"] == job_id
     # absolute without GCR_PUBLIC_URL: the base URL the client submitted to
     assert sent["job_url"] == f"{stack.url}/jobs/{job_id}"
     assert sent["best"]["image_url"] == f"{stack.url}/jobs/{job_id}/images/0/0"
+
+
+@pytest.mark.parametrize(("status", "attempts"), [(400, 1), (410, 1), (301, 1), (408, 3), (429, 3), (503, 3)])
+async def test_only_answers_a_retry_can_change_are_retried(
+    redis_url: str, redis_prefix: str, standin_url: str, status: int, attempts: int
+) -> None:
+    async with (
+        receiving(fail_first=2, fail_with=status) as rec,
+        Stack(
+            redis_url, redis_prefix, standin_url, webhook_allow_private=True, webhook_backoff_s=0.01, webhook_attempts=5
+        ) as stack,
+    ):
+        await stack.start_worker()
+        job_id = await stack.submit("a kite", loop={"max_rounds": 1}, callback_url=rec.url)
+        doc = await _finished(stack, job_id)
+    assert doc.webhook is not None and doc.webhook.attempts == attempts, doc.webhook
+    assert doc.webhook.state == ("delivered" if attempts == 3 else "failed")
+    assert len(rec.received) == attempts and len({h["webhook-id"] for _b, h in rec.received}) == 1
+
+
+async def test_the_event_filter_sends_start_each_round_and_completed(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    async with (
+        receiving() as rec,
+        Stack(redis_url, redis_prefix, standin_url, webhook_secret=SECRET, webhook_allow_private=True) as stack,
+    ):
+        await stack.start_worker()
+        job_id = await stack.submit(
+            "a kite",
+            loop={"max_rounds": 2, "threshold": 1.0},
+            callback_url=rec.url,
+            webhook_events_filter=["start", "round", "completed"],
+        )
+        await _finished(stack, job_id)
+        only_completed = await stack.submit("a kite", loop={"max_rounds": 2}, callback_url=rec.url)
+        await _finished(stack, only_completed)
+    bodies = [Webhook(SECRET).verify(body, headers) for body, headers in rec.received]
+    # Deliveries are independent (a slow receiver never holds the job): compare them unordered.
+    events = sorted((b["id"] == only_completed, b["event"], b.get("round", {}).get("index", -1)) for b in bodies)
+    assert events == sorted(
+        [
+            (False, "start", -1),
+            (False, "round", 0),
+            (False, "round", 1),
+            (False, "completed", -1),
+            (True, "completed", -1),
+        ]
+    )
+    # Each round's delivery carries the job as it was then.
+    assert {b["round"]["index"]: b["rounds"] for b in bodies if b["event"] == "round"} == {0: 1, 1: 2}
+    ids = [headers["webhook-id"] for _body, headers in rec.received]
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_secret_that_is_not_a_standard_webhooks_secret_is_refused_at_start_up() -> None:
+    with pytest.raises(ValidationError, match="whsec_"):
+        Settings(webhook_secret="s3cret")
 
 
 async def test_private_callback_urls_are_refused_at_submit(stack: Stack) -> None:

@@ -1,0 +1,69 @@
+"""One `openai` call makes one job: the package at its DEFAULT settings (max_retries=2, no
+idempotency key of its own) against a real stack, counting the jobs stored in Redis."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+import redis.asyncio as redis
+
+from service.keys import Keys
+from tests.stack import Stack
+from workers.critics.standin_config import Fault, StandinConfig
+
+
+async def _jobs(stack: Stack) -> int:
+    client = redis.Redis.from_url(stack.settings.redis_url)
+    try:
+        return int(await client.zcard(Keys(stack.settings.redis_prefix).all_jobs()))
+    finally:
+        await client.aclose()
+
+
+def _default_client(stack: Stack) -> openai.AsyncOpenAI:
+    # Nothing but the address and a key: every other setting is the package's default.
+    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused-auth-is-off")
+
+
+async def test_a_wait_that_runs_out_makes_one_job_not_three(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    async with Stack(redis_url, redis_prefix, standin_url, openai_wait_s=0.3) as stack:
+        await stack.start_worker(generator="sim:1.5")
+        async with _default_client(stack) as client:
+            assert client.max_retries == 2  # the package's default, which retried 504s into new jobs
+            with pytest.raises(openai.APIStatusError) as slow:
+                await client.images.generate(prompt="a slow one", extra_body={"gcr": {"loop": {"max_rounds": 1}}})
+        assert await _jobs(stack) == 1
+        response = slow.value.response
+        assert response.status_code == 504 and response.headers["x-should-retry"] == "false"
+        assert slow.value.code == "job_still_running"
+        assert (await stack.wait(response.headers["X-Gcr-Job-Id"])).status == "succeeded"
+
+
+async def test_a_failed_job_makes_one_job_even_when_its_error_is_retryable(stack: Stack) -> None:
+    # Every critique fails with a 503: the job ends failed with the retryable `critic_unavailable`.
+    await stack.configure_critic(StandinConfig(faults=[Fault(kind="status", status=503, times=100)]))
+    await stack.start_worker()
+    async with _default_client(stack) as client:
+        with pytest.raises(openai.APIStatusError) as failed:
+            await client.images.generate(prompt="a doomed one", extra_body={"gcr": {"loop": {"max_rounds": 1}}})
+    assert await _jobs(stack) == 1
+    assert failed.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_an_idempotency_key_on_v1_returns_the_same_job(stack: Stack) -> None:
+    await stack.start_worker()
+    async with _default_client(stack) as client:
+        first = await client.images.with_raw_response.generate(
+            prompt="a kite", size="32x32", extra_headers={"Idempotency-Key": "kite-1"}
+        )
+        again = await client.images.with_raw_response.generate(
+            prompt="a kite", size="32x32", extra_headers={"Idempotency-Key": "kite-1"}
+        )
+        with pytest.raises(openai.BadRequestError) as reused:
+            await client.images.generate(prompt="another", extra_headers={"Idempotency-Key": "kite-1"})
+    assert first.headers["X-Gcr-Job-Id"] == again.headers["X-Gcr-Job-Id"]
+    assert again.parse().data == first.parse().data
+    assert reused.value.param == "Idempotency-Key"
+    assert await _jobs(stack) == 1
