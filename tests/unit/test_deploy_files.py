@@ -13,6 +13,7 @@ import functools
 import importlib.metadata
 import json
 import re
+import sysconfig
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -509,9 +510,13 @@ def test_the_tests_run_with_what_the_lock_file_pins() -> None:
     """scripts/setup installed this environment with the images' lock: every package the
     lock names is here at exactly its pinned version (torch's local +cpu label aside)."""
     pins = _pins(LOCK)
+    # site-packages only: setuptools puts its vendored copies on sys.path once imported
+    installed = importlib.metadata.distributions(
+        path=sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    )
     drift = {
         name: (dist.version, pins[name])
-        for dist in importlib.metadata.distributions()
+        for dist in installed
         if (name := canonicalize_name(dist.metadata["Name"])) in pins
         and Version(dist.version).public != Version(pins[name]).public
     }
