@@ -138,7 +138,12 @@ class Settings(BaseSettings):
         2, ge=1, description="A job with `previews` gets a live preview every this many denoising steps."
     )
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress events of a job.")
-    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the worker; 0: off.")
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the worker's /metrics and /livez (its liveness probe); 0: off."
+    )
+    worker_stall_s: float = Field(
+        600.0, gt=0, description="A generator call with no denoising step for this long fails /livez."
+    )
 
     # --- Critic: any OpenAI-compatible vision endpoint ------------------------------
     critic_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible base URL (vLLM).")

@@ -398,6 +398,17 @@ def test_redis_refuses_writes_before_its_memory_limit() -> None:
     assert int(maxmemory[:-2]) * 2 <= int(limit[:-2])
 
 
+def test_the_worker_is_probed_on_its_event_loops_livez() -> None:
+    """/livez is answered by the worker's event loop and asks its executor (workers/health.py);
+    /metrics came from prometheus_client's own thread and answered whatever the loop did."""
+    stack = render(STACK)
+    port = int(find(stack, "ConfigMap", "gcr-config")["data"]["GCR_WORKER_METRICS_PORT"])
+    worker = container(find(stack, "Deployment", "worker-flux-schnell"))
+    assert [p["containerPort"] for p in worker["ports"] if p["name"] == "metrics"] == [port]
+    for probe in ("startupProbe", "livenessProbe"):
+        assert worker[probe]["httpGet"] == {"path": "/livez", "port": "metrics"}
+
+
 def test_rollouts_keep_every_model_served() -> None:
     for folder in FOLDERS:
         for obj in render(folder):
