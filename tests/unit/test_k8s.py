@@ -477,3 +477,67 @@ def test_the_restricted_check_catches_a_root_init_container() -> None:
     assert any("cache-owner: runAsNonRoot" in p for p in problems)
     assert any("cache-owner: capabilities" in p for p in problems)
     assert any("fsGroupChangePolicy" in p for p in problems)
+
+
+def ingress_allowed(
+    objects: tuple[dict[str, Any], ...], source: dict[str, str], namespace: str, target: dict[str, str], port: int
+) -> bool:
+    """Whether the rendered NetworkPolicies let a pod with labels `source` in `namespace`
+    reach a gcr pod with labels `target` on `port` (the Kubernetes semantics: a pod that
+    any policy selects for Ingress takes only what some such policy allows)."""
+
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        return set(selector.get("matchLabels", {}).items()) <= set(labels.items())
+
+    policies = [
+        o["spec"] for o in objects if o["kind"] == "NetworkPolicy" and selects(o["spec"]["podSelector"], target)
+    ]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy.get("ingress", []):
+            if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                in_namespace = (
+                    selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace})
+                    if "namespaceSelector" in peer
+                    else namespace == "gcr"
+                )
+                if in_namespace and selects(peer.get("podSelector", {}), source):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("folder", CLUSTERS, ids=folder_id)
+def test_network_policies_let_through_exactly_what_gcr_needs(folder: Path) -> None:
+    objects = render(folder)
+    labels = {name: pod_template["metadata"]["labels"] for name, pod_template in templates(objects)}
+    gateway, redis, critic = labels["gateway"], labels["redis"], labels["critic"]
+    workers = [labels[name] for name in labels if name.startswith("worker-")]
+    assert workers and all(
+        ingress_allowed(objects, w, "gcr", redis, 6379) and ingress_allowed(objects, w, "gcr", critic, 8000)
+        for w in workers
+    )
+    assert ingress_allowed(objects, gateway, "gcr", redis, 6379)
+    assert ingress_allowed(objects, gateway, "gcr", critic, 8000), "POST /critique"
+    assert ingress_allowed(objects, {}, "keda", redis, 6379), "KEDA's scaler reads the streams"
+    assert ingress_allowed(objects, {}, "ingress-nginx", gateway, 8000)
+    assert ingress_allowed(objects, {}, "monitoring", workers[0], 9100)
+    edit_critic = labels["critic-qwen-image-edit"]
+    assert ingress_allowed(objects, labels["worker-qwen-image-edit"], "gcr", edit_critic, 8000)
+    # and nothing else
+    assert not ingress_allowed(objects, critic, "gcr", redis, 6379)
+    assert not ingress_allowed(objects, {}, "default", redis, 6379)
+    assert not ingress_allowed(objects, {}, "default", critic, 8000)
+    assert not ingress_allowed(objects, labels["worker-flux-schnell"], "gcr", edit_critic, 8000)
+    assert not ingress_allowed(objects, gateway, "gcr", workers[0], 6379)
+
+
+def templates(objects: tuple[dict[str, Any], ...]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (o["metadata"]["name"], o["spec"]["template"]) for o in objects if o["kind"] in ("Deployment", "StatefulSet")
+    ]
