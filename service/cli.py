@@ -81,7 +81,8 @@ def serve(host: str | None, port: int | None) -> None:
 
 WORKER_SETTINGS = (
     "generator generator_device generator_dtype cpu_offload compile lora_path attention_backend memory_check "
-    "memory_retry_s cache_dir edit_max_edge max_batch batch_window_ms max_inflight_jobs max_inflight_critiques "
+    "memory_retry_s cache_dir edit_max_edge max_output_pixels max_batch batch_window_ms max_inflight_jobs "
+    "max_inflight_critiques "
     "heartbeat_s visibility_timeout_s max_attempts drain_grace_s worker_metrics_port worker_stall_s redis_url "
     "redis_prefix "
     "critic_base_url critic_model critic_edit_model critic_api_key critic_timeout_s critic_retries"

@@ -119,6 +119,13 @@ class Settings(BaseSettings):
     memory_retry_s: float = Field(30.0, gt=0, description="How often a worker whose model does not fit checks again.")
     cache_dir: Path = Field(Path.home() / ".cache" / "gcr", description="Where `tiny:*` pipelines are built.")
     edit_max_edge: int = Field(1024, ge=64, description="Edit outputs: long edge bound (rounded to 16).")
+    max_output_pixels: int | None = Field(
+        None,
+        ge=16 * 16,
+        description="Largest width x height this worker generates: the memory check assumes it, and the "
+        "gateway refuses larger jobs for its model. Unset: no cap (the API's 2048x2048), and the check "
+        "assumes the model's default size.",
+    )
 
     # --- Worker: scheduling -------------------------------------------------------
     worker_id: str = Field(default_factory=_default_worker_id, description="Consumer name in the Redis group.")

@@ -330,7 +330,8 @@ def memory_share(service: dict[str, Any]) -> float:
         _parameters(folder),
         dtype_bytes=2,
         max_batch=int(values.get("GCR_MAX_BATCH", "4")),
-        megapixels=1024 * 1024 / 1e6,
+        # The largest job it takes: its cap, else the API's 2048x2048.
+        megapixels=int(values.get("GCR_MAX_OUTPUT_PIXELS") or 2048 * 2048) / 1e6,
         cpu_offload=values.get("GCR_CPU_OFFLOAD", "false") == "true",
     )
     return needs.total / (CARD_GIB * GIB)
