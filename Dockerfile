@@ -47,7 +47,8 @@ FROM base AS gateway
 COPY --from=wheel /wheels /wheels
 RUN --mount=type=bind,source=constraints,target=/constraints \
     pip install -c /constraints/lock.txt "$(echo /wheels/gcr-*.whl)[server]"
-USER gcr
+# numeric (the gcr user): a kubelet can check runAsNonRoot only against a number
+USER 10001:10001
 WORKDIR /home/gcr
 EXPOSE 8000
 # /healthz is liveness only; /readyz also needs a live worker, which a gateway
@@ -98,7 +99,7 @@ RUN mkdir -p /cache/huggingface /cache/gcr && chown -R gcr:gcr /cache
 ENV HF_HOME=/cache/huggingface \
     GCR_CACHE_DIR=/cache/gcr \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-USER gcr
+USER 10001:10001
 WORKDIR /home/gcr
 # SIGTERM drains: the worker stops claiming, lets running jobs finish for up to 30 s,
 # then hands the rest back to the queue. Allow for that before SIGKILL

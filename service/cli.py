@@ -9,16 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from service.errors import GcrError
 from service.protocol import Critique, Mode
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.critic.client import OpenAICritic
 
 
 class SizeParam(click.ParamType[str]):
@@ -79,8 +84,10 @@ def serve(host: str | None, port: int | None) -> None:
 
 WORKER_SETTINGS = (
     "generator generator_device generator_dtype cpu_offload compile lora_path attention_backend memory_check "
-    "memory_retry_s cache_dir edit_max_edge max_batch batch_window_ms max_inflight_jobs max_inflight_critiques "
-    "heartbeat_s visibility_timeout_s max_attempts drain_grace_s worker_metrics_port redis_url redis_prefix "
+    "memory_retry_s cache_dir edit_max_edge max_output_pixels max_batch batch_window_ms max_inflight_jobs "
+    "max_inflight_critiques "
+    "heartbeat_s visibility_timeout_s max_attempts drain_grace_s worker_metrics_port worker_stall_s redis_url "
+    "redis_prefix "
     "critic_base_url critic_model critic_edit_model critic_api_key critic_timeout_s critic_retries"
 ).split()
 
@@ -107,15 +114,32 @@ def worker() -> None:
 
 
 async def run_worker(settings: Settings) -> None:
-    """Build the worker's backends and run it; SIGTERM/SIGINT drain it."""
+    """Build the worker's backends and run it; SIGTERM/SIGINT drain it (and end it at once
+    while the model is still loading: nothing is claimed yet)."""
     from service.critic.client import OpenAICritic
     from workers.generators import load_generator
     from workers.generators.loading import resolve_device
+    from workers.health import HealthServer
     from workers.preflight import checked_model, hold_until_it_fits
     from workers.worker import Worker, served_model
 
+    log = logging.getLogger("gcr.worker")
+    loop = asyncio.get_running_loop()
+
+    def stop_while_loading(signum: int) -> None:
+        # NOTE: the download and the load run in a thread that cannot be interrupted, and
+        # an exit waits for it. With no job claimed, leave now: as PID 1 in a container
+        # (no init), waiting would cost the whole grace period before the SIGKILL.
+        log.info("%s while loading the model: exiting; no job was claimed", signal.Signals(signum).name)
+        logging.shutdown()
+        os._exit(128 + signum)
+
+    _on_stop_signals(loop, stop_while_loading)
     if settings.generator:
         served_model(settings, settings.generator)  # a name jobs cannot route by fails before any loading
+    critic = OpenAICritic(settings)
+    if settings.critic_wait_before_load:
+        await wait_for_critic(critic, log)
     model = checked_model(settings)
     if model is not None:
         # Before anything is downloaded: a cuda worker without a usable GPU exits here, saying why.
@@ -123,23 +147,34 @@ async def run_worker(settings: Settings) -> None:
         if device.startswith("cuda"):
             await hold_until_it_fits(settings, model, device)
     generator = await asyncio.to_thread(load_generator, settings)
-    logging.getLogger("gcr.worker").info("loaded generator %s (modes %s)", generator.name, sorted(generator.modes))
-    if settings.worker_metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.worker_metrics_port)
-    critic = OpenAICritic(settings)
+    log.info("loaded generator %s (modes %s)", generator.name, sorted(generator.modes))
     worker = Worker(settings, generator, critic)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, worker.stop)
-        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
-            pass
+    _on_stop_signals(loop, lambda _signum: worker.stop())
+    health = None
+    if settings.worker_metrics_port:
+        health = HealthServer(settings.worker_metrics_port, lambda: worker.scheduler.alive(settings.worker_stall_s))
+        await health.start()
     try:
         await worker.run(drain_grace_s=settings.drain_grace_s)
     finally:
+        if health is not None:
+            await health.stop()
         await critic.aclose()
+
+
+async def wait_for_critic(critic: OpenAICritic, log: logging.Logger, every_s: float = 5.0) -> None:
+    """Hold the model load until the critic answers (GCR_CRITIC_WAIT_BEFORE_LOAD)."""
+    while not await critic.probe():
+        log.info("waiting for the critic to answer before loading the model (GCR_CRITIC_WAIT_BEFORE_LOAD)")
+        await asyncio.sleep(every_s)
+
+
+def _on_stop_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[int], None]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, handler, int(sig))
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            pass
 
 
 @main.command()

@@ -81,6 +81,23 @@ def route(
     )
 
 
+def pixel_cap(workers: list[Heartbeat], model: str, mode: str, width: int | None, height: int | None) -> int | None:
+    """The output size cap (GCR_MAX_OUTPUT_PIXELS) that a job of `width` x `height` exceeds on
+    every ready worker of `model`, or None when one of them takes it. A side left unset is
+    the worker's default for it (1024 if it advertises none)."""
+    caps = []
+    for worker in workers:
+        if not serves(worker, model, mode):
+            continue
+        cap = worker.get("max_pixels")
+        defaults = worker.get("defaults", {})
+        pixels = (width or defaults.get("width") or 1024) * (height or defaults.get("height") or 1024)
+        if cap is None or pixels <= cap:
+            return None
+        caps.append(int(cap))
+    return max(caps, default=None)
+
+
 def no_worker_message(mode: str | None, workers: list[Heartbeat], stale_s: float, model: str | None = None) -> str:
     """Why nothing would run a job of `mode` (any mode when None; of `model` when given),
     and what to do about it."""

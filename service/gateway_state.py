@@ -211,6 +211,10 @@ class GatewayState:
             known = model is not None and await self.queue.has_served(model, mode)
             return fleet.route(await self.fleet(fresh=True), mode, model, defaults, stale_s, known=known)
 
+    async def pixel_cap(self, model: str, mode: str, width: int | None, height: int | None) -> int | None:
+        """The cap a job's size exceeds on every ready worker of `model` (`service.fleet.pixel_cap`)."""
+        return fleet.pixel_cap(await self.fleet(), model, mode, width, height)
+
     # --- readiness ----------------------------------------------------------------------------
     async def readiness(self) -> dict[str, Any]:
         report: dict[str, Any] = {"ready": False, "redis": "down", "workers": [], "queued": None}

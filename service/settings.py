@@ -30,7 +30,8 @@ def _default_worker_id() -> str:
 class Settings(BaseSettings):
     """Configuration of the gateway, the worker and the CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="GCR_", extra="forbid", validate_default=True)
+    # env_ignore_empty: `GCR_X=` (compose's `${GCR_X:-}`) means "not set", i.e. the default.
+    model_config = SettingsConfigDict(env_prefix="GCR_", extra="forbid", validate_default=True, env_ignore_empty=True)
 
     # --- Redis: queue and state -------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue and all job state.")
@@ -132,6 +133,13 @@ class Settings(BaseSettings):
     memory_retry_s: float = Field(30.0, gt=0, description="How often a worker whose model does not fit checks again.")
     cache_dir: Path = Field(Path.home() / ".cache" / "gcr", description="Where `tiny:*` pipelines are built.")
     edit_max_edge: int = Field(1024, ge=64, description="Edit outputs: long edge bound (rounded to 16).")
+    max_output_pixels: int | None = Field(
+        None,
+        ge=16 * 16,
+        description="Largest width x height this worker generates: the memory check assumes it, and the "
+        "gateway refuses larger jobs for its model. Unset: no cap (the API's 2048x2048), and the check "
+        "assumes the model's default size.",
+    )
 
     # --- Worker: scheduling -------------------------------------------------------
     worker_id: str = Field(default_factory=_default_worker_id, description="Consumer name in the Redis group.")
@@ -151,7 +159,17 @@ class Settings(BaseSettings):
         2, ge=1, description="A job with `previews` gets a live preview every this many denoising steps."
     )
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress events of a job.")
-    worker_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port of the worker; 0: off.")
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the worker's /metrics and /livez (its liveness probe); 0: off."
+    )
+    critic_wait_before_load: bool = Field(
+        False,
+        description="Load the model only once the critic answers: on a GPU shared with vLLM, vLLM must finish "
+        "profiling first (after a host reboot both start at once; vllm-project/vllm#55827).",
+    )
+    worker_stall_s: float = Field(
+        600.0, gt=0, description="A generator call with no denoising step for this long fails /livez."
+    )
 
     # --- Critic: any OpenAI-compatible vision endpoint ------------------------------
     critic_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible base URL (vLLM).")

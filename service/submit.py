@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 
@@ -85,14 +86,30 @@ async def submit(
     # Validate first, route second: a bad request is the client's 4xx whether or not a worker
     # serves its mode (routing first answered a missing edit image with a retryable 503).
     doc, source_png = await prepare_job(spec, source, state.settings, owner=caller.tenant, base_url=base_url)
-    routed = doc.spec.model_copy(update={"model": await state.route(spec.mode, spec.model)})
-    doc = doc.model_copy(update={"spec": routed})
+    model = await state.route(spec.mode, spec.model)
+    await check_size(state, spec, model)
+    doc = doc.model_copy(update={"spec": doc.spec.model_copy(update={"model": model})})
     if idempotency_key is None:
         await state.store.create(doc, source_png, state.settings.queue_max)
     elif (replay := await state.create_once(caller, idempotency_key, spec, doc, source_png)) is not None:
         return replay, False
     http_metrics.JOBS_SUBMITTED.labels(doc.spec.model, doc.spec.mode, doc.spec.priority).inc()
     return doc, True
+
+
+async def check_size(state: GatewayState, spec: GenerateRequest, model: str) -> None:
+    """A size the model's workers were not sized for (GCR_MAX_OUTPUT_PIXELS) is refused now,
+    not run into an out-of-memory error on a GPU it shares."""
+    width, height = spec.generation.width, spec.generation.height
+    if spec.mode != "t2i" or (width is None and height is None):
+        return  # an edit's size follows its source, bounded by the workers' GCR_EDIT_MAX_EDGE
+    cap = await state.pixel_cap(model, spec.mode, width, height)
+    if cap is not None:
+        raise InvalidInput(
+            f"{width or 'default'}x{height or 'default'} is larger than the workers of {model} generate: "
+            f"at most {cap} pixels (e.g. {math.isqrt(cap) // 16 * 16}x{math.isqrt(cap) // 16 * 16})",
+            field="width" if width is not None else "height",
+        )
 
 
 async def prepare_job(

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 StepListener = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
+EXECUTOR_PROBE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class GenerationScheduler:
         # NOTE: one thread: a pipeline is not thread-safe and the GPU runs one call at a time.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gcr-gpu")
         self._task: asyncio.Task[None] | None = None
+        self._progress_at = time.monotonic()
+        """When the call in progress started or last made a step (written by the executor thread)."""
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="gcr-scheduler")
@@ -105,6 +108,26 @@ class GenerationScheduler:
         self._waiting.extend(pendings)
         self._arrived.set()
         return list(await asyncio.gather(*(p.future for p in pendings)))
+
+    async def alive(self, stall_s: float) -> tuple[bool, str]:
+        """Whether the executor still works: idle, it runs a no-op at once; busy, its call has
+        made a step within `stall_s`. For the worker's liveness probe."""
+        if not self._running:
+            loop = asyncio.get_running_loop()
+            try:
+                probe = loop.run_in_executor(self._executor, time.monotonic)
+            except RuntimeError:
+                return False, "the generator's executor is shut down"
+            done, _ = await asyncio.wait({probe}, timeout=EXECUTOR_PROBE_S)
+            if done:
+                return True, "ok: event loop and idle generator answer"
+            if not self._running:
+                return False, f"the generator's executor did not run a no-op in {EXECUTOR_PROBE_S:.0f}s"
+            # A call started meanwhile and the no-op waits behind it: judge that call instead.
+        stalled = time.monotonic() - self._progress_at
+        if stalled > stall_s:
+            return False, f"the generator call in progress made no step for {stalled:.0f}s (limit {stall_s:.0f}s)"
+        return True, f"ok: generating, last step {stalled:.0f}s ago"
 
     def _take_batch(self) -> list[_Pending]:
         key = self._waiting[0].key
@@ -152,6 +175,7 @@ class GenerationScheduler:
         started = time.monotonic()
 
         def on_step(step: int, total: int) -> None:
+            self._progress_at = time.monotonic()
             for pending in batch:
                 if pending.on_step is not None:
                     pending.on_step(step, total)
@@ -165,6 +189,7 @@ class GenerationScheduler:
         metrics.GENERATOR_BATCH_SIZE.observe(len(batch))
         for pending in batch:
             metrics.GENERATOR_QUEUE_WAIT.observe(started - pending.enqueued_at)
+        self._progress_at = time.monotonic()
         self._running = batch
         try:
             outcomes = await loop.run_in_executor(

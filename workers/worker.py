@@ -114,6 +114,7 @@ class Worker:
             "modes": sorted(self.generator.modes),
             **self.generator.runtime,
             "defaults": self.defaults,
+            **({"max_pixels": self.settings.max_output_pixels} if self.settings.max_output_pixels else {}),
             "max_inflight_jobs": self.settings.max_inflight_jobs,
             "inflight_jobs": len(self.active),
             "generator_busy_s": round(self.scheduler.busy_s, 3),

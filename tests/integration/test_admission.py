@@ -65,3 +65,20 @@ async def test_a_finished_jobs_spec_shows_every_effective_value(stack: Stack) ->
     generation = doc.spec.generation
     assert (generation.width, generation.height, generation.steps) == (64, 64, 4)  # the simulator's defaults
     assert generation.seed is not None
+
+
+async def test_a_job_larger_than_its_workers_were_sized_for_is_refused_at_submit(stack: Stack) -> None:
+    """GCR_MAX_OUTPUT_PIXELS: the one-GPU split was checked for 1024x1024; a 2048x2048 job
+    would have run into an out-of-memory error on the shared card."""
+    await stack.start_worker(generator="sim:0", max_output_pixels=256 * 256)
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        big = await http.post("/generate", json={"prompt": "a fox", "generation": {"width": 512, "height": 512}})
+        assert big.status_code == 422, big.text
+        error = big.json()["error"]
+        assert error["code"] == "invalid_input" and error["field"] == "width"
+        assert "at most 65536 pixels (e.g. 256x256)" in error["message"]
+        fits = {"prompt": "a fox", "generation": {"width": 256, "height": 256}, "loop": {"max_rounds": 1}}
+        assert (await http.post("/generate", json=fits)).status_code == 202
+        # One side given: the other is the worker's default (64 for the simulator).
+        wide = {"prompt": "a fox", "generation": {"width": 1024}, "loop": {"max_rounds": 1}}
+        assert (await http.post("/generate", json=wide)).status_code == 202

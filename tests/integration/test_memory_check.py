@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.settings import Settings
 from tests.stack import Stack
 from workers.generators.diffusers_backend import DiffusersGenerator
 from workers.generators.memory import GIB, MemoryEstimate, count_parameters, judge
@@ -78,3 +79,13 @@ async def test_a_worker_that_does_not_fit_says_so_and_loads_once_it_does(stack: 
         verdict = await asyncio.wait_for(waiting, timeout=30)
         assert verdict.fits
         assert "unfit-1" not in str((await http.get("/readyz")).json()["workers"])
+
+
+def test_the_estimate_assumes_the_workers_output_cap() -> None:
+    """GCR_MAX_OUTPUT_PIXELS is the size the gateway lets through, so the check plans for it."""
+    from workers.generators.memory import megapixels_for
+
+    flux = "black-forest-labs/FLUX.1-schnell"
+    assert megapixels_for(flux, Settings(), edit=False) == 1024 * 1024 / 1e6
+    assert megapixels_for(flux, Settings(max_output_pixels=2048 * 2048), edit=False) == 2048 * 2048 / 1e6
+    assert megapixels_for(flux, Settings(max_output_pixels=2048 * 2048, edit_max_edge=512), edit=True) == 0.262144

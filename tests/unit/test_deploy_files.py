@@ -255,6 +255,8 @@ def test_redis_persists_with_an_append_only_file() -> None:
     assert flag(args, "--appendonly") == "yes"
     assert flag(args, "--appendfsync") == "everysec"
     assert any(str(volume).endswith(":/data") for volume in redis["volumes"])
+    # full: refuse writes rather than evict jobs (a queue must never lose an entry)
+    assert flag(args, "--maxmemory") and flag(args, "--maxmemory-policy") == "noeviction"
 
 
 def test_critic_urls_reach_a_started_server_on_its_port(config: dict[str, Any]) -> None:
@@ -296,10 +298,10 @@ def test_vllm_runs_the_upstream_launch_settings() -> None:
         assert flag(args, "--served-model-name") == model
         assert flag(args, "--max-model-len") == "40960"
         limits = json.loads(flag(args, "--limit-mm-per-prompt") or "{}")
-        assert limits["image"] == 16 and limits.get("video") == 0
+        assert limits["image"] == {"count": 16, "width": 1024, "height": 1024} and limits.get("video") == 0
         assert float(flag(args, "--gpu-memory-utilization") or 0) == 0.8
         assert gpu_devices(svcs[vllm_name]), f"{vllm_name}: no GPU reservation"
-        assert "/v1/models" in healthcheck_text(svcs[vllm_name])
+        assert "/health" in healthcheck_text(svcs[vllm_name])
         assert svcs[worker_name]["depends_on"][vllm_name]["condition"] == "service_healthy"
     edit_models = {"TIGER-Lab/RationalRewards-8B-T2I", "TIGER-Lab/RationalRewards-8B-Edit"}
     served = {command(services(load_combination("edit"))[n])[0] for n in ("vllm", "vllm-edit")}
@@ -350,7 +352,8 @@ def memory_share(service: dict[str, Any]) -> float:
         _parameters(folder),
         dtype_bytes=2,
         max_batch=int(values.get("GCR_MAX_BATCH", "4")),
-        megapixels=1024 * 1024 / 1e6,
+        # The largest job it takes: its cap, else the API's 2048x2048.
+        megapixels=int(values.get("GCR_MAX_OUTPUT_PIXELS") or 2048 * 2048) / 1e6,
         cpu_offload=values.get("GCR_CPU_OFFLOAD", "false") == "true",
     )
     return needs.total / (CARD_GIB * GIB)
@@ -446,7 +449,7 @@ def test_dev_critic_is_the_standin_from_the_gateway_image() -> None:
     assert critic["entrypoint"] == ["gcr", "dev", "standin-critic"]
     assert flag(command(critic), "--port") == str(VLLM_DEFAULT_PORT)
     assert not gpu_devices(critic) and not critic.get("volumes")
-    assert "/v1/models" in healthcheck_text(critic)
+    assert "/health" in healthcheck_text(critic)
 
 
 # --- settings names ---------------------------------------------------------------------

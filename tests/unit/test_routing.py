@@ -98,3 +98,17 @@ def test_a_worker_whose_generator_name_cannot_route_asks_for_a_model_name() -> N
     assert served_model(Settings(model_name="flux"), "/models/my flux") == "flux"
     with pytest.raises(InvalidInput, match="set GCR_MODEL_NAME"):
         served_model(Settings(), "/models/my flux")
+
+
+def test_a_size_is_refused_only_when_every_ready_worker_of_the_model_caps_below_it() -> None:
+    capped = worker("flux", "t2i", max_pixels=1024 * 1024, defaults={"width": 1024, "height": 1024})
+    big = {**capped, "id": "big", "max_pixels": 2048 * 2048}
+    uncapped = {**capped, "id": "free"}
+    del uncapped["max_pixels"]
+    assert fleet.pixel_cap([capped], "flux", "t2i", 2048, 2048) == 1024 * 1024
+    assert fleet.pixel_cap([capped], "flux", "t2i", 1024, 1024) is None
+    assert fleet.pixel_cap([capped], "flux", "t2i", 2048, None) == 1024 * 1024, "the other side is the default"
+    assert fleet.pixel_cap([capped, big], "flux", "t2i", 2048, 2048) is None
+    assert fleet.pixel_cap([capped, uncapped], "flux", "t2i", 2048, 2048) is None
+    assert fleet.pixel_cap([capped, {**big, "state": "unfit"}], "flux", "t2i", 2048, 2048) == 1024 * 1024
+    assert fleet.pixel_cap([SDXL], "flux", "t2i", 2048, 2048) is None

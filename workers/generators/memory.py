@@ -187,12 +187,15 @@ def cuda_probe(device: str) -> tuple[int, int]:
 
 
 def megapixels_for(model: str, settings: Settings, edit: bool) -> float:
-    """The image size the estimate assumes: the model's default size, or the edit bound."""
+    """The image size the estimate assumes: the edit bound, the worker's cap on output
+    size (GCR_MAX_OUTPUT_PIXELS), or the model's default size."""
     from workers.generators.model_defaults import lookup
 
     known = lookup(model)
     if edit:
         return settings.edit_max_edge**2 / 1e6
+    if settings.max_output_pixels:
+        return settings.max_output_pixels / 1e6
     if known and known.width and known.height:
         return known.width * known.height / 1e6
     return 1024 * 1024 / 1e6
