@@ -36,7 +36,8 @@ LISTEN_BLOCK_MS = 5_000  # below redis_client.SOCKET_TIMEOUT_S
 WAKE_MAXLEN = 16
 RETRY_FIRST_S = 0.1
 RETRY_CAP_S = 2.0
-UNHEALTHY_AFTER_S = 10.0  # failing this long, the gateway reports itself unready
+UNHEALTHY_AFTER_S = 10.0
+WATCH_GRACE_S = 2.0  # a watch without waiters is read this long before it is dropped  # failing this long, the gateway reports itself unready
 
 
 def _id(entry_id: str) -> tuple[int, int]:
@@ -56,6 +57,7 @@ class _Watch:
 
     cursor: str
     waiters: set[_Waiter] = field(default_factory=set)
+    idle_since: float = 0.0
 
 
 class EventListener:
@@ -96,22 +98,26 @@ class EventListener:
         waiter = _Waiter(_id(after))
         key = self._keys.events(job_id)
         watch = self._watches.get(key)
+        new = watch is None
         if watch is None:
             watch = self._watches[key] = _Watch(cursor=after)
-            await self._wake()
         elif _id(watch.cursor) > waiter.after:
             # The listener already passed entries this waiter has not read.
             waiter.woken.set()
-        watch.waiters.add(waiter)
+        watch.waiters.add(waiter)  # before any await: a watch without waiters may be pruned
         try:
+            if new:
+                await self._wake()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout_s):
                     await waiter.woken.wait()
             return waiter.woken.is_set()
         finally:
             watch.waiters.discard(waiter)
-            if not watch.waiters and self._watches.get(key) is watch:
-                del self._watches[key]
+            if not watch.waiters:
+                # Kept for WATCH_GRACE_S: a stream's next wait follows at once, and finding
+                # its watch in place spares a wake and a rebuilt read of every stream.
+                watch.idle_since = time.monotonic()
 
     async def aclose(self) -> None:
         self._stopping = True
@@ -147,6 +153,7 @@ class EventListener:
         delay = RETRY_FIRST_S
         while not self._stopping:
             self._wake_pending = False
+            self._prune()
             streams = {key: watch.cursor for key, watch in self._watches.items()}
             streams[self._wake_key] = self._wake_cursor
             try:
@@ -180,6 +187,11 @@ class EventListener:
                 for waiter in watch.waiters:
                     if waiter.after < newest:
                         waiter.woken.set()
+
+    def _prune(self) -> None:
+        stale = time.monotonic() - WATCH_GRACE_S
+        for key in [k for k, w in self._watches.items() if not w.waiters and w.idle_since < stale]:
+            del self._watches[key]
 
     def _wake_all(self) -> None:
         for watch in self._watches.values():
