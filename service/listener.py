@@ -36,8 +36,8 @@ LISTEN_BLOCK_MS = 5_000  # below redis_client.SOCKET_TIMEOUT_S
 WAKE_MAXLEN = 16
 RETRY_FIRST_S = 0.1
 RETRY_CAP_S = 2.0
-UNHEALTHY_AFTER_S = 10.0
-WATCH_GRACE_S = 2.0  # a watch without waiters is read this long before it is dropped  # failing this long, the gateway reports itself unready
+UNHEALTHY_AFTER_S = 10.0  # failing this long, the gateway reports itself unready
+WATCH_GRACE_S = 2.0  # a watch without waiters is read this long before it is dropped
 
 
 def _id(entry_id: str) -> tuple[int, int]:
