@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         10.0, gt=0, le=300, description="A quiet event stream gets a keep-alive comment this often."
     )
     max_open_streams: int = Field(
-        4096, ge=1, description="Open event streams and waits (SSE, Prefer: wait, /v1) per gateway; beyond: 429."
+        4096, ge=1, description="Open event streams and `Prefer: wait` requests per gateway; beyond: 429."
     )
     max_open_streams_per_key: int = Field(
         256, ge=1, description="The same, per API key (tenant with auth off); beyond: 429."
