@@ -63,7 +63,8 @@ class _Watch:
 class EventListener:
     """Wakes the waiters of job event streams; one per gateway process."""
 
-    def __init__(self, redis_url: str, keys: Keys, pool: redis.Redis, *, block_ms: int = LISTEN_BLOCK_MS) -> None:
+    def __init__(self, redis_url: str, keys: Keys, pool: redis.Redis, *, block_ms: int | None = None) -> None:
+        block_ms = block_ms or LISTEN_BLOCK_MS
         assert block_ms / 1000 < SOCKET_TIMEOUT_S
         self._keys = keys
         self._pool = pool  # the request pool: only for the short wake XADD

@@ -2,10 +2,11 @@
 timeout and visibility interval of the stack, followed by every client that waits.
 
 A real critique (RationalRewards writing its rationale) takes 10-60 s, longer than the
-gateway's 10 s keep-alive. Here the intervals are shortened through settings instead
-of waited for: keep-alives every 0.2 s, a critic that answers in 1.5 s, a worker
-visibility timeout of 1.2 s (its heartbeats keep the job), and the sync SDK's read
-slice at 0.5 s. Each client must ride out the keep-alives and return the finished job.
+gateway's 10 s keep-alive. Here the intervals are shortened instead of waited for:
+keep-alives every 0.2 s, a critic that answers in 1.5 s, a worker visibility timeout
+of 1.2 s (its heartbeats keep the job), the sync SDK's read slice at 0.5 s, and the
+gateway's blocking reads (a stream's 0.4 s, the event listener's 0.3 s). Each client
+must ride out the keep-alives and return the finished job.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from click.testing import CliRunner
 
 import gcr
 from gcr import client as sync_client_module
+from service import listener as listener_module
 from service.evaluation.cli import eval_command
 from service.evaluation.records import read_jsonl
+from service.routers import jobs as jobs_router
 from tests.e2e.test_crash_safety import ROOT
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
@@ -41,7 +44,13 @@ LOOP = {"max_rounds": 2, "threshold": 0.8}
 
 
 @pytest.fixture
-async def quiet(redis_url: str, redis_prefix: str, standin_url: str) -> AsyncIterator[Stack]:
+async def quiet(
+    redis_url: str, redis_prefix: str, standin_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Stack]:
+    # The gateway's own waits, shorter than a critique too: a stream's blocking read
+    # (10 s) and the event listener's (5 s). They are constants, not settings.
+    monkeypatch.setattr(jobs_router, "SSE_BLOCK_MS", 400)
+    monkeypatch.setattr(listener_module, "LISTEN_BLOCK_MS", 300)
     async with Stack(redis_url, redis_prefix, standin_url, **QUIET) as running:
         await running.configure_critic(
             StandinConfig(latency_s=CRITIC_LATENCY_S, rules=[StandinRule(instruction="", rounds=[0.5, 0.9])])
