@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
 from gcr.errors import APIConnectionError, APIStatusError, from_body
@@ -132,6 +133,18 @@ def unreachable(base_url: httpx.URL, exc: httpx.TransportError) -> APIConnection
         f"cannot reach the gateway at {base_url} ({type(exc).__name__}: {exc}); "
         "check the URL, and that `gcr serve` (or `gcr up --dev`) is running there"
     )
+
+
+def job_event(sse: ServerSentEvent) -> JobEvent | None:
+    """The `JobEvent` an SSE message carries, or None for a keep-alive.
+
+    The gateway pings a quiet stream (GCR_SSE_KEEPALIVE_S) with a comment line. httpx-sse
+    hands that on as a message with empty data (and the last id seen), so a client that
+    parsed every message would crash whenever a job is quiet for one keep-alive: while it
+    waits in the queue, or on every real critique (10-60 s of reasoning)."""
+    if not sse.data.strip() or sse.event == "ping":
+        return None
+    return JobEvent.model_validate_json(sse.data)
 
 
 def stream_error(event: JobEvent) -> APIStatusError:

@@ -142,7 +142,9 @@ class AsyncClient:
                         await source.response.aread()
                         _base.raise_for_status(source.response)
                     async for sse in source.aiter_sse():
-                        event = JobEvent.model_validate_json(sse.data)
+                        event = _base.job_event(sse)
+                        if event is None:
+                            continue
                         last_id, failures = sse.id or last_id, 0
                         if event.type == "error":
                             raise _base.stream_error(event)

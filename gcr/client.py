@@ -105,9 +105,12 @@ class Client:
 
     def wait(self, job_id: str, *, timeout: float | None = None, on_event: EventCallback | None = None) -> JobDocument:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for event in self._events(job_id, deadline=deadline):
-            if on_event is not None:
-                on_event(event)
+        try:
+            for event in self._events(job_id, deadline=deadline):
+                if on_event is not None:
+                    on_event(event)
+        except WaitTimeout:
+            raise WaitTimeout(f"job {job_id} did not end within {timeout:g}s; it goes on", job_id) from None
         doc = self.get(job_id)
         while doc.status not in TERMINAL_STATUSES:
             if deadline is not None and time.monotonic() > deadline:
@@ -137,7 +140,13 @@ class Client:
                         source.response.read()
                         _base.raise_for_status(source.response)
                     for sse in source.iter_sse():
-                        event = JobEvent.model_validate_json(sse.data)
+                        # A steady flow of events (progress, pings) never times a read out, so
+                        # the deadline is checked on every message, not only on a read timeout.
+                        if deadline is not None and time.monotonic() >= deadline:
+                            raise WaitTimeout(f"job {job_id} did not end in time; it goes on", job_id)
+                        event = _base.job_event(sse)
+                        if event is None:
+                            continue
                         last_id, failures = sse.id or last_id, 0
                         if event.type == "error":
                             raise _base.stream_error(event)
@@ -151,7 +160,10 @@ class Client:
                 failures += 1
                 if failures > reconnects:
                     raise _base.unreachable(self.http.base_url, exc) from exc
-                time.sleep(min(2.0, 0.2 * 2**failures))
+                pause = min(2.0, 0.2 * 2**failures)
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise WaitTimeout(f"job {job_id} did not end in time; it goes on", job_id) from exc
+                time.sleep(pause)
 
     def image(self, job_id: str, round: int, candidate: int = 0) -> bytes:
         return self._request("GET", f"/jobs/{job_id}/images/{round}/{candidate}").content

@@ -12,6 +12,7 @@
         ├── RequestTimeoutError     408 request_timeout
         ├── QueueFullError          429 queue_full (retryable)
         ├── RateLimitError          429 rate_limited (retryable)
+        ├── TooManyStreamsError     429 too_many_streams: this key's open streams (retryable)
         ├── NoWorkerError           503 no_worker (retryable)
         ├── StoreUnavailableError   503 store_unavailable (retryable)
         └── CriticError             502/503/504 critic_* and critique_unparseable
@@ -98,6 +99,9 @@ class QueueFullError(APIStatusError): ...
 class RateLimitError(APIStatusError): ...
 
 
+class TooManyStreamsError(APIStatusError): ...
+
+
 class NoWorkerError(APIStatusError): ...
 
 
@@ -118,6 +122,7 @@ BY_CODE: dict[str, type[APIStatusError]] = {
     "request_timeout": RequestTimeoutError,
     "queue_full": QueueFullError,
     "rate_limited": RateLimitError,
+    "too_many_streams": TooManyStreamsError,
     "no_worker": NoWorkerError,
     "store_unavailable": StoreUnavailableError,
     "artifact_store_error": StoreUnavailableError,

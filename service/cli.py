@@ -332,8 +332,16 @@ def model_defaults(model: str, as_json: bool) -> None:
 @click.option("--dev", is_flag=True, help="The offline stack: tiny pipeline and stand-in critic (the only one so far).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--generator", default="tiny:sd", show_default=True, help="GCR_GENERATOR for the worker.")
-@click.option("--demo", is_flag=True, help="Submit one demo job, print it when done, and exit.")
-def up(dev: bool, port: int, generator: str, demo: bool) -> None:
+@click.option("--demo", is_flag=True, help="Submit one demo job, print it, and keep serving until Ctrl-C.")
+@click.option(
+    "--critic-latency",
+    type=click.FloatRange(0, 600),
+    default=0.0,
+    show_default=True,
+    help="Seconds the stand-in critic takes per critique; RationalRewards on a GPU takes 10-60.",
+)
+@click.option("--once", is_flag=True, help="With --demo: exit with the demo job's status instead of serving on.")
+def up(dev: bool, port: int, generator: str, demo: bool, critic_latency: float, once: bool) -> None:
     """Run the whole stack on this machine: Redis (if none answers), gateway, worker, stand-in critic."""
     from service.devstack import run_dev_stack
 
@@ -343,7 +351,9 @@ def up(dev: bool, port: int, generator: str, demo: bool) -> None:
         )
     _logging("text")
     try:
-        code = asyncio.run(run_dev_stack(port=port, generator=generator, demo=demo))
+        code = asyncio.run(
+            run_dev_stack(port=port, generator=generator, demo=demo, critic_latency_s=critic_latency, once=once)
+        )
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: the stack cleaned up
         click.echo("gcr dev stack stopped; its Redis keys are deleted", err=True)
         code = 0
@@ -406,12 +416,20 @@ def build_tiny_pipeline(directory: Path, kind: str) -> None:
     default=None,
     help="StandinConfig as JSON (scores, schedules, latency, faults).",
 )
-def standin_critic(host: str, port: int, config_path: Path | None) -> None:
+@click.option(
+    "--latency",
+    type=click.FloatRange(0, 600),
+    default=None,
+    help="Seconds per critique (overrides the config's latency_s); RationalRewards on a GPU takes 10-60.",
+)
+def standin_critic(host: str, port: int, config_path: Path | None, latency: float | None) -> None:
     """Run the stand-in critic: OpenAI-compatible, deterministic scores, NOT a real judgment."""
     from workers.critics.standin import serve_standin
     from workers.critics.standin_config import StandinConfig
 
     config = StandinConfig.model_validate(json.loads(config_path.read_text())) if config_path else StandinConfig()
+    if latency is not None:
+        config = config.model_copy(update={"latency_s": latency})
     serve_standin(config, host, port)
 
 

@@ -57,7 +57,7 @@ def rounds_table(doc: JobDocument) -> Table:
             str(r.index + 1),
             r.prompt[:60] + ("…" if len(r.prompt) > 60 else ""),
             scores,
-            str(r.chosen),
+            "" if r.chosen is None else str(r.chosen + 1),
             "" if r.delta is None else f"{r.delta:+.3f}",
             f"{r.timings.generate_ms / 1000:.2f}",
             f"{r.timings.critique_ms / 1000:.2f}",
@@ -105,10 +105,11 @@ async def submit_and_follow(
             if doc.best is not None:
                 out.write_bytes(await client.best_image(doc.id))
         except APIConnectionError as exc:
-            console.print(f"[red]error[/red] {exc.message}")
+            # One line however narrow the terminal: rich would wrap a long URL and reason.
+            console.print(f"[red]error[/red] {exc.message}", soft_wrap=True)
             return 2
         except GcrError as exc:
-            console.print(f"[red]error[/red] {exc}")
+            console.print(f"[red]error[/red] {exc}", soft_wrap=True)
             return 2
     # The table is for people (stderr); --json puts the document on stdout for programs.
     console.print(rounds_table(doc))
@@ -119,6 +120,7 @@ async def submit_and_follow(
         )
     if doc.error:
         console.print(f"[red]{doc.error.code}[/red]: {doc.error.message}")
+    console.print(f"studio: {url.rstrip('/')}/studio/jobs/{doc.id}", soft_wrap=True)
     if as_json:
         print(doc.model_dump_json(indent=2))
     return 0 if doc.status == "succeeded" else 1

@@ -101,8 +101,12 @@ def port_is_free(port: int) -> bool:
         return True
 
 
-async def run_dev_stack(port: int, generator: str, demo: bool) -> int:
-    """`gcr up --dev [--demo]`: serve until interrupted, or run the demo job and return its exit code."""
+async def run_dev_stack(
+    port: int, generator: str, demo: bool, critic_latency_s: float = 0.0, once: bool = False
+) -> int:
+    """`gcr up --dev [--demo]`: serve until interrupted. With `demo`, first run the demo job and
+    keep serving, so that its links (the studio page, the images) work; with `once` too,
+    return the demo's exit code instead (scripts)."""
     if not port_is_free(port):
         raise RuntimeError(f"port {port} is in use; pass --port to choose another")
     # SIGTERM stops the stack the way Ctrl-C does: the stack's context managers delete its keys.
@@ -110,14 +114,26 @@ async def run_dev_stack(port: int, generator: str, demo: bool) -> int:
     if main is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    async with dev_stack(generator, port=port) as url:
+    async with dev_stack(generator, port=port, critic_latency_s=critic_latency_s) as url:
+        pace = f", {critic_latency_s:g} s per critique" if critic_latency_s else ""
         console.print(
             f"gcr dev stack: gateway {url}, generator {generator}, "
-            "stand-in critic (scripted scores, NOT a real judge), auth off"
+            f"stand-in critic (scripted scores, NOT a real judge{pace}), auth off",
+            soft_wrap=True,
         )
+        console.print(f"studio: {url}/studio   API docs: {url}/docs", soft_wrap=True)
         if demo:
             console.print(f"demo job: {DEMO_PROMPT!r}")
-            return await submit_and_follow(url, DEMO_REQUEST, wait=True, out=Path("gcr-demo.png"), as_json=True)
+            code = await submit_and_follow(url, DEMO_REQUEST, wait=True, out=Path("gcr-demo.png"), as_json=True)
+            if once:
+                return code
+            # The job, its images and its studio page live as long as this stack: say so.
+            console.print(
+                "the stack keeps serving so that the demo job's links work; "
+                "Ctrl-C stops it and deletes its jobs (--once exits right after the demo)",
+                soft_wrap=True,
+            )
+        console.print("serving until Ctrl-C")
         await asyncio.Event().wait()  # serve until Ctrl-C
     return 0
 
@@ -129,13 +145,15 @@ async def dev_stack(
     *,
     port: int | None = None,
     settings: Settings | None = None,
+    critic_latency_s: float | None = None,
 ) -> AsyncIterator[str]:
     """The `gcr up --dev` stack for the length of an `async with`; yields the gateway URL.
 
     Redis is the configured one if it answers, else a throwaway redis-server. The
     stack's keys live under a fresh prefix, deleted on exit, so its jobs never mix
     with (or are claimed by) a real stack sharing that Redis. The critic is the
-    stand-in (`standin`, default: the demo schedule for every instruction). The
+    stand-in (`standin`, default: the demo schedule for every instruction), taking
+    `critic_latency_s` per critique when given. The
     worker installs no signal handlers: Ctrl-C stays with the caller.
     """
     from service.critic.client import OpenAICritic
@@ -146,6 +164,8 @@ async def dev_stack(
 
     base = settings or Settings()
     config = standin or StandinConfig(rules=[StandinRule(instruction="", rounds=list(DEMO_SCHEDULE))])
+    if critic_latency_s is not None:
+        config = config.model_copy(update={"latency_s": critic_latency_s})
     prefix = f"{base.redis_prefix}-dev-{secrets.token_hex(4)}"
     with contextlib.ExitStack() as resources:
         redis_url = resources.enter_context(local_redis(base.redis_url))

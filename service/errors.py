@@ -11,6 +11,7 @@
     ├── Conflict               409  the same Idempotency-Key is being processed right now
     ├── QueueFull              429  the queue cap is reached; retry later
     ├── RateLimited            429  this key's token bucket is empty; retry after Retry-After
+    ├── TooManyStreams         429  this key (or the gateway) holds its limit of open streams and waits
     ├── InternalError          500  a bug: the catch-all answer (with a request id to find it in the logs)
     ├── StoreUnavailable       503  Redis cannot be reached
     ├── ArtifactStoreError     503  the artifact store (disk, S3) refused a read or write
@@ -122,6 +123,15 @@ class RateLimited(GcrError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class TooManyStreams(GcrError):
+    """Refused before an event stream starts: the key, or the gateway, holds its limit of
+    open streams and waits (GCR_MAX_OPEN_STREAMS_PER_KEY, GCR_MAX_OPEN_STREAMS)."""
+
+    code = "too_many_streams"
+    status_code = 429
+    retryable = True
 
 
 class StoreUnavailable(GcrError):

@@ -13,12 +13,14 @@ from service.artifacts import ArtifactStore
 from service.auth import Principal
 from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized, UnknownModel
 from service.keys import MODES, Keys
+from service.listener import EventListener
 from service.protocol import DEFAULT_WEBHOOK_EVENTS, Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.queue import JobQueue
 from service.ratelimit import RateLimiter
 from service.redis_client import connect
 from service.settings import Settings
 from service.store import JobStore
+from service.streams import StreamSlots
 from service.uploads import check_image, check_mode_images, decode_base64_image
 
 if TYPE_CHECKING:
@@ -45,7 +47,10 @@ class GatewayState:
         self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
         self.keys = Keys(settings.redis_prefix)
         self.artifacts = ArtifactStore(settings.artifact_url)
-        self.store = JobStore(self.redis, self.keys, settings.result_ttl_s, self.artifacts)
+        # Waits (SSE, Prefer: wait, /v1) share one reader instead of each holding a pooled connection.
+        self.listener = EventListener(settings.redis_url, self.keys, self.redis)
+        self.streams = StreamSlots(settings.max_open_streams, settings.max_open_streams_per_key)
+        self.store = JobStore(self.redis, self.keys, settings.result_ttl_s, self.artifacts, self.listener)
         self.queue = JobQueue(self.redis, self.keys)
         self.rate_limiter = RateLimiter(self.redis, self.keys, settings.rate_limit_per_s, settings.rate_limit_burst)
         self._critic: OpenAICritic | None = None
@@ -55,6 +60,7 @@ class GatewayState:
     async def aclose(self) -> None:
         if self._critic is not None:
             await self._critic.aclose()
+        await self.listener.aclose()
         await self.redis.aclose()
 
     # --- tenants ------------------------------------------------------------------------
@@ -234,11 +240,16 @@ class GatewayState:
         report["critic"] = "down" if down else "ok"
         report["modes"] = {mode: fleet.mode_readiness(mode, workers, stale_s) for mode in MODES}
         report["models"] = fleet.model_readiness(workers)
-        report["ready"] = bool(ready_workers) and report["critic"] == "ok"
+        # Streams and waits of this replica: its listener must read for them to end.
+        report["listener"] = "ok" if self.listener.healthy else "down"
+        report["streams"] = {"open": self.streams.open, "limit": self.streams.limit}
+        report["ready"] = bool(ready_workers) and report["critic"] == "ok" and report["listener"] == "ok"
         if not ready_workers:
             report["reason"] = fleet.no_worker_message(None, workers, stale_s)
         elif report["critic"] == "down":
             report["reason"] = "every worker reports the critic down (circuit breaker open)"
+        elif report["listener"] == "down":
+            report["reason"] = "this gateway's event listener cannot read Redis: streams and waits would hang"
         report["checked_at"] = time.time()
         return report
 

@@ -45,6 +45,11 @@ class Keys:
         """Stream: the job's events, read by SSE clients."""
         return f"{self.prefix}:job:{job_id}:events"
 
+    def listener_wake(self, listener_id: str) -> str:
+        """Stream: wakes one gateway's event listener when it has a new job stream to watch
+        (its blocking XREAD reads this key beside the jobs' event streams)."""
+        return f"{self.prefix}:listener:{listener_id}:wake"
+
     def image(self, job_id: str, round_index: int, candidate: int) -> str:
         """Artifact store object (not a Redis key): one candidate's PNG."""
         return f"{self.prefix}/jobs/{job_id}/{round_index}-{candidate}.png"

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
@@ -43,6 +44,16 @@ DIMENSIONS: tuple[str, ...] = (TEXT_FAITHFULNESS, IMAGE_FAITHFULNESS, PHYSICAL_Q
 
 SCORE_MIN = 1.0
 SCORE_MAX = 4.0
+SCORE_DECIMALS = 4
+
+
+def _rounded(value: float) -> float:
+    return round(value, SCORE_DECIMALS)
+
+
+Score = Annotated[float, PlainSerializer(_rounded, return_type=float, when_used="json")]
+"""A score as JSON carries it: 4 decimals (0.42, not 0.41999999999999993). The mean that
+makes an overall is computed in full; only what is written out is rounded."""
 MAX_SEED = 2**32 - 1
 
 
@@ -150,7 +161,7 @@ class CritiqueRequest(ClientBody):
 class DimensionScore(BaseModel):
     """One judged dimension. `score` is None when the critic answered N/A."""
 
-    score: float | None
+    score: Score | None
     justification: str = ""
     clamped: bool = Field(False, description="The written score was outside [1,4] and was clamped.")
 
@@ -159,7 +170,7 @@ class Critique(BaseModel):
     """A structured critique from the reward model."""
 
     dimensions: dict[str, DimensionScore]
-    overall: float = Field(ge=0, le=1, description="Mean of the non-null scores mapped by (mean - 1) / 3.")
+    overall: Score = Field(ge=0, le=1, description="Mean of the non-null scores mapped by (mean - 1) / 3.")
     analysis: str = ""
     summary: str = ""
     refinement_comments: str = ""
@@ -202,7 +213,7 @@ class Candidate(BaseModel):
     seed: int
     has_image: bool = Field(False, description="Its image was stored (the worker writes this, never a URL).")
     image_url: str | None = Field(None, description="Absolute link to its PNG, made by the gateway.")
-    overall: float | None = None
+    overall: Score | None = None
     critique: Critique | None = None
     error: JobError | None = None
 
@@ -220,8 +231,8 @@ class Round(BaseModel):
     prompt: str
     candidates: list[Candidate]
     chosen: int | None = Field(None, description="Index of the round's best candidate.")
-    overall: float | None = None
-    delta: float | None = Field(None, description="This round's overall minus the best before it.")
+    overall: Score | None = None
+    delta: Score | None = Field(None, description="This round's overall minus the best before it.")
     timings: RoundTimings = Field(default_factory=RoundTimings)
     started_at: float
     finished_at: float
@@ -230,7 +241,7 @@ class Round(BaseModel):
 class BestCandidate(BaseModel):
     round: int
     candidate: int
-    overall: float
+    overall: Score
     prompt: str
     image_url: str | None = None
 
@@ -246,9 +257,9 @@ class JobSummary(BaseModel):
     rounds_used: int
     generator_calls: int
     critic_calls: int
-    first_round_overall: float | None = None
-    best_overall: float | None = None
-    gain: float | None = Field(None, description="Best overall minus round 1's overall.")
+    first_round_overall: Score | None = None
+    best_overall: Score | None = None
+    gain: Score | None = Field(None, description="Best overall minus round 1's overall.")
 
 
 class JobDocument(BaseModel):

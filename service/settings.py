@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = Field(
         10.0, gt=0, le=300, description="A quiet event stream gets a keep-alive comment this often."
     )
+    max_open_streams: int = Field(
+        4096, ge=1, description="Open event streams and `Prefer: wait` requests per gateway; beyond: 429."
+    )
+    max_open_streams_per_key: int = Field(
+        256, ge=1, description="The same, per API key (tenant with auth off); beyond: 429."
+    )
     max_prompt_chars: int = Field(4000, ge=1, description="Longest accepted prompt.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted source image, encoded.")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Most pixels in an accepted source image.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as redis
 from pydantic import BaseModel
@@ -21,6 +21,9 @@ from service.errors import NotFound, QueueFull
 from service.keys import PRIORITIES, Keys
 from service.protocol import JobDocument, JobError, JobEvent, Round
 from service.redis_client import idempotent_read, translate_errors
+
+if TYPE_CHECKING:
+    from service.listener import EventListener
 
 EVENTS_MAXLEN = 5000
 # Queue position orders by priority first, then by submit time.
@@ -124,11 +127,20 @@ def _pairs(fields: Mapping[str, Any]) -> list[str]:
 class JobStore:
     """Reads and writes job state; shared by the gateway and the worker."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, ttl_s: int, artifacts: ArtifactStore | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        ttl_s: int,
+        artifacts: ArtifactStore | None = None,
+        listener: EventListener | None = None,
+    ) -> None:
         self.redis = client
         self.keys = keys
         self.ttl_s = ttl_s
         self._artifacts = artifacts
+        self.listener = listener
+        """The gateway's: blocking event reads wait on it instead of on a pooled connection."""
         self._cancel = client.register_script(_CANCEL)
         self._start = client.register_script(_START)
         self._owned_set = client.register_script(_OWNED_SET)
@@ -216,11 +228,34 @@ class JobStore:
             raise NotFound(f"job {job_id!r} has no source image")
         return await self.artifacts.get(self.keys.source_image(job_id))
 
-    @idempotent_read
     async def read_events(
         self, job_id: str, after: str = "0-0", block_ms: int | None = None
     ) -> list[tuple[str, JobEvent]]:
-        """Events after the stream id `after`, waiting up to `block_ms` for the first one."""
+        """Events after the stream id `after`, waiting up to `block_ms` for the first one.
+
+        With a listener (the gateway's), the wait holds no pooled connection: the events
+        are read without blocking, and when there are none yet, the listener says when to
+        read again. Without one (the worker, tools), the read blocks on its connection."""
+        if not block_ms or self.listener is None:
+            return await self._read_events(job_id, after, block_ms)
+        events = await self._read_events(job_id, after, None)
+        if events:
+            return events
+        if await self.listener.wait(job_id, after, block_ms / 1000):
+            return await self._read_events(job_id, after, None)
+        return []
+
+    @idempotent_read
+    async def last_event(self, job_id: str) -> tuple[str, JobEvent] | None:
+        """The newest event of the job's stream, with its id; None when it has none."""
+        entries = await self.redis.xrevrange(self.keys.events(job_id), "+", "-", count=1)
+        if not entries:
+            return None
+        entry_id, payload = entries[0]
+        return entry_id.decode(), JobEvent.model_validate_json(payload[b"event"])
+
+    @idempotent_read
+    async def _read_events(self, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, JobEvent]]:
         reply = await self.redis.xread({self.keys.events(job_id): after}, count=100, block=block_ms)
         out: list[tuple[str, JobEvent]] = []
         for _stream, entries in reply or []:

@@ -10,13 +10,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response
-from sse_starlette import EventSourceResponse
 
 from service import links
 from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Before, Caller, JobId, State
 from service.errors import InvalidInput, NotFound, StoreUnavailable
 from service.gateway_state import GatewayState
 from service.protocol import TERMINAL_STATUSES, JobDocument, JobEvent, JobList
+from service.streams import HeldEventSource
 from service.submit import parse_generate_body, submit
 
 router = APIRouter(tags=["jobs"])
@@ -25,6 +25,7 @@ SSE_BLOCK_MS = 10_000  # below redis_client.SOCKET_TIMEOUT_S
 SSE_BLIP_S = 30.0  # how long a stream waits for Redis to come back before it gives up
 MAX_PREFER_WAIT_S = 60.0
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+MAX_STREAM_PART = 2**64 - 1
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 GENERATE_BODY: dict[str, Any] = {
@@ -82,7 +83,8 @@ async def generate(
     """Queue a job. JSON body, or multipart with a `request` JSON field and a `source_image` file.
 
     Answers 202 with the queued job; with `Prefer: wait=N` (N ≤ 60), 201 with the finished
-    job if it ends within N seconds, else 202. 429 with Retry-After when the queue is full;
+    job if it ends within N seconds, else 202 (at once, without `Preference-Applied`, when
+    this key or the gateway holds its limit of open waits). 429 with Retry-After when the queue is full;
     503 `no_worker` when no live worker serves the job's mode (it would never run). The same
     `Idempotency-Key` with the same body returns the same job (200)."""
     settings = state.settings
@@ -91,8 +93,13 @@ async def generate(
     doc, created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
     status = 202 if created else 200
     wait_s = prefer_wait_s(prefer)
+    if wait_s and not state.streams.available(caller.key_id):
+        # The job exists: a 429 now would invite a retry. `Prefer` is a preference, so it is
+        # not applied (no Preference-Applied header) and the job is answered as queued.
+        wait_s = None
     if wait_s:
-        doc = await state.wait_for_end(doc.id, wait_s)
+        with state.streams.held(caller.key_id):
+            doc = await state.wait_for_end(doc.id, wait_s)
         if doc.status in TERMINAL_STATUSES:
             status = 201
     headers = {"Location": links.job_url(base, doc.id)}
@@ -138,16 +145,59 @@ async def job_events(
     state: State,
     caller: Caller,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
-) -> EventSourceResponse:
+) -> Response:
     """Server-Sent Events, each a `JobEvent`: `status`, `stage`, `progress`, `round`, then `end`
-    (after `error` if the stream could not go on). Reconnect with `Last-Event-ID` to resume."""
-    if last_event_id is not None and not _STREAM_ID.match(last_event_id):
+    (after `error` if the stream could not go on). Reconnect with `Last-Event-ID` to resume;
+    an id this job's stream never sent is a 422. A quiet stream gets a keep-alive comment
+    every GCR_SSE_KEEPALIVE_S. 429 `too_many_streams` when this key (or the gateway) holds
+    its limit of open streams."""
+    after = stream_position(last_event_id)
+    await state.check_owner(job_id, caller)
+    last = await state.store.last_event(job_id)
+    if last is not None and _position(last[0]) < after:
+        raise InvalidInput(
+            f"Last-Event-ID {last_event_id} is ahead of this job's events (the newest is {last[0]})",
+            field="Last-Event-ID",
+        )
+    if last is None and after > (0, 0):
+        raise InvalidInput(
+            f"Last-Event-ID {last_event_id} was not sent by this job's stream (it has no events yet)",
+            field="Last-Event-ID",
+        )
+    base = links.base_url(request, state.settings)
+    slot = state.streams.take(caller.key_id)  # decided before the stream starts
+    try:
+        if last is not None and last[1].type == "end" and _position(last[0]) == after:
+            # The client saw the end and reconnected anyway: end again rather than wait forever.
+            body: AsyncIterator[dict[str, str]] = _replay_end(*last)
+        else:
+            body = event_stream(state, job_id, last_event_id or "0-0", base)
+        return HeldEventSource(slot.release, body, ping=state.settings.sse_keepalive_s)
+    except BaseException:
+        slot.release()
+        raise
+
+
+def _position(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+def stream_position(last_event_id: str | None) -> tuple[int, int]:
+    """`Last-Event-ID` as (ms, seq); 422 unless it is a stream id Redis could have issued
+    (two unsigned 64-bit integers: a larger one made Redis refuse the read, a 503)."""
+    if last_event_id is None:
+        return (0, 0)
+    position = _position(last_event_id) if _STREAM_ID.match(last_event_id) else None
+    if position is None or max(position) > MAX_STREAM_PART:
         raise InvalidInput(
             "Last-Event-ID must be an event id this stream sent (like 1700000000000-0)", field="Last-Event-ID"
         )
-    await state.check_owner(job_id, caller)
-    base = links.base_url(request, state.settings)
-    return EventSourceResponse(event_stream(state, job_id, last_event_id or "0-0", base), ping=10)
+    return position
+
+
+async def _replay_end(entry_id: str, event: JobEvent) -> AsyncIterator[dict[str, str]]:
+    yield _sse(event, entry_id)
 
 
 @router.get(

@@ -28,7 +28,6 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse
 
 from service import fleet, links
 from service.deps import Caller, State
@@ -49,6 +48,7 @@ from service.openai_images import (
     usage,
 )
 from service.protocol import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
+from service.streams import HeldEventSource
 from service.submit import submit, validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -138,13 +138,25 @@ async def _run(
 ) -> Response:
     spec = job_request(body, mode)
     base = links.base_url(request, state.settings)
-    doc, _created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
+    # The wait or stream counts against the stream limits like GET /events; taken before the
+    # job exists, so a 429 too_many_streams can be retried without making a second job.
+    slot = state.streams.take(caller.key_id)
+    try:
+        doc, _created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
+    except BaseException:
+        slot.release()
+        raise
     if body.stream:
         stream = _stream(state, doc, body, base)
-        return EventSourceResponse(stream, ping=state.settings.sse_keepalive_s, headers={"X-Gcr-Job-Id": doc.id})
+        return HeldEventSource(
+            slot.release, stream, ping=state.settings.sse_keepalive_s, headers={"X-Gcr-Job-Id": doc.id}
+        )
 
     async def finish() -> Response:
-        done = await state.wait_for_end(doc.id, state.settings.openai_wait_s)
+        try:
+            done = await state.wait_for_end(doc.id, state.settings.openai_wait_s)
+        finally:
+            slot.release()
         return await _answer(request, state, done, body)
 
     return await _for_job(doc.id, finish())

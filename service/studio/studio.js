@@ -68,9 +68,11 @@ async function followEvents(url, onEvent, signal) {
             const name = line.slice(0, i), val = line.slice(i + 1).replace(/^ /, "");
             if (name === "data") fields.data += val; else fields[name] = val;
           }
-          if (!fields.data) continue;
+          // A keep-alive (a comment line, or a message without data) carries no event.
+          if (!fields.data.trim() || fields.event === "ping") continue;
           if (fields.id) lastId = fields.id;
-          const event = JSON.parse(fields.data);
+          let event;
+          try { event = JSON.parse(fields.data); } catch (error) { continue; }
           onEvent(event);
           if (event.type === "end") return;
         }

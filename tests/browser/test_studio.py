@@ -175,3 +175,27 @@ async def test_ten_rounds_of_four_candidates_render(stack: Stack, browser: objec
     )
     busy_ms = await page.evaluate(next_frame)
     assert busy_ms < 1000  # the page answers: the next frame comes within a second
+
+
+async def test_a_quiet_job_is_followed_through_keepalives(
+    redis_url: str, redis_prefix: str, standin_url: str, browser: object
+) -> None:
+    """Critiques longer than the keep-alive: the page skips the keep-alives and shows the end."""
+    from playwright.async_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    async with Stack(redis_url, redis_prefix, standin_url, sse_keepalive_s=0.2) as quiet:
+        await quiet.configure_critic(
+            StandinConfig(latency_s=1.5, rules=[StandinRule(instruction="heron", rounds=[0.5, 0.9])])
+        )
+        await quiet.start_worker()
+        job_id = await quiet.submit("a grey heron", loop={"max_rounds": 2, "threshold": 0.8})
+        page = await browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        await page.goto(f"{quiet.url}/studio/jobs/{job_id}")
+        await expect(page.locator(".stop-reason")).to_have_text(
+            "accepted: the score reached the threshold", timeout=30_000
+        )
+        await expect(page.locator("article.round")).to_have_count(2)
+        assert errors == []

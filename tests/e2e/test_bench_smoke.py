@@ -99,3 +99,21 @@ def test_scaling_benchmark_runs_worker_processes_and_reports_each_count(tmp_path
     assert runs[1]["efficiency"] > 0 and runs[1]["rounds_in_window_per_s"] > 0
     assert runs[1]["redis_commands_per_round"] > 0 and runs[1]["redis_bytes_per_job"] > 0
     assert set(runs[1]["cpu_ms_per_round"]) >= {"workers", "gateway", "redis"}
+
+
+def test_streams_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
+    result = run_bench(
+        "streams.py",
+        ["--streams", "30", "--requests", "40", "--clients", "4", "--repeats", "1", "--probe", "5",
+         "--no-check-latency"],
+        tmp_path / "streams.json",
+        redis_url,
+    )  # fmt: skip
+    assert result["streams_opened"] == 30 and result["streams_open_after_load"] == 30
+    assert result["probes"] == 5 and result["probes_ended"] == 5
+    for phase in ("idle", "with_streams"):
+        for op in ("submit", "poll"):
+            numbers = result[phase][op]
+            assert numbers["requests"] == 40 and numbers["errors"] == 0
+            assert 0 < numbers["p50_ms"] <= numbers["p95_ms"] <= numbers["p99_ms"] <= numbers["max_ms"]
+    assert {row["metric"] for row in result["targets"]} >= {"submit p95 with streams / idle"}

@@ -3,6 +3,9 @@ idempotency key of its own) against a real stack, counting the jobs stored in Re
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import openai
 import pytest
 import redis.asyncio as redis
@@ -67,3 +70,24 @@ async def test_an_idempotency_key_on_v1_returns_the_same_job(stack: Stack) -> No
     assert again.parse().data == first.parse().data
     assert reused.value.param == "Idempotency-Key"
     assert await _jobs(stack) == 1
+
+
+async def test_a_v1_call_past_the_stream_limit_is_refused_before_it_makes_a_job(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    """/v1 waits and streams hold stream slots like GET /events; past the limit the call is a
+    retryable 429 decided before any job exists, so the package's retries make no job."""
+    async with Stack(redis_url, redis_prefix, standin_url, max_open_streams_per_key=1) as stack:
+        await stack.register_idle_worker()  # accepted and never run: the first call keeps waiting
+        async with _default_client(stack) as client:
+            holding = asyncio.create_task(client.images.generate(prompt="holds the one slot"))
+            async with asyncio.timeout(10):
+                while await _jobs(stack) < 1:
+                    await asyncio.sleep(0.05)
+            with pytest.raises(openai.RateLimitError) as refused:
+                await client.with_options(max_retries=0).images.generate(prompt="one too many")
+            assert refused.value.code == "too_many_streams"
+            assert await _jobs(stack) == 1
+            holding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holding

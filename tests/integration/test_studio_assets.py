@@ -27,3 +27,15 @@ async def test_docs_and_studio_reference_only_the_gateway(stack: Stack) -> None:
             text = (await http.get(f"/studio/static/{name}")).text
             # the SVG namespace is a name, not a download
             assert set(re.findall(r"https?://[^\"'\s)]+", text)) <= {"http://www.w3.org/2000/svg"}, name
+
+
+async def test_studio_answers_carry_csp_nosniff_and_no_framing(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        for path in ("/studio", "/studio/jobs/AAAAAAAAAAAAAAAAAAAAAA", "/studio/static/studio.js"):
+            answer = await http.get(path)
+            assert answer.status_code == 200, path
+            policy = answer.headers.get("content-security-policy", "")
+            directives = dict(d.strip().partition(" ")[::2] for d in policy.split(";") if d.strip())
+            assert directives.get("frame-ancestors") == "'none'", path
+            assert directives.get("script-src") == "'self'" and directives.get("default-src") == "'none'", path
+            assert answer.headers.get("x-content-type-options") == "nosniff", path

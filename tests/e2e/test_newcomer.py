@@ -1,0 +1,117 @@
+"""What a new user meets first: `gcr up --dev --demo`, the CLI's table and errors, the JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+import uuid
+
+import httpx
+import redis as redis_sync
+
+from service.console import rounds_table
+from service.protocol import Candidate, JobDocument, Round
+from service.servers import free_port
+from tests.e2e.test_crash_safety import ROOT
+from tests.stack import Stack
+from workers.critics.standin_config import StandinConfig, StandinRule
+
+SCORES = re.compile(r'"(?:overall|delta|score|first_round_overall|best_overall|gain)":\s*(-?\d+\.\d+)')
+
+
+def test_the_rounds_table_counts_chosen_candidates_from_one_like_rounds() -> None:
+    rounds = [
+        Round(
+            index=i,
+            prompt="p",
+            candidates=[Candidate(index=c, seed=c) for c in range(2)],
+            chosen=chosen,
+            overall=0.5,
+            started_at=0.0,
+            finished_at=1.0,
+        )
+        for i, chosen in enumerate([0, 1])
+    ]
+    doc = JobDocument.model_validate(
+        {"id": "J" * 22, "status": "succeeded", "spec": {"prompt": "p"}, "created_at": 0.0, "rounds": rounds}
+    )
+    columns = {column.header: list(column.cells) for column in rounds_table(doc).columns}
+    assert columns["round"] == ["1", "2"]
+    assert columns["chosen"] == ["1", "2"]
+
+
+async def test_scores_in_json_answers_have_four_decimals_at_most(stack: Stack) -> None:
+    # 1 + 3 * 0.42 = 2.26 per dimension; (2.26 - 1) / 3 is 0.41999999999999993 in floating point.
+    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="", rounds=[0.42, 0.61])]))
+    await stack.start_worker()
+    job_id = await stack.submit("a red bicycle", loop={"max_rounds": 2, "threshold": 0.99, "patience": None})
+    await stack.wait(job_id)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=10) as http:
+        document = (await http.get(f"/jobs/{job_id}")).text
+        events = (await http.get(f"/jobs/{job_id}/events")).text
+    assert '"overall":0.42' in document.replace(" ", "")
+    written = SCORES.findall(document) + SCORES.findall(events)
+    assert len(written) > 10
+    assert [value for value in written if len(value.partition(".")[2]) > 4] == []
+
+
+async def test_an_unreachable_gateway_is_one_line_on_a_narrow_terminal() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "service.cli", "generate", "x", "--url", "http://127.0.0.1:9"],
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "60"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
+    lines = [line for line in stderr.decode().splitlines() if line.strip()]
+    assert proc.returncode == 2
+    assert len(lines) == 1, lines
+    assert "cannot reach the gateway at http://127.0.0.1:9" in lines[0] and "gcr up --dev" in lines[0]
+
+
+async def test_the_demo_keeps_serving_its_job_and_prints_the_studio(redis_url: str) -> None:
+    prefix = f"gcr-demotest-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "service.cli", "up", "--dev", "--demo", "--port", str(port)],
+        *["--generator", "sim:0.05", "--critic-latency", "0.2"],
+        cwd=ROOT,
+        env={**os.environ, "GCR_REDIS_URL": redis_url, "GCR_REDIS_PREFIX": prefix, "COLUMNS": "80"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    said: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not said or "serving until Ctrl-C" not in said[-1]:
+                line = await proc.stderr.readline()
+                assert line, "".join(said)[-3000:]
+                said.append(line.decode())
+        text = "".join(said)
+        base = f"http://127.0.0.1:{port}"
+        assert f"studio: {base}/studio " in text
+        job_page = re.search(rf"studio: {re.escape(base)}/studio/jobs/([A-Za-z0-9_-]+)", text)
+        assert job_page is not None, text
+        # After the demo, its links work: the document, the best image, the studio page.
+        async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+            doc = (await http.get(f"/jobs/{job_page.group(1)}")).json()
+            assert doc["status"] == "succeeded" and doc["best"]["image_url"]
+            assert (await http.get(doc["best"]["image_url"])).status_code == 200
+            assert (await http.get(f"/studio/jobs/{job_page.group(1)}")).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), timeout=30)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        client = redis_sync.Redis.from_url(redis_url)
+        with contextlib.suppress(redis_sync.RedisError):
+            assert list(client.scan_iter(match=f"{prefix}-dev-*")) == []
+        client.close()
