@@ -1,11 +1,12 @@
 """The GPU kit is complete: gpu_validate runs on the device's packages plus the kit alone.
 
-A CPU dry run of bench/README.md's device command. A fresh virtual environment holds
-only what the GPU machine has (`bench.gpu_kit.DEVICE_BASE`, with a CPU torch standing
-in for its CUDA one, and without the kit's packages); `bench/gpu_kit.py` downloads the
-kit for this machine's Python; pip installs it as the device does (`--no-index
---no-deps --target`); and `gpu_validate.py --tiny --device cpu` runs from the
-repository root with `PYTHONPATH=<site>:.` in that environment, never the project's.
+A CPU dry run of bench/README.md's device command, which runs bench/gpu_device.sh.
+A fresh virtual environment holds only what the GPU machine has
+(`bench.gpu_kit.DEVICE_BASE`, with a CPU torch standing in for its CUDA one, and
+without the kit's packages); `bench/gpu_kit.py` downloads the kit for this machine's
+Python; and bench/gpu_device.sh, given that environment's Python, installs it as on the
+device (`--no-index --no-deps --target`) and runs `gpu_validate.py --tiny --device cpu`
+from the repository root with `PYTHONPATH=<site>:.`, never the project's environment.
 
 The stand-in environment is slow to build (torch), so it is kept under
 `.cache/gpu-kit/` (ignored), keyed on its requirements and this Python; the kit is
@@ -70,36 +71,38 @@ def stand_in_venv() -> Path:
     return venv
 
 
-def device_env(site: Path) -> dict[str, str]:
-    """What the device command sets, and nothing of this process's Python environment."""
-    return {
+def run_device_script(venv: Path, wheels: list[Path], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """bench/gpu_device.sh as the device command runs it, with the stand-in's Python and
+    `wheels` as the carried kit; the environment holds nothing of this process's Python."""
+    kit = tmp_path / "carried"
+    kit.mkdir()
+    for wheel in wheels:
+        shutil.copy(wheel, kit / wheel.name)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {
         "PATH": "/usr/bin:/bin",
         "HOME": os.environ.get("HOME", "/root"),
-        "PYTHONPATH": f"{site}:.",
-        "PYTHONUNBUFFERED": "1",
         "PYTHONNOUSERSITE": "1",
-        "HF_HUB_OFFLINE": "1",  # the device reaches no hub
+        "PYTHON": str(venv / "bin" / "python"),
+        "SITE": str(tmp_path / "site"),
+        "KIT": str(kit),
+        "OUT": str(out),
     }
-
-
-def install(venv: Path, wheels: list[Path], site: Path) -> None:
-    pip(
-        venv / "bin" / "python",
-        "install",
-        "-q",
-        "--no-index",
-        "--no-deps",
-        "--no-compile",
-        "--target",
-        str(site),
-        *map(str, wheels),
-    )
-
-
-def validate(venv: Path, site: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    argv = [str(venv / "bin" / "python"), "bench/gpu_validate.py", "--tiny", "--device", "cpu"]
-    argv += ["--calls", "1", "--batches", "1", "--sizes", "64", "--json", str(out)]
-    return subprocess.run(argv, cwd=ROOT, env=device_env(site), capture_output=True, text=True, timeout=300)
+    argv = [
+        "bash",
+        "bench/gpu_device.sh",
+        "--tiny",
+        "--device",
+        "cpu",
+        "--calls",
+        "1",
+        "--batches",
+        "1",
+        "--sizes",
+        "64",
+    ]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +130,10 @@ def test_gpu_validate_runs_on_the_device_packages_and_the_kit_alone(
     assert "fits the 64 MiB" in report
     assert sorted(canonical(w.name.split("-")[0]) for w in wheels) == sorted(KIT)
     venv = stand_in_venv()
-    site = tmp_path / "site"
-    install(venv, wheels, site)
-    ran = validate(venv, site, tmp_path / "gpu.json")
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-5000:]
-    result: dict[str, Any] = json.loads((tmp_path / "gpu.json").read_text())
+    ran = run_device_script(venv, wheels, tmp_path)
+    assert ran.returncode == 0, ran.stdout[-5000:] + ran.stderr[-3000:]
+    assert "GPU validation: PASS" in (tmp_path / "out" / "gpu_validate.log").read_text()
+    result: dict[str, Any] = json.loads((tmp_path / "out" / "gpu_validate.json").read_text())
     assert result["ok"] and result["complete"] and "error" not in result
     assert [(row["size"], row["batch"]) for row in result["batches"]] == [(64, 1)]
 
@@ -140,7 +142,7 @@ def test_gpu_validate_runs_on_the_device_packages_and_the_kit_alone(
     for name in KIT:  # every carried wheel was imported, at the lock's version, from the kit
         assert name in used, f"{name} is carried but gpu_validate never imported it"
         assert used[name]["version"] == pins[name], (name, used[name])
-        assert Path(used[name]["location"]) == site.resolve(), (name, used[name])
+        assert Path(used[name]["location"]) == (tmp_path / "site").resolve(), (name, used[name])
     for name, where in used.items():  # everything else came from the device's packages
         if name in KIT:
             continue
@@ -153,9 +155,6 @@ def test_a_wheel_left_out_of_the_kit_fails_the_dry_run(kit: tuple[list[Path], st
     """The negative control: without one wheel the same run stops on the missing module."""
     wheels = [w for w in kit[0] if canonical(w.name.split("-")[0]) != LEFT_OUT]
     assert len(wheels) == len(KIT) - 1
-    venv = stand_in_venv()
-    site = tmp_path / "site"
-    install(venv, wheels, site)
-    ran = validate(venv, site, tmp_path / "gpu.json")
+    ran = run_device_script(stand_in_venv(), wheels, tmp_path)
     assert ran.returncode != 0
-    assert f"No module named '{LEFT_OUT}'" in ran.stderr, ran.stderr[-3000:]
+    assert f"No module named '{LEFT_OUT}'" in ran.stdout, ran.stdout[-3000:] + ran.stderr[-3000:]  # the log, via tee
