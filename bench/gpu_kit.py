@@ -32,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "constraints" / "worker.txt"
+DEST = ROOT / ".whl"
+"""Where the device command takes the wheels from (ignored by git, named in `carry`)."""
 MIB = 1024**2
 CARRY_LIMIT = 64 * MIB
 """What one device call carries: the working tree and the carried paths together."""
@@ -214,7 +216,7 @@ def report(wheels: Sequence[Path], tree: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=ROOT / ".whl", help="folder for the wheels (default .whl/)")
+    parser.add_argument("--dest", type=Path, default=DEST, help="folder for the wheels (default .whl/)")
     parser.add_argument("--python-version", default="3.12", help="target CPython, e.g. 3.12 (device), 3.11 (here)")
     parser.add_argument("--glibc", default=PLATFORMS_GLIBC, help="newest manylinux glibc the wheels may need")
     args = parser.parse_args(argv)
