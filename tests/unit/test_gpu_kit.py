@@ -8,6 +8,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_each_row_gets_the_estimate_for_its_own_batch_and_size() -> None:
     params = {"transformer": 1_000_000_000}
     small = MemoryEstimate(params, 2, 1, 1024**2 / 1e6).total / GIB
     big = MemoryEstimate(params, 2, 4, 2048**2 / 1e6).total / GIB
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"size": 1024, "batch": 1, "device_peak_gib": small - 0.1},
         {"size": 2048, "batch": 4, "device_peak_gib": big + 0.1},
         {"size": 2048, "batch": 4, "device_peak_gib": None},  # on the CPU: nothing to compare
