@@ -20,7 +20,7 @@ if ! compgen -G "$KIT/*.whl" >/dev/null; then
   echo "no wheels in $KIT: run 'python bench/gpu_kit.py' first and carry $KIT" >&2
   exit 2
 fi
-"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$KIT"/*.whl || exit 1
+"$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$KIT"/*.whl || exit 1
 if command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/nvidia-smi.csv" 2>&1
 fi

@@ -27,9 +27,9 @@ defaults: 4 steps, guidance 0, 256 text tokens, 1024x1024) and `GenerationSchedu
    the carried wheels of bench/gpu_kit.py come from /tmp/site).
 
 Random weights make the images noise and change no timing or memory. The JSON is
-rewritten after each step (`complete` false until the end, `error` if one stopped
-it), so a run cut short still leaves its numbers. The numbers belong in
-bench/README.md with the card's name. Exits non-zero when a check fails.
+rewritten after each measured row and step (`complete` false until the end, `error`
+if one stopped it), so a run cut short still leaves its numbers. The numbers belong
+in bench/README.md with the card's name. Exits non-zero when a check fails.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +143,10 @@ def outside_allocator_gib() -> float | None:
     return (total - free - torch.cuda.memory_reserved()) / GIB
 
 
-async def per_batch(gen: DiffusersGenerator, size: int, batches: list[int], calls: int) -> list[dict[str, Any]]:
-    rows = []
+async def per_batch(
+    gen: DiffusersGenerator, size: int, batches: list[int], calls: int, done: Callable[[dict[str, Any]], None]
+) -> None:
+    """Time each batch size at `size`; `done` gets each row as soon as it is measured."""
     for batch in batches:
         scheduler = GenerationScheduler(gen, batch, batch_window_s=0.05)
         await scheduler.start()
@@ -159,20 +162,16 @@ async def per_batch(gen: DiffusersGenerator, size: int, batches: list[int], call
         finally:
             await scheduler.stop()
         peak = peak_gib()
-        device_peak = None if peak is None or outside is None else peak + outside
-        rows.append(
+        done(
             {
                 "size": size,
                 "batch": batch,
                 "s_per_image": elapsed / (calls * batch),
                 "peak_gib": peak,
                 "outside_allocator_gib": outside,
-                "device_peak_gib": device_peak,
+                "device_peak_gib": None if peak is None or outside is None else peak + outside,
             }
         )
-        shown = "n/a" if device_peak is None else f"{device_peak:.1f}"
-        print(f"size {size}, batch {batch}: {rows[-1]['s_per_image']:.3f} s/image, peak {shown} GiB", flush=True)
-    return rows
 
 
 def with_estimates(rows: list[dict[str, Any]], params: dict[str, int], dtype_bytes: int) -> list[dict[str, Any]]:
@@ -293,10 +292,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             params = count_parameters(FLUX_SCHNELL if not args.tiny else ensure_tiny_pipeline("flux", Path(tmp)))
             result["parameters"] = params
             result["batches"] = []
+
+            def measured(row: dict[str, Any]) -> None:
+                result["batches"] += with_estimates([row], params, 2 if cuda else 4)
+                peak = "n/a" if row["device_peak_gib"] is None else f"{row['device_peak_gib']:.1f} GiB"
+                save(f"{row['size']}² batch {row['batch']}: {row['s_per_image']:.3f} s/image, peak {peak}")
+
             for size in sizes:
-                rows = asyncio.run(per_batch(gen, size, args.batches, args.calls))
-                result["batches"] += with_estimates(rows, params, 2 if cuda else 4)
-                save(f"batches at {size}x{size}")
+                asyncio.run(per_batch(gen, size, args.batches, args.calls, measured))
             result["cancel"] = cancel_latency(gen, sizes[0])
             save("cancel")
             if cuda:
