@@ -28,9 +28,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
-import redis as redis_sync  # noqa: E402
 
 from service.keys import Keys  # noqa: E402
+
+# NOTE: redis is imported inside the functions that use it. bench/gpu_validate.py uses
+# this module's output helpers on the GPU machine, which has no redis package (see
+# bench/gpu_kit.py: every top-level import here is a wheel to carry there).
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STARTUP_TIMEOUT_S = 30.0
@@ -113,6 +116,8 @@ def gateway_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
 
 def delete_prefix(redis_url: str, prefix: str) -> int:
     """Delete every key under `prefix:` (the benchmark's own); returns how many."""
+    import redis as redis_sync
+
     client = redis_sync.Redis.from_url(redis_url)
     try:
         keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
@@ -198,6 +203,8 @@ def machine_info(redis_url: str) -> dict[str, Any]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count() or 0
+    import redis as redis_sync
+
     redis_version = "unknown"
     with contextlib.suppress(redis_sync.RedisError):
         client = redis_sync.Redis.from_url(redis_url)

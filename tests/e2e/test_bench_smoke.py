@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -69,13 +71,19 @@ def test_gateway_benchmark_smoke(tmp_path: Path, redis_url: str) -> None:
             assert 0 < stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
 
 
+@pytest.mark.timeout(180)  # two sizes x three batch sizes of the tiny FLUX on two shared cores
 def test_gpu_validation_script_runs_on_cpu_with_the_tiny_flag(tmp_path: Path) -> None:
     result = run_script("gpu_validate.py", ["--tiny", "--device", "cpu", "--calls", "1"], tmp_path / "gpu.json", 170)
-    assert [row["batch"] for row in result["batches"]] == [1, 2, 4]
-    assert all(row["s_per_image"] > 0 for row in result["batches"])
+    rows = result["batches"]
+    assert [(row["size"], row["batch"]) for row in rows] == [(64, 1), (64, 2), (64, 4), (128, 1), (128, 2), (128, 4)]
+    assert all(row["s_per_image"] > 0 for row in rows)
+    # The memory check's estimate for each row's own batch and size: it grows with both.
+    estimates = [row["estimate_gib"] for row in rows]
+    assert all(e > 0 for e in estimates) and estimates[:3] == sorted(estimates[:3]) and estimates[3] > estimates[0]
+    assert all(row["estimate_covers_peak"] is None for row in rows)  # no peak to compare on the CPU
     assert result["cancel"]["ok"] and result["cancel"]["latency_s"] >= 0
     assert "interrupted after step 2" in result["cancel"]["message"]
-    assert result["estimate_gib"] > 0 and result["ok"]
+    assert result["packages"]["diffusers"]["version"] and result["complete"] and result["ok"]
 
 
 def test_previews_benchmark_runs_and_reports_both_sides(tmp_path: Path) -> None:
