@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import httpx  # noqa: E402
 
-from service.keys import Keys  # noqa: E402
+from service.jobs.keys import Keys  # noqa: E402
 
 # NOTE: redis is imported inside the functions that use it. bench/gpu_validate.py uses
 # this module's output helpers on the GPU machine, which has no redis package (see
@@ -44,7 +44,7 @@ STARTUP_TIMEOUT_S = 30.0
 
 def gateway_app() -> Any:
     """The real gateway, configured from `GCR_*` variables like `gcr serve`."""
-    from service.api import create_app
+    from service.gateway.app import create_app
     from service.settings import Settings
 
     return create_app(Settings())

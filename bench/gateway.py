@@ -5,7 +5,7 @@
 Two servers run side by side as subprocesses under the same uvicorn settings (one
 process each, loopback, no access log), on the same Redis, each under its own key
 prefix (deleted at the end):
-- the REAL gateway (`service.api`, auth disabled, rate limit 0, a queue cap it never
+- the REAL gateway (`service.gateway.app`, auth disabled, rate limit 0, a queue cap it never
   reaches; no real worker, so submitted jobs stay queued: an idle heartbeat stands for
   one, since the gateway refuses jobs of modes no live worker serves);
 - a BARE Starlette app doing the same Redis work with nothing around it:
@@ -77,9 +77,9 @@ def bare_app() -> Any:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from service.keys import Keys
-    from service.protocol import GenerateRequest, JobDocument
-    from service.redis_client import connect
+    from gcr.types import GenerateRequest, JobDocument
+    from service.jobs.connection import connect
+    from service.jobs.keys import Keys
     from service.settings import Settings
 
     settings = Settings()
@@ -230,9 +230,9 @@ class Series:
 
 async def idle_worker(redis_url: str, prefix: str, first: asyncio.Event) -> None:
     """Heartbeat as a worker that serves t2i and claims nothing, so the gateway admits the jobs."""
-    from service.keys import Keys
-    from service.queue import JobQueue
-    from service.redis_client import connect
+    from service.jobs.connection import connect
+    from service.jobs.keys import Keys
+    from service.jobs.queue import JobQueue
 
     client = connect(redis_url)
     queue = JobQueue(client, Keys(prefix))

@@ -5,7 +5,7 @@
 What runs, all on loopback:
 - Redis (the one at `--redis-url`; every key under a fresh `gcr-bench-*` prefix,
   deleted at the end);
-- the REAL gateway (`service.api`) under uvicorn, in a subprocess, as `gcr serve` runs it;
+- the REAL gateway (`service.gateway.app`) under uvicorn, in a subprocess, as `gcr serve` runs it;
 - the stand-in critic (`workers.critics.standin`, an OpenAI-compatible HTTP server) in a
   subprocess, answering each critique after `--t-critic` seconds (its `latency_s`);
 - the REAL worker (`workers.worker.Worker`, with its claim loop, scheduler, runner,
@@ -80,8 +80,8 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from gcr import AsyncClient  # noqa: E402
+from gcr.types import JobDocument  # noqa: E402
 from service.critic.client import OpenAICritic  # noqa: E402
-from service.protocol import JobDocument  # noqa: E402
 from service.servers import free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402

@@ -29,8 +29,8 @@ import redis as redis_sync  # noqa: E402
 
 from bench.common import write_json  # noqa: E402
 from gcr import AsyncClient  # noqa: E402
-from service.api import create_app  # noqa: E402
 from service.critic.client import OpenAICritic  # noqa: E402
+from service.gateway.app import create_app  # noqa: E402
 from service.servers import serving  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin import running_standin  # noqa: E402

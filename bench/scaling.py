@@ -5,7 +5,7 @@
 What runs, all on loopback, for each N:
 - Redis (the one at `--redis-url`; each run's keys under a fresh `gcr-scaling-*` prefix,
   deleted after it);
-- the REAL gateway (`service.api` under uvicorn) in a subprocess;
+- the REAL gateway (`service.gateway.app` under uvicorn) in a subprocess;
 - N REAL worker processes (`gcr worker`, as a deployment runs them) on the simulated
   generator `sim:T_GEN` (a timed wait per image, max_batch 1: one image at a time, as
   one GPU) under one model name, each holding `--inflight` jobs;
@@ -71,7 +71,7 @@ from bench.common import (
     uvicorn_argv,
     write_json,
 )
-from service.keys import Keys
+from service.jobs.keys import Keys
 from service.servers import free_port
 from workers.critics.standin_config import StandinConfig
 

@@ -14,7 +14,7 @@ from gcr import errors
 from gcr.async_client import AsyncClient
 from gcr.client import Client
 from gcr.errors import APIConnectionError, APIStatusError, GcrError, WaitTimeout
-from service.protocol import Critique, GenerateRequest, GenerationParams, JobDocument, JobEvent, LoopParams
+from gcr.types import Critique, GenerateRequest, GenerationParams, JobDocument, JobEvent, LoopParams
 
 __all__ = [
     "APIConnectionError",

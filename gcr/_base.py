@@ -23,7 +23,7 @@ from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
 from gcr.errors import APIConnectionError, APIStatusError, from_body
-from service.protocol import GenerationParams, JobEvent, LoopParams
+from gcr.types import GenerationParams, JobEvent, LoopParams
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})

@@ -13,7 +13,7 @@ from httpx_sse import aconnect_sse
 from gcr import _base
 from gcr._base import ImageInput
 from gcr.errors import APIConnectionError, GcrError, WaitTimeout
-from service.protocol import TERMINAL_STATUSES, Critique, GenerationParams, JobDocument, JobEvent, LoopParams
+from gcr.types import TERMINAL_STATUSES, Critique, GenerationParams, JobDocument, JobEvent, LoopParams
 
 EventCallback = Callable[[JobEvent], Any]
 

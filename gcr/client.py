@@ -13,7 +13,7 @@ from httpx_sse import connect_sse
 from gcr import _base
 from gcr._base import ImageInput
 from gcr.errors import APIConnectionError, GcrError, WaitTimeout
-from service.protocol import TERMINAL_STATUSES, Critique, GenerationParams, JobDocument, JobEvent, LoopParams
+from gcr.types import TERMINAL_STATUSES, Critique, GenerationParams, JobDocument, JobEvent, LoopParams
 
 EventCallback = Callable[[JobEvent], Any]
 READ_SLICE_S = 15.0  # the gateway pings every 10 s, so a read longer than this means trouble

@@ -1,4 +1,4 @@
-"""The error hierarchy of gcr, mapped to HTTP in one place (`service.api`).
+"""The error hierarchy of gcr, mapped to HTTP in one place (`service.gateway.app`).
 
     GcrError
     ├── InvalidInput           422  the request is well-formed JSON but not acceptable

@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.keys import MODEL_NAME, MODES
+from gcr.types import MODEL_NAME, MODES
 
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TENANT_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis as redis_sync
 
-from service.keys import Keys
+from service.jobs.keys import Keys
 from service.servers import free_port
 from tests.stack import Stack
 from workers.critics.standin import running_standin

@@ -11,14 +11,14 @@ import httpx
 import uvicorn
 
 from gcr import AsyncClient
+from gcr.types import JobDocument
 from service import servers
-from service.api import create_app
 from service.critic.client import OpenAICritic
 from service.errors import GcrError
-from service.keys import Keys
-from service.protocol import JobDocument
-from service.queue import JobQueue
-from service.redis_client import connect
+from service.gateway.app import create_app
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.queue import JobQueue
 from service.servers import free_port
 from service.settings import Settings
 from workers.critics.standin_config import StandinConfig

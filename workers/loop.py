@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.protocol import MAX_SEED, TEXT_FAITHFULNESS, Candidate, Critique, LoopParams, Round, StopReason
+from gcr.types import MAX_SEED, TEXT_FAITHFULNESS, Candidate, Critique, LoopParams, Round, StopReason
 
 # How many earlier rounds' refinement comments `history=True` carries, and how long each may be.
 HISTORY_ROUNDS = 3

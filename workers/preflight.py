@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from service.errors import GcrError
-from service.keys import Keys
-from service.queue import JobQueue
-from service.redis_client import connect
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.queue import JobQueue
 from service.settings import Settings
 from workers.generators.memory import MemoryProbe, Verdict, check, cuda_probe, is_edit_model, megapixels_for
 

@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
-from service.errors import CriticError, GcrError, GeneratorError, OwnershipLost, StoreUnavailable
-from service.logs import current_job
-from service.protocol import (
+from gcr.types import (
     BestCandidate,
     Candidate,
     Critique,
@@ -35,13 +33,15 @@ from service.protocol import (
     RoundTimings,
     StopReason,
 )
-from service.store import JobStore
-from service.webhooks import WebhookEvent, WebhookNotifier
+from service.errors import CriticError, GcrError, GeneratorError, OwnershipLost, StoreUnavailable
+from service.jobs.store import JobStore
+from service.logs import current_job
 from workers import metrics
 from workers.generators.base import GenRequest, PreviewSink
 from workers.images import decode_image, encode_png
 from workers.loop import Continue, LoopPolicy, Pick, choose_candidate
 from workers.scheduler import GenerationScheduler, GenResult
+from workers.webhooks import WebhookEvent, WebhookNotifier
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -17,21 +17,21 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from service.artifacts import ArtifactStore
+from gcr.types import MODEL_NAME, JobError
 from service.errors import GcrError, InvalidInput, OwnershipLost, StoreUnavailable
-from service.keys import MODEL_NAME, Keys
-from service.protocol import JobError
-from service.queue import Claim, JobQueue
-from service.redis_client import connect
+from service.jobs.artifacts import ArtifactStore
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.queue import Claim, JobQueue
+from service.jobs.store import JobStore
 from service.retrying import retrying
 from service.settings import Settings
-from service.store import JobStore
-from service.webhooks import WebhookNotifier
 from workers import metrics
 from workers.critics.breaker import CircuitBreaker, GuardedCritic
 from workers.generators.base import Generator, GenRequest
 from workers.runner import Critic, JobRunner
 from workers.scheduler import GenerationScheduler
+from workers.webhooks import WebhookNotifier
 
 log = logging.getLogger("gcr.worker")
 

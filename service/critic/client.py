@@ -28,10 +28,10 @@ from prometheus_client import Counter
 from tenacity import RetryCallState
 
 from gcr._base import retry_after as retry_after_s
+from gcr.types import Critique, Mode
 from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import ImageInput, Template, build_messages, load_templates
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
-from service.protocol import Critique, Mode
 from service.retrying import retrying
 from service.settings import Settings
 

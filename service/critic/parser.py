@@ -47,8 +47,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.errors import CritiqueUnparseable
-from service.protocol import (
+from gcr.types import (
     IMAGE_FAITHFULNESS,
     PHYSICAL_QUALITY,
     SCORE_MAX,
@@ -59,6 +58,7 @@ from service.protocol import (
     clamp_score,
     overall_score,
 )
+from service.errors import CritiqueUnparseable
 
 Dimensions = Sequence[tuple[str, str]]
 """(key, header label) pairs, in the order the template asks for them."""

@@ -33,8 +33,8 @@ from typing import Any, Literal
 from PIL import Image, ImageOps, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gcr.types import DIMENSIONS, Mode
 from service.errors import TemplateError
-from service.protocol import DIMENSIONS, Mode
 
 IMAGE_PLACEHOLDER = "<image>"
 REQUEST_PLACEHOLDER = "{request}"

@@ -179,7 +179,7 @@ async def _main(
 
     async with contextlib.AsyncExitStack() as stack:
         if in_process:
-            from service.devstack import dev_stack
+            from service.cli.devstack import dev_stack
 
             url = await stack.enter_async_context(dev_stack(generator, standin))
         client = await stack.enter_async_context(AsyncClient(url, api_key=api_key))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.protocol import Mode
+from gcr.types import Mode
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.protocol import GenerationParams, LoopParams
+from gcr.types import GenerationParams, LoopParams
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_POLICY = "default"

@@ -39,10 +39,10 @@ import httpx
 
 from gcr import AsyncClient
 from gcr.errors import APIStatusError, GcrError
+from gcr.types import TERMINAL_STATUSES, JobDocument
 from service.evaluation.dataset import EvalItem
 from service.evaluation.policies import Policy
 from service.evaluation.records import PolicyFolder, RunLog, exclusive, write_atomic
-from service.protocol import TERMINAL_STATUSES, JobDocument
 from service.retrying import retrying
 
 log = logging.getLogger("gcr.eval")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from service.auth import hash_key
+from service.gateway.auth import hash_key
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
 

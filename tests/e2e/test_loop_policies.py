@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.protocol import LoopParams
+from gcr.types import LoopParams
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
 

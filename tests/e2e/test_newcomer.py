@@ -13,8 +13,8 @@ import uuid
 import httpx
 import redis as redis_sync
 
-from service.console import rounds_table
-from service.protocol import Candidate, JobDocument, Round
+from gcr.types import Candidate, JobDocument, Round
+from service.cli.console import rounds_table
 from service.servers import free_port
 from tests.e2e.test_crash_safety import ROOT
 from tests.stack import Stack

@@ -10,7 +10,7 @@ import openai
 import pytest
 import redis.asyncio as redis
 
-from service.keys import Keys
+from service.jobs.keys import Keys
 from tests.stack import Stack
 from workers.critics.standin_config import Fault, StandinConfig
 

@@ -17,10 +17,10 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
-from service.api import create_app
-from service.keys import Keys
-from service.queue import JobQueue
-from service.redis_client import connect
+from service.gateway.app import create_app
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.queue import JobQueue
 from service.servers import config, free_port, serving_in_thread
 from service.settings import Settings
 from workers.critics.standin import running_standin

@@ -26,7 +26,7 @@ from gcr import client as sync_client_module
 from service import listener as listener_module
 from service.evaluation.cli import eval_command
 from service.evaluation.records import read_jsonl
-from service.routers import jobs as jobs_router
+from service.gateway.routers import jobs as jobs_router
 from tests.e2e.test_crash_safety import ROOT
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule

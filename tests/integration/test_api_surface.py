@@ -8,7 +8,7 @@ import io
 import httpx
 from PIL import Image
 
-from service.protocol import JobDocument, JobEvent
+from gcr.types import JobDocument, JobEvent
 from tests.stack import Stack
 
 

@@ -15,8 +15,8 @@ import pytest
 import redis as redis_sync
 from PIL import Image
 
-from service.artifacts import ArtifactStore
-from service.keys import Keys
+from service.jobs.artifacts import ArtifactStore
+from service.jobs.keys import Keys
 from tests.stack import Stack
 
 PNG_MAGIC = b"\x89PNG"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.auth import hash_key
+from service.gateway.auth import hash_key
 from tests.stack import Stack
 
 ALICE, BOB, ADMIN = "key-alice", "key-bob", "key-admin"
@@ -207,7 +207,7 @@ async def test_idempotent_retry_after_a_failed_store_creates_the_job(stack: Stac
     """The key is freed when the job could not be stored, so the client's retry works."""
     await stack.register_idle_worker()
     from service.errors import StoreUnavailable
-    from service.store import JobStore
+    from service.jobs.store import JobStore
 
     original = JobStore.create
     calls = {"n": 0}

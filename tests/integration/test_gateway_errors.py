@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from PIL import Image
 from starlette.types import Receive, Scope, Send
 
-from service.api import create_app
+from service.gateway.app import create_app
 from service.servers import serving
 from tests.stack import Stack
 

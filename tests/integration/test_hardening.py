@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from service.auth import hash_key
-from service.keys import Keys
+from service.gateway.auth import hash_key
+from service.jobs.keys import Keys
 from service.servers import free_port
 from service.settings import Settings
 from tests.stack import Stack
@@ -124,7 +124,7 @@ async def test_after_a_redis_restart_the_first_requests_succeed_and_streams_ride
 
 
 async def test_each_route_has_its_own_body_limit(redis_url: str, redis_prefix: str, standin_url: str) -> None:
-    from service.api import body_limits
+    from service.gateway.app import body_limits
 
     async with Stack(redis_url, redis_prefix, standin_url, max_image_bytes=3000) as stack:
         limits = body_limits(stack.settings)

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from service import listener as listener_module
-from service.keys import Keys
-from service.listener import EventListener
-from service.redis_client import connect
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.listener import EventListener
 from service.servers import free_port
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import time
 
+from gcr.types import GenerateRequest, GenerationParams, JobDocument
 from service.errors import StoreUnavailable
-from service.keys import CONSUMER_GROUP, Keys
-from service.protocol import GenerateRequest, GenerationParams, JobDocument
-from service.queue import JobQueue
-from service.redis_client import connect
-from service.store import JobStore
+from service.jobs.connection import connect
+from service.jobs.keys import CONSUMER_GROUP, Keys
+from service.jobs.queue import JobQueue
+from service.jobs.store import JobStore
 from tests.stack import Stack
 
 

@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from service.keys import PRIORITIES, Keys
-from service.queue import FAIRNESS, JobQueue
-from service.redis_client import connect
+from gcr.types import PRIORITIES
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.queue import FAIRNESS, JobQueue
 from service.servers import serving
 from tests.stack import Stack
 from workers.critics.standin import create_app as create_standin

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as redis
 from PIL import Image
 
-from service.keys import Keys
+from service.jobs.keys import Keys
 from tests.stack import Stack
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import gcr
 from gcr import errors
-from service.auth import hash_key
+from service.gateway.auth import hash_key
 from tests.stack import Stack
 
 ALICE, BOB = "key-alice", "key-bob"

@@ -21,14 +21,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from service.keys import Keys
-from service.protocol import GenerateRequest, JobDocument
-from service.redis_client import connect
+from gcr.types import GenerateRequest, JobDocument
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.store import JobStore
 from service.servers import serving
 from service.settings import Settings
-from service.store import JobStore
-from service.webhooks import WebhookNotifier
 from tests.stack import Stack
+from workers.webhooks import WebhookNotifier
 
 # A Standard Webhooks secret: whsec_ + base64 of 32 bytes.
 SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()

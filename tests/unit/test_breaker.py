@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from gcr.types import Critique
 from service.errors import CriticUnavailable, CritiqueUnparseable
-from service.protocol import Critique
 from workers.critics.breaker import CircuitBreaker, GuardedCritic
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from gcr.types import TEXT_FAITHFULNESS
 from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import load_templates
 from service.errors import CritiqueUnparseable
-from service.protocol import TEXT_FAITHFULNESS
 
 CORPUS = Path(__file__).parent / "critic_corpus"
 CASES = sorted(path.stem for path in CORPUS.glob("*.txt"))

@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from gcr.types import TEXT_FAITHFULNESS
 from service.critic.parser import NOT_APPLICABLE_ALLOWED, critique_regex, parse_critique
 from service.critic.templates import Template, load_templates
 from service.errors import CritiqueUnparseable
-from service.protocol import TEXT_FAITHFULNESS
 
 TEMPLATES = load_templates()
 WORDS = [

@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_loop_defaults_in_the_readme_match_the_code() -> None:
-    from service.protocol import LoopParams
+    from gcr.types import LoopParams
 
     defaults = LoopParams()
     for field in ("max_rounds", "threshold", "candidates_per_round", "patience", "seed_policy", "refine_from"):

@@ -24,7 +24,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.keys import PRIORITIES, Keys
+from gcr.types import PRIORITIES
+from service.jobs.keys import Keys
 from service.settings import Settings
 from tests.unit.test_deploy_files import VLLM_DEFAULT_PORT, flag
 

@@ -9,7 +9,7 @@ import sys
 def test_the_gateway_app_imports_nothing_from_workers() -> None:
     code = (
         "import sys\n"
-        "from service.api import create_app\n"
+        "from service.gateway.app import create_app\n"
         "from service.settings import Settings\n"
         "create_app(Settings())\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('workers', 'torch', 'diffusers')))\n"

@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.protocol import Candidate, Critique, DimensionScore, LoopParams, Round, overall_score
+from gcr.types import Candidate, Critique, DimensionScore, LoopParams, Round, overall_score
 from workers.loop import Continue, LoopPolicy, Stop, choose_candidate
 
 INSTRUCTION = "a red cube on a table"

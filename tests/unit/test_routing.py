@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from service import fleet
 from service.errors import InvalidInput, NoWorker, UnknownModel
+from service.gateway import fleet
 from service.settings import Settings
 from workers.worker import served_model
 

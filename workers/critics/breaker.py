@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 
+from gcr.types import Critique, Mode
 from service.errors import CriticError, CriticTimeout, CriticUnavailable
-from service.protocol import Critique, Mode
 from workers.runner import Critic
 
 

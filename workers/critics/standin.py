@@ -41,8 +41,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gcr.types import overall_score
 from service.critic.templates import load_templates
-from service.protocol import overall_score
 from service.servers import serving_in_thread
 from workers.critics.standin_config import ScoreEntry, StandinConfig
 

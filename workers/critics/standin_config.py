@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.protocol import TEXT_RENDERING, known_dimensions
+from gcr.types import TEXT_RENDERING, known_dimensions
 
 
 def _coerce_entry(value: Any) -> Any:

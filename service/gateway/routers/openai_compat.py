@@ -1,7 +1,7 @@
 """The OpenAI images API over the whole Generate-Critique-Refine loop.
 
 `POST /v1/images/generations` (JSON) and `POST /v1/images/edits` (multipart) take
-OpenAI's request shapes (see `service.openai_images`), run one gcr job and answer in
+OpenAI's request shapes (see `service.gateway.openai_images`), run one gcr job and answer in
 OpenAI's shape with the best image(s) of all rounds: `data[].b64_json` (the default) or
 `data[].url` (a gateway link, fetched with the same Bearer key), and
 `data[].revised_prompt`, the prompt of the round that made the image. The job id comes
@@ -13,7 +13,7 @@ One call, one job: once the job exists, every error answer carries `x-should-ret
 false` (the `openai` package and others honour it), since a retry would submit a second
 job; `Idempotency-Key` works as on `POST /generate`. The call waits for the job up to
 `GCR_OPENAI_WAIT_S`, then answers 504 `job_still_running` naming the job to poll.
-Errors come in OpenAI's shape (`service.api`).
+Errors come in OpenAI's shape (`service.gateway.app`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from fastapi import APIRouter, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from service import fleet, links
-from service.deps import Caller, State
+from gcr.types import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
 from service.errors import GcrError, InternalError, InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
-from service.gateway_state import GatewayState
-from service.openai_images import (
+from service.gateway import fleet, links
+from service.gateway.deps import Caller, State
+from service.gateway.openai_images import (
     GcrOptions,
     ImageGenerationRequest,
     OutputFormat,
@@ -47,9 +47,9 @@ from service.openai_images import (
     stream_event,
     usage,
 )
-from service.protocol import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
-from service.streams import HeldEventSource
-from service.submit import submit, validation_error
+from service.gateway.state import GatewayState
+from service.gateway.streams import HeldEventSource
+from service.gateway.submit import submit, validation_error
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -5,7 +5,7 @@ over the route's limit is answered 413 at once, and a body without one (chunked)
 counted as it arrives and cut off at the limit, so no route ever buffers more than
 its own limit. Routes not named get `default_bytes`. A body that stops arriving (a
 Content-Length with nothing behind it) is answered 408 after `timeout_s`. Both
-answers have the API's error shape (`service.api` turns the HTTPException into it).
+answers have the API's error shape (`service.gateway.app` turns the HTTPException into it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.protocol import ErrorBody, ErrorResponse
+from gcr.types import ErrorBody, ErrorResponse
 
 
 class BodyLimitMiddleware:

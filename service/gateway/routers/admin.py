@@ -6,9 +6,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from service import links
-from service.deps import ERROR_RESPONSES, Before, Caller, State
-from service.protocol import JobList
+from gcr.types import JobList
+from service.gateway import links
+from service.gateway.deps import ERROR_RESPONSES, Before, Caller, State
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
-from service.keys import Keys
-from service.redis_client import SOCKET_TIMEOUT_S, connect
+from service.jobs.connection import SOCKET_TIMEOUT_S, connect
+from service.jobs.keys import Keys
 
 log = logging.getLogger("gcr.listener")
 

@@ -21,7 +21,10 @@ from pydantic import (
     model_serializer,
 )
 
-from service.keys import MODEL_NAME
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+# A model name as requests, workers and stream keys carry it: no whitespace, no glob characters.
+MODEL_NAME = r"^[^\s\x00-\x1f\x7f*?\[\]]{1,200}$"
+MODES: tuple[str, ...] = ("t2i", "edit")
 
 Mode = Literal["t2i", "edit"]
 Priority = Literal["high", "normal", "low"]

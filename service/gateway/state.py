@@ -8,20 +8,20 @@ import hashlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from service import fleet
-from service.artifacts import ArtifactStore
-from service.auth import Principal
+from gcr.types import DEFAULT_WEBHOOK_EVENTS, MODES, Critique, CritiqueRequest, GenerateRequest, JobDocument
 from service.errors import Conflict, GcrError, InvalidInput, NotFound, NoWorker, Unauthorized, UnknownModel
-from service.keys import MODES, Keys
-from service.listener import EventListener
-from service.protocol import DEFAULT_WEBHOOK_EVENTS, Critique, CritiqueRequest, GenerateRequest, JobDocument
-from service.queue import JobQueue
-from service.ratelimit import RateLimiter
-from service.redis_client import connect
+from service.gateway import fleet
+from service.gateway.auth import Principal
+from service.gateway.ratelimit import RateLimiter
+from service.gateway.streams import StreamSlots
+from service.gateway.uploads import check_image, check_mode_images, decode_base64_image
+from service.jobs.artifacts import ArtifactStore
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
+from service.jobs.listener import EventListener
+from service.jobs.queue import JobQueue
+from service.jobs.store import JobStore
 from service.settings import Settings
-from service.store import JobStore
-from service.streams import StreamSlots
-from service.uploads import check_image, check_mode_images, decode_base64_image
 
 if TYPE_CHECKING:
     from service.critic.client import OpenAICritic
@@ -206,7 +206,7 @@ class GatewayState:
         return self._fleet
 
     async def route(self, mode: str, model: str | None) -> str:
-        """The model a job goes to (see `service.fleet.route`). A refusal is decided on a
+        """The model a job goes to (see `service.gateway.fleet.route`). A refusal is decided on a
         fresh read of the heartbeats, so a worker that just started is seen at once."""
         defaults, stale_s = self.settings.default_models, self.settings.worker_stale_s
         try:
@@ -218,7 +218,7 @@ class GatewayState:
             return fleet.route(await self.fleet(fresh=True), mode, model, defaults, stale_s, known=known)
 
     async def pixel_cap(self, model: str, mode: str, width: int | None, height: int | None) -> int | None:
-        """The cap a job's size exceeds on every ready worker of `model` (`service.fleet.pixel_cap`)."""
+        """The cap a job's size exceeds on every ready worker of `model` (`service.gateway.fleet.pixel_cap`)."""
         return fleet.pixel_cap(await self.fleet(), model, mode, width, height)
 
     # --- readiness ----------------------------------------------------------------------------

@@ -26,9 +26,9 @@ import redis as redis_sync
 import uvicorn
 
 from service import servers
-from service.api import create_app
-from service.console import console, submit_and_follow
-from service.keys import Keys
+from service.cli.console import console, submit_and_follow
+from service.gateway.app import create_app
+from service.jobs.keys import Keys
 from service.servers import free_port
 from service.settings import Settings
 

@@ -9,10 +9,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
-# A model name as requests, workers and stream keys carry it: no whitespace, no glob characters.
-MODEL_NAME = r"^[^\s\x00-\x1f\x7f*?\[\]]{1,200}$"
-MODES: tuple[str, ...] = ("t2i", "edit")
 CONSUMER_GROUP = "workers"
 
 

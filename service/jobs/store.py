@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as redis
 from pydantic import BaseModel
 
-from service.artifacts import ArtifactStore
+from gcr.types import PRIORITIES, JobDocument, JobError, JobEvent, Round
 from service.errors import NotFound, QueueFull
-from service.keys import PRIORITIES, Keys
-from service.protocol import JobDocument, JobError, JobEvent, Round
-from service.redis_client import idempotent_read, translate_errors
+from service.jobs.artifacts import ArtifactStore
+from service.jobs.connection import idempotent_read, translate_errors
+from service.jobs.keys import Keys
 
 if TYPE_CHECKING:
-    from service.listener import EventListener
+    from service.jobs.listener import EventListener
 
 EVENTS_MAXLEN = 5000
 # Queue position orders by priority first, then by submit time.

@@ -25,8 +25,9 @@ from typing import Any
 import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
 
-from service.keys import CONSUMER_GROUP, MODES, PRIORITIES, Keys
-from service.redis_client import idempotent_read, translate_errors
+from gcr.types import MODES, PRIORITIES
+from service.jobs.connection import idempotent_read, translate_errors
+from service.jobs.keys import CONSUMER_GROUP, Keys
 
 # Which priority each claim slot tries first (then the others, highest first):
 # out of 8 claims under full load, high gets 5, normal 2 and low 1.
@@ -60,9 +61,7 @@ class Claim:
 class JobQueue:
     """The worker's view of the queue (and the gateway's read-only stats)."""
 
-    def __init__(
-        self, client: redis.Redis, keys: Keys, model: str | None = None, modes: Iterable[str] = MODES
-    ) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, model: str | None = None, modes: Iterable[str] = MODES) -> None:
         """`model`: the model whose streams a worker claims from; the gateway's queue (stats,
         heartbeats) has none and claims nothing."""
         self.redis = client

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Header, Path, Query, Request
 
-from service.auth import Principal, authenticate
+from gcr.types import ErrorResponse
 from service.errors import NotFound
-from service.gateway_state import GatewayState
-from service.protocol import ErrorResponse
+from service.gateway.auth import Principal, authenticate
+from service.gateway.state import GatewayState
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 404, 408, 409, 422, 429, 502, 503, 504)

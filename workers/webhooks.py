@@ -33,12 +33,12 @@ from typing import Any, Literal
 import httpx
 from standardwebhooks import Webhook
 
+from gcr.types import JobDocument, WebhookStatus
 from service.errors import GcrError, InvalidInput
+from service.jobs.store import JobStore
 from service.netguard import check_public_url
-from service.protocol import JobDocument, WebhookStatus
 from service.retrying import retrying
 from service.settings import Settings
-from service.store import JobStore
 
 log = logging.getLogger("gcr.webhooks")
 

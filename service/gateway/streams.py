@@ -1,7 +1,7 @@
 """How many event streams and waits one gateway holds open, per key and in all.
 
 An open stream costs a socket and a little memory, never a Redis connection (see
-`service.listener`); the limits keep one client from taking every socket a gateway
+`service.jobs.listener`); the limits keep one client from taking every socket a gateway
 has. They count per gateway process, so a fleet of N replicas holds N times as many.
 The decision is taken before a stream starts: beyond a limit the client gets a 429
 with Retry-After in the one error body, never a stream that fails later.

@@ -5,7 +5,7 @@ Redis. Errors of every kind leave through one handler as one body shape:
 `{"error": {"code", "message", "field", "retryable"}}` (OpenAI's
 `{"error": {"message", "type", "param", "code"}}` on /v1); an unexpected exception is a
 JSON 500 with a request id, never Starlette's plain text. The routes live in
-`service/routers/` (jobs, critique, admin, health, the OpenAI-compatible images API).
+`service/gateway/routers/` (jobs, critique, admin, health, the OpenAI-compatible images API).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import http_metrics
-from service.body_limit import BodyLimitMiddleware
+from gcr.types import ErrorBody, ErrorResponse
 from service.errors import GcrError, RateLimited, Unauthorized
-from service.gateway_state import GatewayState
-from service.protocol import ErrorBody, ErrorResponse
-from service.routers import admin, critique, health, jobs, openai_compat, studio
+from service.gateway import http_metrics
+from service.gateway.body_limit import BodyLimitMiddleware
+from service.gateway.routers import admin, critique, health, jobs, openai_compat, studio
+from service.gateway.state import GatewayState
+from service.gateway.submit import JSON_OVERHEAD_BYTES
 from service.settings import Settings
-from service.submit import JSON_OVERHEAD_BYTES
 
 log = logging.getLogger("gcr.gateway")
 

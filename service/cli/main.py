@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from gcr.types import Critique, Mode
 from service.errors import GcrError
-from service.protocol import Critique, Mode
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def serve(host: str | None, port: int | None) -> None:
     """Run the HTTP gateway."""
     import uvicorn
 
-    from service.api import create_app
+    from service.gateway.app import create_app
 
     settings = _settings(host=host, port=port)
     _logging(settings.log_format)
@@ -213,7 +213,7 @@ def generate(
     """Submit PROMPT to a running gateway; with --wait, show progress and save the best image.
 
     Rounds are numbered from 1 in what it prints (the job's JSON keeps `index` from 0)."""
-    from service.console import build_request, submit_and_follow
+    from service.cli.console import build_request, submit_and_follow
 
     body = build_request(prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size, model)
     code = asyncio.run(submit_and_follow(url, body, wait=wait, out=out, as_json=as_json, api_key=api_key))
@@ -343,7 +343,7 @@ def model_defaults(model: str, as_json: bool) -> None:
 @click.option("--once", is_flag=True, help="With --demo: exit with the demo job's status instead of serving on.")
 def up(dev: bool, port: int, generator: str, demo: bool, critic_latency: float, once: bool) -> None:
     """Run the whole stack on this machine: Redis (if none answers), gateway, worker, stand-in critic."""
-    from service.devstack import run_dev_stack
+    from service.cli.devstack import run_dev_stack
 
     if not dev:
         raise click.UsageError(
@@ -380,7 +380,7 @@ def keys() -> None:
 @click.option("--tenant", required=True, help="Name of the tenant this key acts for.")
 def keys_new(tenant: str) -> None:
     """Make a new API key; prints the key (give it to the client) and the GCR_API_KEYS entry (keep only that)."""
-    from service.auth import new_key
+    from service.gateway.auth import new_key
     from service.settings import TENANT_NAME, TENANT_RULE
 
     if not TENANT_NAME.fullmatch(tenant):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import ERROR_RESPONSES, Caller, State
-from service.protocol import Critique, CritiqueRequest
+from gcr.types import Critique, CritiqueRequest
+from service.gateway.deps import ERROR_RESPONSES, Caller, State
 
 router = APIRouter(tags=["critique"])
 

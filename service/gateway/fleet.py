@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from gcr.types import MODES
 from service.errors import NoWorker, UnknownModel
-from service.keys import MODES
 
 Heartbeat = dict[str, Any]
 """What one live worker reported: id, state, model, modes, ..."""

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gcr import AsyncClient
 from gcr.errors import APIConnectionError, GcrError
-from service.protocol import JobDocument
+from gcr.types import JobDocument
 
 console = Console(stderr=True)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
-from service.protocol import JobDocument
+from gcr.types import JobDocument
 from service.settings import Settings
 
 

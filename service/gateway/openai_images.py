@@ -1,6 +1,6 @@
 """OpenAI's images API over a gcr job: request shapes in, answers and stream events out.
 
-The routes (`service/routers/openai_compat.py`) do the I/O; this module turns OpenAI's
+The routes (`service/gateway/routers/openai_compat.py`) do the I/O; this module turns OpenAI's
 request into a `GenerateRequest` and a finished (or finishing) job into OpenAI's answer.
 
 Requests take OpenAI's fields, vLLM-Omni's diffusion extras (`seed`,
@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gcr.types import Candidate, GenerateRequest, JobDocument, Round
 from service.errors import InvalidInput
-from service.protocol import Candidate, GenerateRequest, JobDocument, Round
-from service.submit import validation_error
+from service.gateway.submit import validation_error
 
 ResponseFormat = Literal["b64_json", "url"]
 OutputFormat = Literal["png", "jpeg", "webp"]

@@ -8,9 +8,9 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import http_metrics
-from service.deps import State
 from service.errors import GcrError
+from service.gateway import http_metrics
+from service.gateway.deps import State
 
 router = APIRouter(tags=["health"])
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import redis.asyncio as redis
 
 from service.errors import RateLimited
-from service.keys import Keys
-from service.redis_client import translate_errors
+from service.jobs.connection import translate_errors
+from service.jobs.keys import Keys
 
 _TAKE = """
 local rate = tonumber(ARGV[1])

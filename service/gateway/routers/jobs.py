@@ -11,13 +11,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from service import links
-from service.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Before, Caller, JobId, State
+from gcr.types import TERMINAL_STATUSES, JobDocument, JobEvent, JobList
 from service.errors import InvalidInput, NotFound, StoreUnavailable
-from service.gateway_state import GatewayState
-from service.protocol import TERMINAL_STATUSES, JobDocument, JobEvent, JobList
-from service.streams import HeldEventSource
-from service.submit import parse_generate_body, submit
+from service.gateway import links
+from service.gateway.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Before, Caller, JobId, State
+from service.gateway.state import GatewayState
+from service.gateway.streams import HeldEventSource
+from service.gateway.submit import parse_generate_body, submit
 
 router = APIRouter(tags=["jobs"])
 

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 from starlette.types import Scope
 
-from service.deps import State
+from service.gateway.deps import State
 from service.settings import Settings
 
 STUDIO = Path(__file__).resolve().parent.parent / "studio"

@@ -12,14 +12,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from service import http_metrics
-from service.auth import Principal
+from gcr.types import MAX_SEED, GenerateRequest, JobDocument
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from service.gateway_state import GatewayState
+from service.gateway import http_metrics
+from service.gateway.auth import Principal
+from service.gateway.state import GatewayState
+from service.gateway.uploads import check_image, check_mode_images, decode_base64_image
 from service.netguard import check_public_url
-from service.protocol import MAX_SEED, GenerateRequest, JobDocument
 from service.settings import Settings
-from service.uploads import check_image, check_mode_images, decode_base64_image
 
 JSON_OVERHEAD_BYTES = 1024 * 1024
 

@@ -1,0 +1,1 @@
+"""The `gcr` command: its entry point is `service.cli.main:main`."""

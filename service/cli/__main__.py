@@ -1,0 +1,5 @@
+"""`python -m service.cli`: the `gcr` command."""
+
+from service.cli.main import main
+
+main()
