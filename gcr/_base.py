@@ -11,10 +11,8 @@ never makes a second job.
 from __future__ import annotations
 
 import base64
-import random
 import uuid
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import httpx
 from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
+from gcr.backoff import equal_jitter_s, retry_after_s
 from gcr.errors import APIConnectionError, APIStatusError, from_body
 from gcr.types import GenerationParams, JobEvent, LoopParams
 
@@ -92,25 +91,7 @@ def raise_for_status(response: httpx.Response) -> None:
         body: Any = response.json()
     except ValueError:
         body = response.text
-    raise from_body(response.status_code, body, retry_after(response))
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date), if any."""
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    import time
-
-    return max(0.0, when.timestamp() - time.time())
+    raise from_body(response.status_code, body, retry_after_s(response))
 
 
 def retry_delay(error: Exception, attempt: int, max_retries: int) -> float | None:
@@ -124,8 +105,7 @@ def retry_delay(error: Exception, attempt: int, max_retries: int) -> float | Non
             return min(error.retry_after_s, RETRY_AFTER_CAP_S)
     elif not isinstance(error, APIConnectionError):
         return None
-    ceiling = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**attempt)
-    return random.uniform(ceiling / 2, ceiling)
+    return equal_jitter_s(attempt, BACKOFF_FIRST_S, BACKOFF_CAP_S)
 
 
 def unreachable(base_url: httpx.URL, exc: httpx.TransportError) -> APIConnectionError:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 from tenacity import (
@@ -30,6 +29,8 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from gcr.backoff import equal_jitter_s
+
 Sleep = Callable[[float], Awaitable[None]]
 Wait = Callable[[RetryCallState], float]
 
@@ -38,8 +39,7 @@ def equal_jitter(first_s: float, cap_s: float) -> Wait:
     """Delay before retry n (n = 1, 2, ...): uniform in [d/2, d], d = min(cap, first * 2**(n-1))."""
 
     def wait(state: RetryCallState) -> float:
-        ceiling = min(cap_s, first_s * 2 ** (state.attempt_number - 1))
-        return random.uniform(ceiling / 2, ceiling)
+        return equal_jitter_s(state.attempt_number - 1, first_s, cap_s)
 
     return wait
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,7 +26,7 @@ import httpx
 from prometheus_client import Counter
 from tenacity import RetryCallState
 
-from gcr._base import retry_after as retry_after_s
+from gcr.backoff import equal_jitter_s, retry_after_s
 from gcr.types import Critique, Mode
 from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import ImageInput, Template, build_messages, load_templates
@@ -246,8 +245,7 @@ class OpenAICritic:
         return self._backoff(attempt)
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(BACKOFF_CAP_S, self.backoff_base_s * 2**attempt)
-        return random.uniform(ceiling / 2, ceiling)  # equal jitter: spread, but never zero
+        return equal_jitter_s(attempt, self.backoff_base_s, BACKOFF_CAP_S)
 
     def _retry_delay(self, attempt: int, response: httpx.Response) -> float:
         if response.status_code == 429:

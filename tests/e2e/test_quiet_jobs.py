@@ -23,10 +23,10 @@ from click.testing import CliRunner
 
 import gcr
 from gcr import client as sync_client_module
-from service import listener as listener_module
 from service.evaluation.cli import eval_command
 from service.evaluation.records import read_jsonl
 from service.gateway.routers import jobs as jobs_router
+from service.jobs import listener as listener_module
 from tests.e2e.test_crash_safety import ROOT
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service import listener as listener_module
+from service.jobs import listener as listener_module
 from service.jobs.connection import connect
 from service.jobs.keys import Keys
 from service.jobs.listener import EventListener

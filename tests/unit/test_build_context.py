@@ -94,7 +94,7 @@ def test_the_wheel_built_from_the_image_context_holds_every_declared_package(tmp
 @pytest.mark.timeout(180)
 def test_a_dockerignore_without_the_sdk_fails_the_guard(tmp_path: Path) -> None:
     """The defect this guards against: `!gcr/` missing, so the wheel has no SDK and the
-    console script (gcr._entry) points at nothing."""
+    package is gone."""
     rules = [rule for rule in dockerignore_rules((ROOT / ".dockerignore").read_text()) if rule != "!gcr/"]
     wheel = build_wheel(build_context(rules, tmp_path), tmp_path)
     missing = missing_from(wheel)
