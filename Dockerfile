@@ -32,11 +32,12 @@ RUN groupadd --system --gid 10001 gcr \
 # The project as one wheel; both runtime images install it and neither keeps the source tree.
 FROM base AS wheel
 WORKDIR /src
-# .dockerignore is an allow-list: this copies pyproject.toml, README.md, LICENSE and the
-# packages (gcr/, service/, workers/); tests/unit/test_build_context.py builds the wheel
-# from exactly that context and checks it holds every package pyproject.toml declares.
+# .dockerignore is an allow-list: this copies pyproject.toml, README.md, LICENSE, sdk/ and
+# the packages (gcr/, service/, workers/); tests/unit/test_build_context.py builds the
+# wheels from exactly that context and checks they hold every package declared.
+# Two wheels: gcr-sdk (sdk/, the `gcr` package) and gcr-service, which depends on it.
 COPY . .
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels ./sdk .
 
 # ---------------------------------------------------------------------------------
 FROM base AS gateway
@@ -46,7 +47,7 @@ FROM base AS gateway
 # mount source (podman users build this file too). The wheel is ~1 MB.
 COPY --from=wheel /wheels /wheels
 RUN --mount=type=bind,source=constraints,target=/constraints \
-    pip install -c /constraints/lock.txt "$(echo /wheels/gcr-*.whl)[server]"
+    pip install -c /constraints/lock.txt /wheels/gcr_sdk-*.whl /wheels/gcr_service-*.whl
 # numeric (the gcr user): a kubelet can check runAsNonRoot only against a number
 USER 10001:10001
 WORKDIR /home/gcr
@@ -89,7 +90,7 @@ RUN --mount=type=bind,source=constraints,target=/constraints \
     fi
 COPY --from=wheel /wheels /wheels
 RUN --mount=type=bind,source=constraints,target=/constraints \
-    pip install -c /constraints/lock.txt "$(echo /wheels/gcr-*.whl)[worker]"
+    pip install -c /constraints/lock.txt /wheels/gcr_sdk-*.whl "$(echo /wheels/gcr_service-*.whl)[worker]"
 # NOTE: a named volume mounted on an empty image directory starts with the image's
 # ownership, so these two must exist and belong to gcr before the volume is attached.
 RUN mkdir -p /cache/huggingface /cache/gcr && chown -R gcr:gcr /cache

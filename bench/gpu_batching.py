@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import torch
     except ImportError:
-        print("torch is not installed (pip install 'gcr[worker]'): nothing to measure", file=sys.stderr)
+        print("torch is not installed (pip install 'gcr-service[worker]'): nothing to measure", file=sys.stderr)
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         message = "no CUDA device: skipping the GPU batching benchmark (--device cpu --tiny checks the script)"

@@ -34,7 +34,7 @@ def write_reports(out_dir: Path, summary: dict[str, Any], *, plot: bool = True) 
         try:
             from service.evaluation.plot import plot_curves
         except ImportError:
-            log.warning("matplotlib is not installed (pip install 'gcr[eval]'): no %s", PLOT)
+            log.warning("matplotlib is not installed (pip install 'gcr-service[eval]'): no %s", PLOT)
         else:
             if plot_curves(summary, out_dir / PLOT):
                 written.append(out_dir / PLOT)

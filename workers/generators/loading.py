@@ -198,7 +198,7 @@ def load_pipeline(settings: Settings, model: str) -> Any:
     try:
         diffusers = _import_diffusers()
     except ImportError as exc:
-        raise GeneratorError(f"the diffusers backend needs gcr[worker] installed: {one_line(exc)}") from exc
+        raise GeneratorError(f"the diffusers backend needs gcr-service[worker] installed: {one_line(exc)}") from exc
     device = resolve_device(settings.generator_device)
     dtype = resolve_dtype(settings.generator_dtype, device)
     if settings.cpu_offload and not device.startswith("cuda"):
