@@ -14,8 +14,14 @@
         ├── RateLimitError          429 rate_limited (retryable)
         ├── TooManyStreamsError     429 too_many_streams: this key's open streams (retryable)
         ├── NoWorkerError           503 no_worker (retryable)
-        ├── StoreUnavailableError   503 store_unavailable (retryable)
-        └── CriticError             502/503/504 critic_* and critique_unparseable
+        ├── StoreUnavailableError   503 store_unavailable, artifact_store_error (retryable)
+        ├── CriticError             502/503/504 critic_* and critique_unparseable
+        └── ServerError             500 internal and the generator's codes
+
+`CODES` is the one table of error codes: for each, its HTTP status, whether a retry
+can help, and the class the SDK raises. The gateway's exceptions (service/errors.py)
+take their status and retryability from it, and a test walks every one of them, so the
+server's codes and these classes cannot drift apart.
 
 Every error carries `status`, `code`, `message`, `field` and `retryable`, as the
 error body does; `retry_after_s` when the gateway sent `Retry-After`; `choices` when
@@ -24,7 +30,7 @@ the body lists the accepted values (unknown_model).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class GcrError(Exception):
@@ -111,25 +117,46 @@ class StoreUnavailableError(APIStatusError): ...
 class CriticError(APIStatusError): ...
 
 
-BY_CODE: dict[str, type[APIStatusError]] = {
-    "invalid_input": InvalidInputError,
-    "unknown_model": UnknownModelError,
-    "payload_too_large": InvalidInputError,
-    "unsupported_media_type": InvalidInputError,
-    "unauthorized": AuthenticationError,
-    "not_found": NotFoundError,
-    "conflict": ConflictError,
-    "request_timeout": RequestTimeoutError,
-    "queue_full": QueueFullError,
-    "rate_limited": RateLimitError,
-    "too_many_streams": TooManyStreamsError,
-    "no_worker": NoWorkerError,
-    "store_unavailable": StoreUnavailableError,
-    "artifact_store_error": StoreUnavailableError,
-    "critic_error": CriticError,
-    "critic_unavailable": CriticError,
-    "critic_timeout": CriticError,
-    "critique_unparseable": CriticError,
+class ServerError(APIStatusError): ...
+
+
+class Code(NamedTuple):
+    """One error code: the status the gateway answers it with, whether the same request
+    may succeed later, and the class the SDK raises for it."""
+
+    status: int
+    retryable: bool
+    exception: type[APIStatusError]
+
+
+CODES: dict[str, Code] = {
+    "invalid_input": Code(422, False, InvalidInputError),
+    "unknown_model": Code(422, False, UnknownModelError),
+    "payload_too_large": Code(413, False, InvalidInputError),
+    "unsupported_media_type": Code(415, False, InvalidInputError),
+    "bad_request": Code(400, False, InvalidInputError),
+    "method_not_allowed": Code(405, False, InvalidInputError),
+    "unauthorized": Code(401, False, AuthenticationError),
+    "not_found": Code(404, False, NotFoundError),
+    "artifact_gone": Code(410, False, NotFoundError),
+    "conflict": Code(409, True, ConflictError),
+    "request_timeout": Code(408, False, RequestTimeoutError),
+    "queue_full": Code(429, True, QueueFullError),
+    "rate_limited": Code(429, True, RateLimitError),
+    "too_many_streams": Code(429, True, TooManyStreamsError),
+    "no_worker": Code(503, True, NoWorkerError),
+    "store_unavailable": Code(503, True, StoreUnavailableError),
+    "artifact_store_error": Code(503, True, StoreUnavailableError),
+    "job_still_running": Code(504, False, APIStatusError),
+    "critic_error": Code(502, False, CriticError),
+    "critic_timeout": Code(504, True, CriticError),
+    "critic_unavailable": Code(503, True, CriticError),
+    "critique_unparseable": Code(502, False, CriticError),
+    "internal": Code(500, False, ServerError),
+    "generator_error": Code(500, False, ServerError),
+    "generator_out_of_memory": Code(500, False, ServerError),
+    "device_unavailable": Code(500, False, ServerError),
+    "generator_interrupted": Code(500, False, ServerError),
 }
 
 
@@ -140,7 +167,8 @@ def from_body(status: int, body: Any, retry_after_s: float | None = None) -> API
         text = str(body)[:300] if body else f"HTTP {status}"
         return APIStatusError(status, "http_error", text, retryable=status in (429, 502, 503, 504))
     code = str(error.get("code", "http_error"))
-    cls = BY_CODE.get(code, APIStatusError)
+    known = CODES.get(code)
+    cls = known.exception if known is not None else APIStatusError
     return cls(
         status,
         code,

@@ -38,13 +38,24 @@ as data (`JobError`: code, message, retryable), built from one of these.
 
 from __future__ import annotations
 
+from typing import Any
+
+from gcr.errors import CODES
+
 
 class GcrError(Exception):
     """Base of every error gcr raises on purpose."""
 
     code = "internal"
-    status_code = 500
-    retryable = False
+    status_code = CODES["internal"].status
+    retryable = CODES["internal"].retryable
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that names its `code` answers with that code's status and retryability,
+        as the one table (gcr.errors.CODES) gives them."""
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            cls.status_code, cls.retryable = CODES[cls.code].status, CODES[cls.code].retryable
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -58,7 +69,6 @@ class GcrError(Exception):
 
 class InvalidInput(GcrError):
     code = "invalid_input"
-    status_code = 422
 
 
 class UnknownModel(InvalidInput):
@@ -73,17 +83,14 @@ class UnknownModel(InvalidInput):
 
 class PayloadTooLarge(InvalidInput):
     code = "payload_too_large"
-    status_code = 413
 
 
 class UnsupportedMediaType(InvalidInput):
     code = "unsupported_media_type"
-    status_code = 415
 
 
 class NotFound(GcrError):
     code = "not_found"
-    status_code = 404
 
     @classmethod
     def job(cls, job_id: str) -> NotFound:
@@ -95,30 +102,22 @@ class ArtifactGone(NotFound):
     """The job exists, but one of its images is no longer stored (it expired, or was removed)."""
 
     code = "artifact_gone"
-    status_code = 410
 
 
 class Conflict(GcrError):
     code = "conflict"
-    status_code = 409
-    retryable = True
 
 
 class Unauthorized(GcrError):
     code = "unauthorized"
-    status_code = 401
 
 
 class QueueFull(GcrError):
     code = "queue_full"
-    status_code = 429
-    retryable = True
 
 
 class RateLimited(GcrError):
     code = "rate_limited"
-    status_code = 429
-    retryable = True
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
@@ -130,14 +129,10 @@ class TooManyStreams(GcrError):
     open streams and waits (GCR_MAX_OPEN_STREAMS_PER_KEY, GCR_MAX_OPEN_STREAMS)."""
 
     code = "too_many_streams"
-    status_code = 429
-    retryable = True
 
 
 class StoreUnavailable(GcrError):
     code = "store_unavailable"
-    status_code = 503
-    retryable = True
 
 
 class InternalError(GcrError):
@@ -151,23 +146,18 @@ class ArtifactStoreError(GcrError):
     over and over; at the gateway it is a retryable 503."""
 
     code = "artifact_store_error"
-    status_code = 503
-    retryable = True
 
 
 class NoWorker(GcrError):
     """Refused at submit: no worker that serves this mode has heartbeated recently."""
 
     code = "no_worker"
-    status_code = 503
-    retryable = True
 
 
 class JobStillRunning(GcrError):
     """A call that waits for its job (the OpenAI images API) ran out of time; the job goes on."""
 
     code = "job_still_running"
-    status_code = 504
 
     def __init__(self, message: str, *, job_id: str) -> None:
         super().__init__(message, field="job_id")
@@ -189,19 +179,14 @@ class JobFailed(GcrError):
 
 class CriticError(GcrError):
     code = "critic_error"
-    status_code = 502
 
 
 class CriticTimeout(CriticError):
     code = "critic_timeout"
-    status_code = 504
-    retryable = True
 
 
 class CriticUnavailable(CriticError):
     code = "critic_unavailable"
-    status_code = 503
-    retryable = True
 
 
 class CritiqueUnparseable(CriticError):
@@ -212,7 +197,6 @@ class CritiqueUnparseable(CriticError):
     """
 
     code = "critique_unparseable"
-    status_code = 502
 
     def __init__(self, message: str, *, missing: list[str] | None = None, raw: str = "") -> None:
         super().__init__(message)
@@ -222,7 +206,6 @@ class CritiqueUnparseable(CriticError):
 
 class GeneratorError(GcrError):
     code = "generator_error"
-    status_code = 500
 
 
 class GeneratorOutOfMemory(GeneratorError):
