@@ -95,7 +95,7 @@ class GenerationParams(ClientBody):
 
 
 class LoopParams(ClientBody):
-    """When to stop, and how to refine. Defaults are explained in the README."""
+    """When to stop, and how to refine. Defaults are explained in docs/loop.md."""
 
     max_rounds: int = Field(3, ge=1, le=20, description="Generate-critique rounds at most.")
     threshold: float = Field(0.75, ge=0, le=1, description="Accept when the overall score (0-1) reaches this.")

@@ -1,7 +1,7 @@
 """The one settings object, read from `GCR_*` environment variables at start-up.
 
 Every process (`gcr serve`, `gcr worker`, `gcr critique`, ...) builds one `Settings`
-and passes it down; no other module reads `os.environ`. The README's configuration
+and passes it down; no other module reads `os.environ`. docs/configuration.md's
 table lists these fields; `tests/unit/test_docs.py` keeps the two in step.
 """
 

@@ -149,7 +149,7 @@ def judge(estimate: MemoryEstimate, device: str, free: int, total: int) -> Verdi
     others = total - free
     advice = [
         "lower VLLM_GPU_MEMORY_UTILIZATION (vLLM takes that share of the whole card)",
-        "use a second GPU (see the README's GPU section)",
+        "use a second GPU (see docs/gpu.md)",
     ]
     if estimate.max_batch > 1:
         advice.insert(1, f"lower GCR_MAX_BATCH (now {estimate.max_batch})")
