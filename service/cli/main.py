@@ -347,7 +347,7 @@ def up(dev: bool, port: int, generator: str, demo: bool, critic_latency: float, 
 
     if not dev:
         raise click.UsageError(
-            "gcr up runs the offline stack only: add --dev. On a GPU host use docker compose (README: On a GPU host; docs/gpu.md)."
+            "gcr up runs the offline stack only: add --dev. On a GPU host use docker compose (docs/gpu.md)."
         )
     _logging("text")
     try:
