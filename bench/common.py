@@ -29,8 +29,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import httpx  # noqa: E402
 
-from service.jobs.keys import Keys  # noqa: E402
-
 # NOTE: redis is imported inside the functions that use it. bench/gpu_validate.py uses
 # this module's output helpers on the GPU machine, which has no redis package (see
 # bench/gpu_kit.py: every top-level import here is a wheel to carry there).
@@ -112,20 +110,6 @@ def gateway_env(redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
         "GCR_LOG_FORMAT": "text",
         **extra,
     }
-
-
-def delete_prefix(redis_url: str, prefix: str) -> int:
-    """Delete every key under `prefix:` (the benchmark's own); returns how many."""
-    import redis as redis_sync
-
-    client = redis_sync.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-        return len(keys)
-    finally:
-        client.close()
 
 
 # --- a lean HTTP/1.1 load client ----------------------------------------------------------------

@@ -50,7 +50,6 @@ from bench.common import (  # noqa: E402
     DEFAULT_REDIS_URL,
     Column,
     HttpConnection,
-    delete_prefix,
     gateway_env,
     machine_info,
     percentile,
@@ -59,6 +58,7 @@ from bench.common import (  # noqa: E402
     uvicorn_argv,
     write_json,
 )
+from service.jobs.connection import delete_prefix  # noqa: E402
 from service.servers import free_port  # noqa: E402
 
 TARGETS = ("gateway", "bare")

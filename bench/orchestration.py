@@ -71,7 +71,6 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 from bench.common import (  # noqa: E402
     DEFAULT_REDIS_URL,
     Column,
-    delete_prefix,
     gateway_env,
     machine_info,
     print_table,
@@ -82,6 +81,7 @@ from bench.common import (  # noqa: E402
 from gcr import AsyncClient  # noqa: E402
 from gcr.types import JobDocument  # noqa: E402
 from service.critic.client import OpenAICritic  # noqa: E402
+from service.jobs.connection import delete_prefix  # noqa: E402
 from service.servers import free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402

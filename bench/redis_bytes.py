@@ -31,6 +31,7 @@ from bench.common import write_json  # noqa: E402
 from gcr import AsyncClient  # noqa: E402
 from service.critic.client import OpenAICritic  # noqa: E402
 from service.gateway.app import create_app  # noqa: E402
+from service.jobs.connection import delete_prefix  # noqa: E402
 from service.servers import serving  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin import running_standin  # noqa: E402
@@ -44,10 +45,8 @@ def memory(redis_url: str, prefix: str) -> tuple[int, int]:
     client = redis_sync.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     used = sum(int(client.memory_usage(key) or 0) for key in keys)
-    if keys:
-        client.delete(*keys)
     client.close()
-    return used, len(keys)
+    return used, delete_prefix(redis_url, prefix)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

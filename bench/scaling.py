@@ -63,7 +63,6 @@ from bench.common import (
     DEFAULT_REDIS_URL,
     ROOT,
     Column,
-    delete_prefix,
     gateway_env,
     machine_info,
     print_table,
@@ -71,6 +70,7 @@ from bench.common import (
     uvicorn_argv,
     write_json,
 )
+from service.jobs.connection import delete_prefix
 from service.jobs.keys import Keys
 from service.servers import free_port
 from workers.critics.standin_config import StandinConfig

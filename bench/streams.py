@@ -47,7 +47,6 @@ from bench.common import (  # noqa: E402
     DEFAULT_REDIS_URL,
     Column,
     HttpConnection,
-    delete_prefix,
     gateway_env,
     machine_info,
     percentile,
@@ -57,6 +56,7 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from bench.gateway import idle_worker, load, poll_request, run_loop, submit_request  # noqa: E402
+from service.jobs.connection import delete_prefix  # noqa: E402
 from service.servers import free_port  # noqa: E402
 
 TARGET_FACTOR = 2.0

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis as redis_sync
 
-from service.jobs.keys import Keys
+from service.jobs.connection import delete_prefix
 from service.servers import free_port
 from tests.stack import Stack
 from workers.critics.standin import running_standin
@@ -36,11 +36,7 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
     """A key prefix of this test's own; only its keys are deleted afterwards."""
     prefix = f"gcr-test-{uuid.uuid4().hex[:12]}"
     yield prefix
-    client = redis_sync.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    delete_prefix(redis_url, prefix)
 
 
 @pytest.fixture

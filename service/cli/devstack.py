@@ -28,7 +28,7 @@ import uvicorn
 from service import servers
 from service.cli.console import console, submit_and_follow
 from service.gateway.app import create_app
-from service.jobs.keys import Keys
+from service.jobs.connection import delete_prefix
 from service.servers import free_port
 from service.settings import Settings
 
@@ -218,12 +218,7 @@ async def dev_stack(
 
 
 def _delete_keys(redis_url: str, prefix: str) -> None:
-    client = redis_sync.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
-        if keys:
-            client.delete(*keys)
+        delete_prefix(redis_url, prefix)
     except redis_sync.RedisError as exc:  # best effort: job keys still expire with their TTL
         log.warning("could not delete the dev stack's keys %s:*: %s", prefix, exc)
-    finally:
-        client.close()

@@ -18,10 +18,12 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
+import redis as redis_sync
 import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
 
 from service.errors import StoreUnavailable
+from service.jobs.keys import Keys
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -98,3 +100,16 @@ def idempotent_read(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coro
         return await translate_errors(fn)(*args, **kwargs)
 
     return wrapper
+
+
+def delete_prefix(redis_url: str, prefix: str) -> int:
+    """Delete every key under `prefix:` (a dev stack's, a benchmark's or a test's own), in
+    batches; returns how many. Synchronous: it runs as those end, outside any event loop."""
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=Keys(prefix).pattern(), count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        return len(keys)
+    finally:
+        client.close()

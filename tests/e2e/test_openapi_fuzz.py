@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis as redis_sync
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error, positive_data_acceptance
 
 from service.gateway.app import create_app
-from service.jobs.connection import connect
+from service.jobs.connection import connect, delete_prefix
 from service.jobs.keys import Keys
 from service.jobs.queue import JobQueue
 from service.servers import config, free_port, serving_in_thread
@@ -50,10 +49,7 @@ def gateway_url(redis_url: str) -> Iterator[str]:
     with serving_in_thread(uvicorn.Server(config(app, port, log_level="error"))):
         yield f"http://127.0.0.1:{port}"
     critic.__exit__(None, None, None)
-    client = redis_sync.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=Keys(prefix).pattern()))
-    if keys:
-        client.delete(*keys)
+    delete_prefix(redis_url, prefix)
 
 
 async def _idle_worker_heartbeat(redis_url: str, prefix: str) -> None:
