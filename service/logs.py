@@ -7,10 +7,12 @@ task carries `job_id`, whichever module logs it.
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import sys
 import time
+from typing import Any
+
+from pythonjsonlogger import json as jsonlogger
 
 current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("gcr_job", default=None)
 
@@ -21,21 +23,32 @@ class _JobFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": round(record.created, 3),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        job_id = getattr(record, "job_id", None)
-        if job_id:
-            entry["job_id"] = job_id
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+class JsonFormatter(jsonlogger.JsonFormatter):
+    """One JSON object per line (python-json-logger): ts, time, level, logger, message, and
+    job_id inside a job; exception with a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{created}{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={
+                "created": "ts",
+                "asctime": "time",
+                "levelname": "level",
+                "name": "logger",
+                "exc_info": "exception",
+            },
+            json_ensure_ascii=False,
+        )
+        self.converter = time.gmtime
+        self.default_time_format, self.default_msec_format = "%Y-%m-%dT%H:%M:%S", ""
+
+    def process_log_record(self, log_record: dict[str, Any]) -> dict[str, Any]:
+        log_record["ts"] = round(log_record["ts"], 3)
+        log_record["level"] = log_record["level"].lower()
+        if not log_record.get("job_id"):
+            log_record.pop("job_id", None)
+        return log_record
 
 
 def configure(fmt: str = "json", level: int = logging.INFO) -> None:
