@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from bench.common import Column, machine_info, print_table, write_json  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from workers.generators.base import Generator, GenRequest  # noqa: E402
+from workers.generators.base import NO_HOOKS, Generator, GenRequest, StepHooks  # noqa: E402
 from workers.scheduler import GenerationScheduler  # noqa: E402
 
 BATCHES = (1, 2, 4, 8)
@@ -149,8 +149,8 @@ class Sized:
         )
         return self.inner.resolve(sized)
 
-    def generate(self, requests: Sequence[GenRequest], on_step: Any = None, interrupt: Any = None) -> Any:
-        return self.inner.generate([self.resolve(r) for r in requests], on_step, interrupt)
+    def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> Any:
+        return self.inner.generate([self.resolve(r) for r in requests], hooks)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

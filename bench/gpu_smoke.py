@@ -157,11 +157,11 @@ def check_oom_split(gen: DiffusersGenerator, size: int, steps: int) -> OomCheck:
         def resolve(self, request: GenRequest) -> GenRequest:
             return gen.resolve(request)
 
-        def generate(self, requests: Any, on_step: Any = None, interrupt: Any = None) -> Any:
+        def generate(self, requests: Any, hooks: Any = None) -> Any:
             nonlocal ooms
             calls.append(len(requests))
             try:
-                return gen.generate(requests, on_step, interrupt)
+                return gen.generate(requests, hooks)
             except GeneratorOutOfMemory:
                 ooms += 1
                 raise

@@ -57,7 +57,7 @@ from service.errors import (  # noqa: E402
     GenerationInterrupted,
 )
 from service.settings import Settings  # noqa: E402
-from workers.generators.base import GenRequest  # noqa: E402
+from workers.generators.base import GenRequest, StepHooks  # noqa: E402
 from workers.generators.diffusers_backend import DiffusersGenerator  # noqa: E402
 from workers.generators.loading import prepare_pipeline  # noqa: E402
 from workers.generators.memory import GIB, MemoryEstimate, build_module, count_parameters  # noqa: E402
@@ -209,7 +209,7 @@ def cancel_latency(gen: DiffusersGenerator, size: int | None, after_step: int = 
             flag.set()
 
     try:
-        gen.generate(requests(1, size, steps), on_step=on_step, interrupt=flag.is_set)
+        gen.generate(requests(1, size, steps), StepHooks(on_step, flag.is_set))
         return {"ok": False, "error": "the call was not interrupted"}
     except GenerationInterrupted as exc:
         return {"ok": True, "latency_s": time.perf_counter() - flagged_at[0], "message": exc.message}

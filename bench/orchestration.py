@@ -85,7 +85,7 @@ from service.jobs.connection import delete_prefix  # noqa: E402
 from service.servers import free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402
-from workers.generators.base import Generator, GenRequest, InterruptCheck, StepCallback  # noqa: E402
+from workers.generators.base import NO_HOOKS, Generator, GenRequest, StepHooks  # noqa: E402
 from workers.generators.simulated import SimulatedGenerator  # noqa: E402
 from workers.worker import Worker  # noqa: E402
 
@@ -137,15 +137,10 @@ class RecordingGenerator:
         self._arrivals[id(resolved)] = (resolved, time.perf_counter())
         return resolved
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        on_step: StepCallback | None = None,
-        interrupt: InterruptCheck | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         start = time.perf_counter()
         try:
-            return self.inner.generate(requests, on_step, interrupt)
+            return self.inner.generate(requests, hooks)
         finally:
             arrivals = [self._arrivals[id(r)][1] if id(r) in self._arrivals else start for r in requests]
             self.calls.append(Call(start, time.perf_counter(), arrivals, [r.prompt for r in requests]))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from service.errors import GeneratorError
 from workers import metrics
-from workers.generators.base import Generator, GenRequest
+from workers.generators.base import Generator, GenRequest, StepHooks
 from workers.generators.oom import generate_splitting_on_oom
 
 if TYPE_CHECKING:
@@ -193,7 +193,7 @@ class GenerationScheduler:
         self._running = batch
         try:
             outcomes = await loop.run_in_executor(
-                self._executor, generate_splitting_on_oom, self.generator, requests, on_step, interrupt
+                self._executor, generate_splitting_on_oom, self.generator, requests, StepHooks(on_step, interrupt)
             )
         except Exception as exc:
             error = exc if isinstance(exc, GeneratorError) else GeneratorError(f"generator crashed: {exc!r}")

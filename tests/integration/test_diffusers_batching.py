@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.errors import GenerationInterrupted, GeneratorError, GeneratorOutOfMemory
 from service.settings import Settings
-from workers.generators.base import GenRequest, InterruptCheck, StepCallback
+from workers.generators.base import NO_HOOKS, GenRequest, StepHooks
 from workers.generators.diffusers_backend import DiffusersGenerator, translate_error
 from workers.generators.oom import generate_splitting_on_oom
 from workers.generators.simulated import SimulatedGenerator
@@ -57,7 +57,7 @@ def test_progress_arrives_in_order_for_every_step(tiny_flux: DiffusersGenerator)
     seen: list[tuple[int, int]] = []
     tiny_flux.generate(
         [GenRequest(prompt="p", seed=1, steps=5), GenRequest(prompt="q", seed=2, steps=5)],
-        on_step=lambda step, total: seen.append((step, total)),
+        StepHooks(on_step=lambda step, total: seen.append((step, total))),
     )
     assert seen == [(step, 5) for step in range(1, 6)]
 
@@ -69,8 +69,7 @@ def test_interrupt_stops_within_one_step(tiny_flux: DiffusersGenerator) -> None:
         with pytest.raises(GenerationInterrupted, match="step 2 of 8"):
             tiny_flux.generate(
                 [GenRequest(prompt="p", seed=1, steps=8)],
-                on_step=lambda step, _total: seen.append(step),
-                interrupt=lambda: len(seen) >= 2,
+                StepHooks(on_step=lambda step, _total: seen.append(step), interrupt=lambda: len(seen) >= 2),
             )
     finally:
         handle.remove()
@@ -85,7 +84,7 @@ def test_interrupt_before_the_first_step_runs_nothing(tiny_flux: DiffusersGenera
     calls, handle = _count_forward_calls(tiny_flux.pipeline.transformer)
     try:
         with pytest.raises(GenerationInterrupted):
-            tiny_flux.generate([GenRequest(prompt="p", seed=1)], interrupt=lambda: True)
+            tiny_flux.generate([GenRequest(prompt="p", seed=1)], StepHooks(interrupt=lambda: True))
     finally:
         handle.remove()
     assert calls == []
@@ -107,16 +106,11 @@ class _OomAbove:
     def resolve(self, request: GenRequest) -> GenRequest:
         return self._inner.resolve(request)
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        on_step: StepCallback | None = None,
-        interrupt: InterruptCheck | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         self.calls.append(len(requests))
         if len(requests) > self.limit or any(r.prompt == "huge" for r in requests):
             raise GeneratorOutOfMemory("CUDA out of memory (simulated)")
-        return self._inner.generate(requests, on_step, interrupt)
+        return self._inner.generate(requests, hooks)
 
 
 def _requests(prompts: Sequence[str]) -> list[GenRequest]:
@@ -263,7 +257,7 @@ def test_qwen_call_passes_the_source_and_only_known_arguments(qwen: tuple[Diffus
     source = Image.new("RGB", (640, 480), (1, 2, 3))
     request = GenRequest(prompt="add a hat", seed=7, mode="edit", source_image=source, steps=3)
     steps: list[int] = []
-    [image] = generator.generate([request], on_step=lambda step, _total: steps.append(step))
+    [image] = generator.generate([request], StepHooks(on_step=lambda step, _total: steps.append(step)))
     [call] = stand_in.calls
     assert call["image"].tobytes() == source.tobytes()  # one image, not a list (a list = several references)
     assert call["negative_prompt"] == [" "] and call["true_cfg_scale"] == 4.0
@@ -285,7 +279,7 @@ def test_a_pipeline_without_interrupt_support_is_stopped_by_the_callback(
     steps: list[int] = []
     with pytest.raises(GenerationInterrupted, match="step 1 of 5"):
         generator.generate(
-            [_edit(steps=5)], on_step=lambda step, _total: steps.append(step), interrupt=lambda: bool(steps)
+            [_edit(steps=5)], StepHooks(on_step=lambda step, _total: steps.append(step), interrupt=lambda: bool(steps))
         )
     assert steps == [1]
 
@@ -312,7 +306,7 @@ def test_an_oom_in_the_vae_decode_decodes_the_denoised_latents_one_by_one(
 
     monkeypatch.setattr(vae, "decode", decode_oom_once)
     steps: list[int] = []
-    images = generator.generate(requests, on_step=lambda step, _total: steps.append(step))
+    images = generator.generate(requests, StepHooks(on_step=lambda step, _total: steps.append(step)))
 
     assert steps == list(range(1, len(steps) + 1)), "denoised once, not again"
     assert decoded_batches == [2, 1, 1]  # the pipeline's decode, then ours, image by image

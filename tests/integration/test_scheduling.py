@@ -28,7 +28,7 @@ from service.servers import serving
 from tests.stack import Stack
 from workers.critics.standin import create_app as create_standin
 from workers.critics.standin_config import StandinConfig
-from workers.generators.base import GenRequest, InterruptCheck, StepCallback
+from workers.generators.base import NO_HOOKS, GenRequest, StepHooks
 from workers.scheduler import GenerationScheduler
 
 # --- the micro-batcher ---------------------------------------------------------------------------
@@ -54,12 +54,7 @@ class RecordingGenerator:
             request, width=request.width or 64, height=request.height or 64, steps=request.steps or 4
         )
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        on_step: StepCallback | None = None,
-        interrupt: InterruptCheck | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         assert len(requests) <= self.max_batch
         self.calls.append(list(requests))
         self.first_started.set()

@@ -12,7 +12,7 @@ from PIL import Image
 from service.errors import GenerationInterrupted, GeneratorError
 from service.settings import Settings
 from workers.generators import load_generator
-from workers.generators.base import GenRequest
+from workers.generators.base import GenRequest, StepHooks
 from workers.generators.simulated import SimulatedGenerator, parse_spec
 
 
@@ -88,7 +88,7 @@ def test_sizes_follow_the_request_and_the_source() -> None:
 def test_steps_are_reported_in_order() -> None:
     generator = SimulatedGenerator("sim:0", _settings())
     seen: list[tuple[int, int]] = []
-    generator.generate([GenRequest(prompt="x", seed=0, steps=3)], on_step=lambda s, t: seen.append((s, t)))
+    generator.generate([GenRequest(prompt="x", seed=0, steps=3)], StepHooks(on_step=lambda s, t: seen.append((s, t))))
     assert seen == [(1, 3), (2, 3), (3, 3)]
 
 
@@ -99,8 +99,7 @@ def test_interrupt_stops_at_the_next_step() -> None:
     with pytest.raises(GenerationInterrupted, match="after step 1 of 100"):
         generator.generate(
             [GenRequest(prompt="x", seed=0, steps=100)],
-            on_step=lambda step, _total: seen.append(step),
-            interrupt=lambda: len(seen) >= 1,
+            StepHooks(on_step=lambda step, _total: seen.append(step), interrupt=lambda: len(seen) >= 1),
         )
     assert seen == [1]
     assert time.monotonic() - started < 1.0

@@ -33,6 +33,24 @@ InterruptCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)
+class StepHooks:
+    """What one `generate` call reports its steps to and polls for a stop."""
+
+    on_step: StepCallback | None = None
+    interrupt: InterruptCheck | None = None
+
+    def step(self, step: int, total: int) -> None:
+        if self.on_step is not None:
+            self.on_step(step, total)
+
+    def interrupted(self) -> bool:
+        return self.interrupt is not None and self.interrupt()
+
+
+NO_HOOKS = StepHooks()
+
+
+@dataclass(frozen=True)
 class GenRequest:
     """One image to make. Unset fields (None) take the backend's defaults."""
 
@@ -85,14 +103,9 @@ class Generator(Protocol):
         """Fill the backend's defaults (size, steps, guidance), so that batch keys compare resolved values."""
         ...
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        on_step: StepCallback | None = None,
-        interrupt: InterruptCheck | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         """Blocking: make one image per request, in order. Raises `GeneratorError`
-        (`GeneratorOutOfMemory` on CUDA OOM, `GenerationInterrupted` when `interrupt` stopped it)."""
+        (`GeneratorOutOfMemory` on CUDA OOM, `GenerationInterrupted` when `hooks.interrupt` stopped it)."""
         ...
 
 

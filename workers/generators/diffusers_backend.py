@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 from service.errors import GcrError, GenerationInterrupted, GeneratorError, GeneratorOutOfMemory
 from workers.generators.base import (
     ALLOWED_EXTRA_KWARGS,
+    NO_HOOKS,
     GenRequest,
-    InterruptCheck,
-    StepCallback,
+    StepHooks,
     resolve_batch,
 )
 from workers.generators.decoding import can_decode, decode_one_by_one, prepare_vae
@@ -189,12 +189,7 @@ class DiffusersGenerator:
 
     # --- generation -----------------------------------------------------------------
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        on_step: StepCallback | None = None,
-        interrupt: InterruptCheck | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         """Make one image per request in ONE pipeline call. Raises `GeneratorError`."""
         if not requests:
             return []
@@ -202,7 +197,7 @@ class DiffusersGenerator:
         first_key = resolved[0].batch_key()
         if any(r.batch_key() != first_key for r in resolved[1:]):
             raise GeneratorError("requests in one call must share one batch key")
-        if interrupt is not None and interrupt():
+        if hooks.interrupted():
             raise GenerationInterrupted("interrupted before the first step")
 
         kwargs = self._call_kwargs(resolved)
@@ -222,9 +217,8 @@ class DiffusersGenerator:
                 denoised = tensors.get("latents")
             elif (step + 1) % self._preview_every == 0 and "latents" in tensors:
                 self._send_previews(resolved, tensors["latents"], step + 1, total)
-            if on_step is not None:
-                on_step(step + 1, total)
-            if interrupt is not None and interrupt():
+            hooks.step(step + 1, total)
+            if hooks.interrupted():
                 interrupted_at = step + 1
                 if not cooperative:
                     raise _StopRequested

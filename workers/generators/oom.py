@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from service.errors import GeneratorError, GeneratorOutOfMemory
-from workers.generators.base import Generator, GenRequest, InterruptCheck, StepCallback
+from workers.generators.base import NO_HOOKS, Generator, GenRequest, StepHooks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 def generate_splitting_on_oom(
     generator: Generator,
     requests: Sequence[GenRequest],
-    on_step: StepCallback | None = None,
-    interrupt: InterruptCheck | None = None,
+    hooks: StepHooks = NO_HOOKS,
 ) -> list[Image.Image | GeneratorError]:
     """One result per request, in order: its image, or the error that stopped it.
 
@@ -36,15 +35,15 @@ def generate_splitting_on_oom(
     if not requests:
         return []
     try:
-        return list(generator.generate(requests, on_step, interrupt))
+        return list(generator.generate(requests, hooks))
     except GeneratorOutOfMemory as exc:
         free_cuda_cache()
         if len(requests) == 1:
             return [exc]
         half = (len(requests) + 1) // 2
         log.warning("out of GPU memory at batch %d; retrying as %d + %d", len(requests), half, len(requests) - half)
-        return generate_splitting_on_oom(generator, requests[:half], on_step, interrupt) + (
-            generate_splitting_on_oom(generator, requests[half:], on_step, interrupt)
+        return generate_splitting_on_oom(generator, requests[:half], hooks) + (
+            generate_splitting_on_oom(generator, requests[half:], hooks)
         )
     except GeneratorError as exc:
         return [exc] * len(requests)

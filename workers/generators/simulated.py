@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw
 from service.errors import GenerationInterrupted, GeneratorError
 from workers.generators.base import (
     ALLOWED_EXTRA_KWARGS,
+    NO_HOOKS,
     GenRequest,
-    InterruptCheck,
-    StepCallback,
+    StepHooks,
     resolve_batch,
 )
 from workers.generators.sizing import edit_size
@@ -78,12 +78,7 @@ class SimulatedGenerator:
             width, height = request.width or DEFAULT_SIZE, request.height or DEFAULT_SIZE
         return dataclasses.replace(request, width=width, height=height, steps=request.steps or DEFAULT_STEPS)
 
-    def generate(
-        self,
-        requests: Sequence[GenRequest],
-        on_step: StepCallback | None = None,
-        interrupt: InterruptCheck | None = None,
-    ) -> list[Image.Image]:
+    def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         """Sleep the call's simulated time in steps, then draw one image per request."""
         if not requests:
             return []
@@ -91,11 +86,10 @@ class SimulatedGenerator:
         steps = resolved[0].steps or DEFAULT_STEPS
         step_s = (self.seconds + self.per_image * (len(resolved) - 1)) / steps
         for step in range(1, steps + 1):
-            if interrupt is not None and interrupt():
+            if hooks.interrupted():
                 raise GenerationInterrupted(f"interrupted after step {step - 1} of {steps}")
             time.sleep(step_s)
-            if on_step is not None:
-                on_step(step, steps)
+            hooks.step(step, steps)
         return [render(r) for r in resolved]
 
 
