@@ -11,6 +11,7 @@ never makes a second job.
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,13 +22,14 @@ from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
 from gcr.backoff import equal_jitter_s, retry_after_s
-from gcr.errors import APIConnectionError, APIStatusError, from_body
+from gcr.errors import APIConnectionError, APIStatusError, WaitTimeout, from_body
 from gcr.types import GenerationParams, JobEvent, LoopParams
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_AFTER_CAP_S = 60.0
 BACKOFF_FIRST_S = 0.5
+READ_SLICE_S = 15.0  # the gateway pings every 10 s, so a read longer than this means trouble
 BACKOFF_CAP_S = 8.0
 USER_AGENT = "gcr-python"
 
@@ -131,3 +133,60 @@ def stream_error(event: JobEvent) -> APIStatusError:
     """An `error` event: the stream could not go on (its status line had already been sent)."""
     data = event.data
     return from_body(200, {"error": {"code": data.get("code", "stream_error"), "message": data.get("message", "")}})
+
+
+class EventStream:
+    """One job's event stream without the I/O: where to resume, what to skip, when to give
+    up. `Client` and `AsyncClient` drive it the same way; only their sending differs.
+
+    A dropped connection is resumed with `Last-Event-ID`, up to `reconnects` times in a
+    row without a new event. With a `deadline` (time.monotonic), reads are sliced so the
+    deadline holds even while pings keep the connection busy."""
+
+    def __init__(self, base_url: httpx.URL, job_id: str, *, reconnects: int, deadline: float | None = None) -> None:
+        self.base_url = base_url
+        self.job_id = job_id
+        self.path = f"/jobs/{job_id}/events"
+        self.reconnects = reconnects
+        self.deadline = deadline
+        self.last_id: str | None = None
+        self.failures = 0
+
+    def headers(self) -> dict[str, str]:
+        return {"Last-Event-ID": self.last_id} if self.last_id else {}
+
+    def timeout(self) -> httpx.Timeout:
+        if self.deadline is None:
+            return httpx.Timeout(30, read=READ_SLICE_S)
+        return httpx.Timeout(30, read=max(0.1, min(READ_SLICE_S, self.deadline - time.monotonic())))
+
+    def accept(self, sse: ServerSentEvent) -> JobEvent | None:
+        """The event to hand on, or None for a keep-alive; raises on the deadline or an `error` event."""
+        # A steady flow of events (progress, pings) never times a read out, so the
+        # deadline is checked on every message, not only on a read timeout.
+        self._check_deadline()
+        event = job_event(sse)
+        if event is None:
+            return None
+        self.last_id, self.failures = sse.id or self.last_id, 0
+        if event.type == "error":
+            raise stream_error(event)
+        return event
+
+    def read_timed_out(self, exc: httpx.ReadTimeout) -> None:
+        """A read slice ended quietly: go on, unless the deadline has passed."""
+        self._check_deadline(exc)
+
+    def dropped(self, exc: httpx.TransportError) -> float:
+        """Seconds to wait before reconnecting; raises once reconnecting is no use."""
+        self.failures += 1
+        if self.failures > self.reconnects:
+            raise unreachable(self.base_url, exc) from exc
+        pause: float = min(2.0, 0.2 * 2**self.failures)
+        if self.deadline is not None and time.monotonic() + pause >= self.deadline:
+            raise WaitTimeout(f"job {self.job_id} did not end in time; it goes on", self.job_id) from exc
+        return pause
+
+    def _check_deadline(self, cause: Exception | None = None) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise WaitTimeout(f"job {self.job_id} did not end in time; it goes on", self.job_id) from cause

@@ -130,32 +130,24 @@ class AsyncClient:
     async def events(self, job_id: str, *, reconnects: int = 5) -> AsyncIterator[JobEvent]:
         """The job's events until `end`. A dropped connection is resumed with `Last-Event-ID`
         (up to `reconnects` times in a row without a new event)."""
-        last_id: str | None = None
-        failures = 0
+        stream = _base.EventStream(self.http.base_url, job_id, reconnects=reconnects)
         while True:
-            headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 async with aconnect_sse(
-                    self.http, "GET", f"/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=None)
+                    self.http, "GET", stream.path, headers=stream.headers(), timeout=stream.timeout()
                 ) as source:
                     if source.response.status_code >= 400:
                         await source.response.aread()
                         _base.raise_for_status(source.response)
                     async for sse in source.aiter_sse():
-                        event = _base.job_event(sse)
-                        if event is None:
-                            continue
-                        last_id, failures = sse.id or last_id, 0
-                        if event.type == "error":
-                            raise _base.stream_error(event)
-                        yield event
-                        if event.type == "end":
-                            return
+                        if (event := stream.accept(sse)) is not None:
+                            yield event
+                            if event.type == "end":
+                                return
+            except httpx.ReadTimeout as exc:
+                stream.read_timed_out(exc)
             except httpx.TransportError as exc:
-                failures += 1
-                if failures > reconnects:
-                    raise _base.unreachable(self.http.base_url, exc) from exc
-                await asyncio.sleep(min(2.0, 0.2 * 2**failures))
+                await asyncio.sleep(stream.dropped(exc))
 
     # --- images and critiques --------------------------------------------------------------
     async def image(self, job_id: str, round: int, candidate: int = 0) -> bytes:

@@ -16,7 +16,6 @@ from gcr.errors import APIConnectionError, GcrError, WaitTimeout
 from gcr.types import TERMINAL_STATUSES, Critique, GenerationParams, JobDocument, JobEvent, LoopParams
 
 EventCallback = Callable[[JobEvent], Any]
-READ_SLICE_S = 15.0  # the gateway pings every 10 s, so a read longer than this means trouble
 
 
 class Client:
@@ -124,46 +123,24 @@ class Client:
         return self._events(job_id, reconnects=reconnects)
 
     def _events(self, job_id: str, *, reconnects: int = 5, deadline: float | None = None) -> Iterator[JobEvent]:
-        last_id: str | None = None
-        failures = 0
+        stream = _base.EventStream(self.http.base_url, job_id, reconnects=reconnects, deadline=deadline)
         while True:
-            headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 with connect_sse(
-                    self.http,
-                    "GET",
-                    f"/jobs/{job_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(30, read=_read_timeout(deadline)),
+                    self.http, "GET", stream.path, headers=stream.headers(), timeout=stream.timeout()
                 ) as source:
                     if source.response.status_code >= 400:
                         source.response.read()
                         _base.raise_for_status(source.response)
                     for sse in source.iter_sse():
-                        # A steady flow of events (progress, pings) never times a read out, so
-                        # the deadline is checked on every message, not only on a read timeout.
-                        if deadline is not None and time.monotonic() >= deadline:
-                            raise WaitTimeout(f"job {job_id} did not end in time; it goes on", job_id)
-                        event = _base.job_event(sse)
-                        if event is None:
-                            continue
-                        last_id, failures = sse.id or last_id, 0
-                        if event.type == "error":
-                            raise _base.stream_error(event)
-                        yield event
-                        if event.type == "end":
-                            return
+                        if (event := stream.accept(sse)) is not None:
+                            yield event
+                            if event.type == "end":
+                                return
             except httpx.ReadTimeout as exc:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise WaitTimeout(f"job {job_id} did not end in time; it goes on", job_id) from exc
+                stream.read_timed_out(exc)
             except httpx.TransportError as exc:
-                failures += 1
-                if failures > reconnects:
-                    raise _base.unreachable(self.http.base_url, exc) from exc
-                pause = min(2.0, 0.2 * 2**failures)
-                if deadline is not None and time.monotonic() + pause >= deadline:
-                    raise WaitTimeout(f"job {job_id} did not end in time; it goes on", job_id) from exc
-                time.sleep(pause)
+                time.sleep(stream.dropped(exc))
 
     def image(self, job_id: str, round: int, candidate: int = 0) -> bytes:
         return self._request("GET", f"/jobs/{job_id}/images/{round}/{candidate}").content
@@ -201,9 +178,3 @@ class Client:
             report: dict[str, Any] = response.json()
             return report
         raise APIConnectionError(f"{self.http.base_url}/readyz did not answer JSON")
-
-
-def _read_timeout(deadline: float | None) -> float:
-    if deadline is None:
-        return READ_SLICE_S
-    return max(0.1, min(READ_SLICE_S, deadline - time.monotonic()))

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 import gcr
-from gcr import client as sync_client_module
+from gcr import _base as sdk_core
 from service.evaluation.cli import eval_command
 from service.evaluation.records import read_jsonl
 from service.gateway.routers import jobs as jobs_router
@@ -88,7 +88,7 @@ async def test_async_sdk_waits_through_keepalives(quiet: Stack) -> None:
 
 async def test_sync_sdk_waits_through_keepalives(quiet: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     # The sync client's read timeout per slice: shorter than a critique, longer than a keep-alive.
-    monkeypatch.setattr(sync_client_module, "READ_SLICE_S", 0.5)
+    monkeypatch.setattr(sdk_core, "READ_SLICE_S", 0.5)
 
     def run() -> tuple[gcr.JobDocument, gcr.JobDocument]:
         with gcr.Client(quiet.url) as client:
