@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 from httpx_sse import ServerSentEvent
@@ -53,17 +53,24 @@ def encode_image(image: ImageInput) -> str:
     return image
 
 
-def generate_body(
-    prompt: str,
-    *,
-    model: str | None,
-    mode: str | None,
-    source_image: ImageInput | None,
-    generation: GenerationParams | Mapping[str, Any] | None,
-    loop: LoopParams | Mapping[str, Any] | None,
-    priority: str | None,
-    callback_url: str | None,
-) -> dict[str, Any]:
+class JobOptions(TypedDict, total=False):
+    """What a job may say beside its prompt: `Client.generate(prompt, **options)`."""
+
+    model: str | None
+    mode: str | None
+    source_image: ImageInput | None
+    generation: GenerationParams | Mapping[str, Any] | None
+    loop: LoopParams | Mapping[str, Any] | None
+    priority: str | None
+    callback_url: str | None
+
+
+def generate_body(prompt: str, **options: Unpack[JobOptions]) -> dict[str, Any]:
+    if unknown := sorted(set(options) - set(JobOptions.__annotations__)):  # a typo must not pass silently
+        raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
+    model, mode, source_image = options.get("model"), options.get("mode"), options.get("source_image")
+    generation, loop = options.get("generation"), options.get("loop")
+    priority, callback_url = options.get("priority"), options.get("callback_url")
     body: dict[str, Any] = {"prompt": prompt}
     if model is not None:
         body["model"] = model

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import httpx
 from httpx_sse import connect_sse
 
 from gcr import _base
-from gcr._base import ImageInput
+from gcr._base import ImageInput, JobOptions
 from gcr.errors import APIConnectionError, GcrError, WaitTimeout
-from gcr.types import TERMINAL_STATUSES, Critique, GenerationParams, JobDocument, JobEvent, LoopParams
+from gcr.types import TERMINAL_STATUSES, Critique, JobDocument, JobEvent
 
 EventCallback = Callable[[JobEvent], Any]
 
@@ -70,27 +70,14 @@ class Client:
         self,
         prompt: str,
         *,
-        model: str | None = None,
-        mode: str | None = None,
-        source_image: ImageInput | None = None,
-        generation: GenerationParams | Mapping[str, Any] | None = None,
-        loop: LoopParams | Mapping[str, Any] | None = None,
-        priority: str | None = None,
-        callback_url: str | None = None,
         wait: bool | float = False,
         on_event: EventCallback | None = None,
         idempotency_key: str | None = None,
+        **options: Unpack[JobOptions],
     ) -> JobDocument:
-        body = _base.generate_body(
-            prompt,
-            model=model,
-            mode=mode,
-            source_image=source_image,
-            generation=generation,
-            loop=loop,
-            priority=priority,
-            callback_url=callback_url,
-        )
+        """Submit a job (`options`: model, mode, source_image, generation, loop, priority,
+        callback_url); with `wait` (True, or a timeout in seconds) return it finished."""
+        body = _base.generate_body(prompt, **options)
         job = self.submit(body, idempotency_key=idempotency_key)
         if wait is False:
             return job

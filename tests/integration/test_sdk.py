@@ -115,3 +115,8 @@ def test_importing_the_sdk_pulls_no_server_stack_or_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_misspelt_job_option_is_a_type_error_not_a_silent_default() -> None:
+    with gcr.Client("http://127.0.0.1:9") as client, pytest.raises(TypeError, match="lopo"):
+        client.generate("x", lopo={"max_rounds": 2})  # type: ignore[call-arg]
