@@ -1,7 +1,9 @@
-"""The one settings object, read from `GCR_*` environment variables at start-up.
+"""Settings per role, read from `GCR_*` environment variables at start-up.
 
-Every process (`gcr serve`, `gcr worker`, `gcr critique`, ...) builds one `Settings`
-and passes it down; no other module reads `os.environ`. docs/configuration.md's
+`SharedSettings` is what every role reads; `GatewaySettings` (`gcr serve`) and
+`WorkerSettings` (`gcr worker`) add their own; `Settings` is all of them, for `gcr up
+--dev` and the tests, which run both roles in one process. Each process builds its
+object once and passes it down; no other module reads `os.environ`. docs/configuration.md's
 table lists these fields; `tests/unit/test_docs.py` keeps the two in step.
 """
 
@@ -27,13 +29,13 @@ def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class Settings(BaseSettings):
-    """Configuration of the gateway, the worker and the CLI."""
+class SharedSettings(BaseSettings):
+    """What the gateway and the worker both read: Redis, the artifact store, the critic
+    (the gateway's POST /critique and the worker's rounds), callback URLs, logs."""
 
     # env_ignore_empty: `GCR_X=` (compose's `${GCR_X:-}`) means "not set", i.e. the default.
     model_config = SettingsConfigDict(env_prefix="GCR_", extra="forbid", validate_default=True, env_ignore_empty=True)
 
-    # --- Redis: queue and state -------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue and all job state.")
     redis_prefix: str = Field("gcr", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
     redis_max_connections: int = Field(
@@ -50,11 +52,45 @@ class Settings(BaseSettings):
         False, description="Answer image requests with a redirect to a presigned S3 URL instead of the bytes."
     )
     result_ttl_s: int = Field(86_400, ge=60, description="How long job documents, events and images live.")
+    max_inflight_critiques: int = Field(16, ge=1, description="Critic requests one process keeps in flight.")
+    public_url: str | None = Field(None, description="Base URL put in links; default: the request's own base URL.")
+    webhook_allow_private: bool = Field(
+        False, description="Allow callback URLs on private/loopback addresses (tests, single-host setups)."
+    )
+    log_format: Literal["json", "text"] = Field("json", description="`json`: one object per line, with job id.")
+    critic_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible base URL (vLLM).")
+    critic_model: str = Field("TIGER-Lab/RationalRewards-8B-T2I", description="Served model name for t2i.")
+    critic_edit_model: str | None = Field(None, description="Served model name for edits; default: critic_model.")
+    critic_api_key: SecretStr | None = Field(None, description="Bearer token for a hosted endpoint.")
+    critic_timeout_s: float = Field(180.0, gt=0, description="Per-request timeout of one critique.")
+    critic_max_tokens: int = Field(2048, ge=256, description="max_tokens of one critique.")
+    critic_temperature: float = Field(0.1, ge=0, le=2, description="Sampling temperature (upstream: 0.1).")
+    critic_retries: int = Field(3, ge=0, description="Retries on connection errors, 429 and 5xx.")
+    critic_max_image_edge: int = Field(1024, ge=64, description="Images are downscaled to this long edge.")
+    critic_structured_outputs: bool = Field(
+        False, description="Constrain the re-ask of an unparseable answer with vLLM `structured_outputs`."
+    )
+    critic_templates_dir: Path | None = Field(None, description="Folder of your own templates, replacing ours.")
+    critic_edit_template: Literal["edit", "edit_tuning"] = Field(
+        "edit", description="`edit_tuning`: the variant of the authors' test-time script."
+    )
+    critic_breaker_failures: int = Field(
+        5, ge=1, description="Consecutive failed critic calls that open the circuit breaker."
+    )
+    critic_breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="How long an open breaker fails calls fast before one trial call."
+    )
 
-    # --- Gateway ----------------------------------------------------------------
+    @property
+    def effective_edit_model(self) -> str:
+        return self.critic_edit_model or self.critic_model
+
+
+class GatewaySettings(SharedSettings):
+    """`gcr serve`: HTTP, admission, auth, limits, routing (read in service/gateway/)."""
+
     host: str = Field("127.0.0.1", description="Address `gcr serve` binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port `gcr serve` binds.")
-    public_url: str | None = Field(None, description="Base URL put in links; default: the request's own base URL.")
     queue_max: int = Field(1000, ge=1, description="Queued jobs beyond which POST /generate answers 429.")
     request_body_timeout_s: float = Field(
         30.0, gt=0, description="A request body that stops arriving for this long is answered 408."
@@ -92,8 +128,6 @@ class Settings(BaseSettings):
         gt=0,
         description="A queued job no worker claims within this ends as `expired` (stop reason `unclaimed`).",
     )
-
-    # --- Auth, limits, webhooks ---------------------------------------------------------
     auth_disabled: bool = Field(False, description="Turn API-key auth off (dev only; logged loudly).")
     api_keys: dict[str, str] = Field(
         default_factory=dict, description='JSON {"<sha256 of key>": "<tenant>"}; make one with `gcr keys new`.'
@@ -103,18 +137,37 @@ class Settings(BaseSettings):
     )
     rate_limit_per_s: float = Field(20.0, ge=0, description="Requests per second per key (token bucket); 0: off.")
     rate_limit_burst: int = Field(40, ge=1, description="Bucket size of the per-key rate limit.")
+
+    @field_validator("api_keys", "admin_keys")
+    @classmethod
+    def _tenant_names(cls, table: dict[str, str]) -> dict[str, str]:
+        for digest, tenant in table.items():
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError(f"{digest[:12]}...: keys are SHA-256 hex digests (make one with `gcr keys new`)")
+            if not TENANT_NAME.fullmatch(tenant):
+                raise ValueError(f"tenant {tenant!r}: {TENANT_RULE}")
+        return table
+
+    @field_validator("default_models")
+    @classmethod
+    def _default_models(cls, table: dict[str, str]) -> dict[str, str]:
+        for mode, model in table.items():
+            if mode not in MODES:
+                raise ValueError(f"{mode!r} is not a mode ({', '.join(MODES)})")
+            if not re.fullmatch(MODEL_NAME, model):
+                raise ValueError(f"{model!r} is not a model name (no whitespace or glob characters, 1-200 long)")
+        return table
+
+
+class WorkerSettings(SharedSettings):
+    """`gcr worker`: the generator, scheduling, webhook delivery (read in workers/)."""
+
     webhook_secret: SecretStr | None = Field(
         None, description="Standard Webhooks secret (`whsec_` + base64 of 24-64 random bytes) signing webhooks."
-    )
-    webhook_allow_private: bool = Field(
-        False, description="Allow callback URLs on private/loopback addresses (tests, single-host setups)."
     )
     webhook_timeout_s: float = Field(10.0, gt=0, description="Per-attempt timeout of a webhook delivery.")
     webhook_attempts: int = Field(5, ge=1, description="Delivery attempts, with exponential backoff.")
     webhook_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a webhook; doubles each time.")
-    log_format: Literal["json", "text"] = Field("json", description="`json`: one object per line, with job id.")
-
-    # --- Worker: generator --------------------------------------------------------
     generator: str | None = Field(
         None,
         description="Diffusers model id or local folder; `tiny:sd`, `tiny:flux`, `tiny:kontext` build a "
@@ -146,13 +199,10 @@ class Settings(BaseSettings):
         "gateway refuses larger jobs for its model. Unset: no cap (the API's 2048x2048), and the check "
         "assumes the model's default size.",
     )
-
-    # --- Worker: scheduling -------------------------------------------------------
     worker_id: str = Field(default_factory=_default_worker_id, description="Consumer name in the Redis group.")
     max_batch: int = Field(4, ge=1, description="Most requests coalesced into one pipeline call.")
     batch_window_ms: float = Field(10.0, ge=0, description="How long the batcher waits for compatible requests.")
     max_inflight_jobs: int = Field(16, ge=1, description="Jobs one worker runs at once.")
-    max_inflight_critiques: int = Field(16, ge=1, description="Critic requests one worker keeps in flight.")
     heartbeat_s: float = Field(2.0, gt=0, description="Worker heartbeat period.")
     visibility_timeout_s: float = Field(
         60.0, gt=0, description="A claimed job whose worker stopped heartbeating is re-claimed after this."
@@ -177,40 +227,6 @@ class Settings(BaseSettings):
         600.0, gt=0, description="A generator call with no denoising step for this long fails /livez."
     )
 
-    # --- Critic: any OpenAI-compatible vision endpoint ------------------------------
-    critic_base_url: str = Field("http://127.0.0.1:8001/v1", description="OpenAI-compatible base URL (vLLM).")
-    critic_model: str = Field("TIGER-Lab/RationalRewards-8B-T2I", description="Served model name for t2i.")
-    critic_edit_model: str | None = Field(None, description="Served model name for edits; default: critic_model.")
-    critic_api_key: SecretStr | None = Field(None, description="Bearer token for a hosted endpoint.")
-    critic_timeout_s: float = Field(180.0, gt=0, description="Per-request timeout of one critique.")
-    critic_max_tokens: int = Field(2048, ge=256, description="max_tokens of one critique.")
-    critic_temperature: float = Field(0.1, ge=0, le=2, description="Sampling temperature (upstream: 0.1).")
-    critic_retries: int = Field(3, ge=0, description="Retries on connection errors, 429 and 5xx.")
-    critic_max_image_edge: int = Field(1024, ge=64, description="Images are downscaled to this long edge.")
-    critic_structured_outputs: bool = Field(
-        False, description="Constrain the re-ask of an unparseable answer with vLLM `structured_outputs`."
-    )
-    critic_templates_dir: Path | None = Field(None, description="Folder of your own templates, replacing ours.")
-    critic_edit_template: Literal["edit", "edit_tuning"] = Field(
-        "edit", description="`edit_tuning`: the variant of the authors' test-time script."
-    )
-    critic_breaker_failures: int = Field(
-        5, ge=1, description="Consecutive failed critic calls that open the circuit breaker."
-    )
-    critic_breaker_cooldown_s: float = Field(
-        30.0, gt=0, description="How long an open breaker fails calls fast before one trial call."
-    )
-
-    @field_validator("api_keys", "admin_keys")
-    @classmethod
-    def _tenant_names(cls, table: dict[str, str]) -> dict[str, str]:
-        for digest, tenant in table.items():
-            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-                raise ValueError(f"{digest[:12]}...: keys are SHA-256 hex digests (make one with `gcr keys new`)")
-            if not TENANT_NAME.fullmatch(tenant):
-                raise ValueError(f"tenant {tenant!r}: {TENANT_RULE}")
-        return table
-
     @field_validator("webhook_secret")
     @classmethod
     def _standard_webhooks_secret(cls, secret: SecretStr | None) -> SecretStr | None:
@@ -228,16 +244,7 @@ class Settings(BaseSettings):
             )
         return secret
 
-    @field_validator("default_models")
-    @classmethod
-    def _default_models(cls, table: dict[str, str]) -> dict[str, str]:
-        for mode, model in table.items():
-            if mode not in MODES:
-                raise ValueError(f"{mode!r} is not a mode ({', '.join(MODES)})")
-            if not re.fullmatch(MODEL_NAME, model):
-                raise ValueError(f"{model!r} is not a model name (no whitespace or glob characters, 1-200 long)")
-        return table
 
-    @property
-    def effective_edit_model(self) -> str:
-        return self.critic_edit_model or self.critic_model
+class Settings(GatewaySettings, WorkerSettings):
+    """Every role at once: `gcr up --dev` runs the gateway and a worker in one process,
+    and so do the tests."""

@@ -20,13 +20,13 @@ from service.errors import GcrError
 from service.jobs.connection import connect
 from service.jobs.keys import Keys
 from service.jobs.queue import JobQueue
-from service.settings import Settings
+from service.settings import WorkerSettings
 from workers.generators.memory import MemoryProbe, Verdict, check, cuda_probe, is_edit_model, megapixels_for
 
 log = logging.getLogger("gcr.worker")
 
 
-def checked_model(settings: Settings) -> str | None:
+def checked_model(settings: WorkerSettings) -> str | None:
     """The model the memory check applies to: a diffusers model id or folder (not sim: or tiny:)."""
     spec = settings.generator
     if not spec or not settings.memory_check or spec.startswith(("sim:", "tiny:")):
@@ -34,7 +34,9 @@ def checked_model(settings: Settings) -> str | None:
     return spec
 
 
-async def hold_until_it_fits(settings: Settings, model: str, device: str, probe: MemoryProbe = cuda_probe) -> Verdict:
+async def hold_until_it_fits(
+    settings: WorkerSettings, model: str, device: str, probe: MemoryProbe = cuda_probe
+) -> Verdict:
     """Return once `model` fits on `device`; until then, heartbeat as unfit with the reason."""
     megapixels = megapixels_for(model, settings, edit=await asyncio.to_thread(is_edit_model, model))
     verdict = await asyncio.to_thread(check, settings, model, device, megapixels, probe)
@@ -63,7 +65,7 @@ async def hold_until_it_fits(settings: Settings, model: str, device: str, probe:
         await redis.aclose()
 
 
-def unfit_info(settings: Settings, model: str, device: str, reason: str) -> dict[str, Any]:
+def unfit_info(settings: WorkerSettings, model: str, device: str, reason: str) -> dict[str, Any]:
     return {
         "id": settings.worker_id,
         "state": "unfit",

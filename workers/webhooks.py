@@ -38,7 +38,7 @@ from service.errors import GcrError, InvalidInput
 from service.jobs.store import JobStore
 from service.netguard import check_public_url
 from service.retrying import retrying
-from service.settings import Settings
+from service.settings import WorkerSettings
 
 log = logging.getLogger("gcr.webhooks")
 
@@ -104,7 +104,7 @@ class _Refused(Exception):
 class WebhookNotifier:
     """Delivers webhooks in background tasks, so a slow receiver never holds a job slot."""
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: WorkerSettings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
         self._tasks: set[asyncio.Task[WebhookStatus]] = set()

@@ -25,7 +25,7 @@ from service.jobs.keys import Keys
 from service.jobs.queue import Claim, JobQueue
 from service.jobs.store import JobStore
 from service.retrying import retrying
-from service.settings import Settings
+from service.settings import WorkerSettings
 from workers import metrics
 from workers.critics.breaker import CircuitBreaker, GuardedCritic
 from workers.generators.base import Generator, GenRequest
@@ -40,7 +40,7 @@ CRITIC_PROBE_S = 2.0
 RECONNECT_MAX_S = 10.0
 
 
-def served_model(settings: Settings, generator_name: str) -> str:
+def served_model(settings: WorkerSettings, generator_name: str) -> str:
     """The name requests route by: `GCR_MODEL_NAME`, else the generator's own name."""
     name = settings.model_name or generator_name
     if not re.fullmatch(MODEL_NAME, name):
@@ -68,7 +68,7 @@ def generation_defaults(generator: Generator) -> dict[str, Any]:
 class Worker:
     """Claims and runs jobs until `stop()` is called."""
 
-    def __init__(self, settings: Settings, generator: Generator, critic: Critic) -> None:
+    def __init__(self, settings: WorkerSettings, generator: Generator, critic: Critic) -> None:
         self.settings = settings
         self.id = settings.worker_id
         self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)

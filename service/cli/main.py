@@ -14,13 +14,13 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from gcr.types import Critique, Mode
 from service.errors import GcrError
-from service.settings import Settings
+from service.settings import GatewaySettings, SharedSettings, WorkerSettings
 
 if TYPE_CHECKING:
     from service.critic.client import OpenAICritic
@@ -42,11 +42,24 @@ class SizeParam(click.ParamType[str]):
 SIZE = SizeParam()
 
 
-def _settings(**overrides: Any) -> Settings:
+RoleSettings = TypeVar("RoleSettings", bound=SharedSettings)
+
+
+def _settings(role: type[RoleSettings], **overrides: Any) -> RoleSettings:
+    """The settings of one role (GCR_* variables of other roles are not its business)."""
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        return role(**{k: v for k, v in overrides.items() if v is not None})
     except Exception as exc:  # pydantic's ValidationError: one line per bad variable is enough
         raise click.ClickException(f"invalid configuration: {exc}") from exc
+
+
+def _settings_epilog(role: type[SharedSettings]) -> str:
+    """One line per setting the role reads: the GCR_ variable, its default, what it does."""
+    lines = ["\b", "Settings it reads (environment variables):"]
+    for name, field in role.model_fields.items():
+        default = "-" if field.default is None or field.default_factory is not None else field.default
+        lines.append(f"  GCR_{name.upper():28s} {default!s:14.14s} {field.description or ''}")
+    return "\n".join(lines)
 
 
 def _logging(fmt: str = "json") -> None:
@@ -60,7 +73,7 @@ def main() -> None:
     """gcr: Generate-Critique-Refine image generation as a service."""
 
 
-@main.command()
+@main.command(epilog=_settings_epilog(GatewaySettings))
 @click.option("--host", default=None, help="Bind address (GCR_HOST).")
 @click.option("--port", type=int, default=None, help="Port (GCR_PORT).")
 def serve(host: str | None, port: int | None) -> None:
@@ -69,7 +82,7 @@ def serve(host: str | None, port: int | None) -> None:
 
     from service.gateway.app import create_app
 
-    settings = _settings(host=host, port=port)
+    settings = _settings(GatewaySettings, host=host, port=port)
     _logging(settings.log_format)
     # Bounded graceful shutdown: SSE clients may hold connections open indefinitely.
     uvicorn.run(
@@ -82,30 +95,10 @@ def serve(host: str | None, port: int | None) -> None:
     )
 
 
-WORKER_SETTINGS = (
-    "generator generator_device generator_dtype cpu_offload compile lora_path attention_backend memory_check "
-    "memory_retry_s cache_dir edit_max_edge max_output_pixels max_batch batch_window_ms max_inflight_jobs "
-    "max_inflight_critiques "
-    "heartbeat_s visibility_timeout_s max_attempts drain_grace_s worker_metrics_port worker_stall_s redis_url "
-    "redis_prefix "
-    "critic_base_url critic_model critic_edit_model critic_api_key critic_timeout_s critic_retries"
-).split()
-
-
-def _settings_epilog(names: list[str]) -> str:
-    """One line per setting: the GCR_ variable, its default, what it does (from service/settings.py)."""
-    lines = ["\b", "Settings it reads (environment variables):"]
-    for name in names:
-        field = Settings.model_fields[name]
-        default = "-" if field.default is None or field.default_factory is not None else field.default
-        lines.append(f"  GCR_{name.upper():28s} {default!s:14.14s} {field.description or ''}")
-    return "\n".join(lines)
-
-
-@main.command(epilog=_settings_epilog(WORKER_SETTINGS))
+@main.command(epilog=_settings_epilog(WorkerSettings))
 def worker() -> None:
     """Run a GPU worker: load the generator, then claim and run jobs until SIGTERM."""
-    settings = _settings()
+    settings = _settings(WorkerSettings)
     _logging(settings.log_format)
     try:
         asyncio.run(run_worker(settings))
@@ -113,7 +106,7 @@ def worker() -> None:
         raise click.ClickException(exc.message) from exc
 
 
-async def run_worker(settings: Settings) -> None:
+async def run_worker(settings: WorkerSettings) -> None:
     """Build the worker's backends and run it; SIGTERM/SIGINT drain it (and end it at once
     while the model is still loading: nothing is claimed yet)."""
     from service.critic.client import OpenAICritic
@@ -276,7 +269,7 @@ def _critique_via(
 def _critique_direct(instruction: str, image: Path, source_image: Path | None, mode: Mode) -> Critique:
     from service.critic.client import OpenAICritic, redacted
 
-    settings = _settings()
+    settings = _settings(SharedSettings)
 
     async def run() -> Critique:
         critic = OpenAICritic(settings)

@@ -32,7 +32,7 @@ from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import ImageInput, Template, build_messages, load_templates
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
 from service.retrying import retrying
-from service.settings import Settings
+from service.settings import SharedSettings
 
 log = logging.getLogger("gcr.critic")
 
@@ -70,7 +70,7 @@ class OpenAICritic:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: SharedSettings,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         templates: dict[str, Template] | None = None,

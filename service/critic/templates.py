@@ -9,7 +9,7 @@ model writes under which header label::
      "dimensions": [{"key": "text_faithfulness", "label": "Text Faithfulness"}, ...]}
 
 The packaged templates are the RationalRewards training prompts, byte for byte
-(shared/reference/rationalrewards). `Settings.critic_templates_dir` names a folder
+(shared/reference/rationalrewards). `SharedSettings.critic_templates_dir` names a folder
 with the same layout that replaces the packaged one as a whole, so a folder that
 lacks a template the worker needs fails at start-up rather than silently mixing
 our prompts with yours.

@@ -32,7 +32,7 @@ from service.gateway.body_limit import BodyLimitMiddleware
 from service.gateway.routers import admin, critique, health, jobs, openai_compat, studio
 from service.gateway.state import GatewayState
 from service.gateway.submit import JSON_OVERHEAD_BYTES
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 log = logging.getLogger("gcr.gateway")
 
@@ -140,7 +140,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(request, 500, body, {"x-request-id": request_id})
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: GatewaySettings) -> FastAPI:
     """The gateway app; its lifespan opens the Redis pool and the critic client."""
 
     @asynccontextmanager
@@ -186,7 +186,7 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def body_limits(settings: Settings) -> dict[str, int]:
+def body_limits(settings: GatewaySettings) -> dict[str, int]:
     """The largest body each route that takes one accepts: one image, base64 or raw, plus
     room for the JSON (or the multipart framing) around it; two for POST /critique."""
     image = settings.max_image_bytes * 4 // 3  # base64 is 4/3 of the bytes; raw multipart less

@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 
 from service.errors import Unauthorized
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 ANONYMOUS = "anonymous"
 KEY_PREFIX = "gcr_"
@@ -46,7 +46,7 @@ def _lookup(table: dict[str, str], digest: str) -> str | None:
     return found
 
 
-def authenticate(settings: Settings, authorization: str | None) -> Principal:
+def authenticate(settings: GatewaySettings, authorization: str | None) -> Principal:
     if settings.auth_disabled:
         return Principal(ANONYMOUS, admin=True)
     if not settings.api_keys and not settings.admin_keys:

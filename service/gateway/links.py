@@ -8,10 +8,10 @@ from typing import Any
 from fastapi import Request
 
 from gcr.types import JobDocument
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 
-def base_url(request: Request, settings: Settings) -> str:
+def base_url(request: Request, settings: GatewaySettings) -> str:
     return (settings.public_url or str(request.base_url)).rstrip("/")
 
 

@@ -21,7 +21,7 @@ from service.jobs.keys import Keys
 from service.jobs.listener import EventListener
 from service.jobs.queue import JobQueue
 from service.jobs.store import JobStore
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 if TYPE_CHECKING:
     from service.critic.client import OpenAICritic
@@ -42,7 +42,7 @@ def _fingerprint(spec: GenerateRequest) -> str:
 class GatewayState:
     """Redis pool, store, queue stats and the critic client of one gateway process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
         self.keys = Keys(settings.redis_prefix)

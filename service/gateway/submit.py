@@ -19,7 +19,7 @@ from service.gateway.auth import Principal
 from service.gateway.state import GatewayState
 from service.gateway.uploads import check_image, check_mode_images, decode_base64_image
 from service.netguard import check_public_url
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 JSON_OVERHEAD_BYTES = 1024 * 1024
 
@@ -29,7 +29,7 @@ def validation_error(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
 
 
-async def parse_generate_body(request: Request, settings: Settings) -> tuple[GenerateRequest, bytes | None]:
+async def parse_generate_body(request: Request, settings: GatewaySettings) -> tuple[GenerateRequest, bytes | None]:
     """The validated spec and, for edits, the raw source image bytes (not yet checked)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     limit = settings.max_image_bytes * 4 // 3 + JSON_OVERHEAD_BYTES
@@ -51,7 +51,7 @@ async def parse_generate_body(request: Request, settings: Settings) -> tuple[Gen
     raise UnsupportedMediaType(f"content type {content_type!r} is not accepted; use JSON or multipart/form-data")
 
 
-async def _parse_multipart(form: FormData, settings: Settings) -> tuple[GenerateRequest, bytes | None]:
+async def _parse_multipart(form: FormData, settings: GatewaySettings) -> tuple[GenerateRequest, bytes | None]:
     raw = form.get("request")
     if not isinstance(raw, str):
         raise InvalidInput("multipart body needs a `request` field holding the JSON request", field="request")
@@ -113,7 +113,7 @@ async def check_size(state: GatewayState, spec: GenerateRequest, model: str) -> 
 
 
 async def prepare_job(
-    spec: GenerateRequest, source: bytes | None, settings: Settings, owner: str, base_url: str | None = None
+    spec: GenerateRequest, source: bytes | None, settings: GatewaySettings, owner: str, base_url: str | None = None
 ) -> tuple[JobDocument, bytes | None]:
     """Check what the schema cannot, draw the seed, and build the queued document."""
     if len(spec.prompt) > settings.max_prompt_chars:

@@ -32,6 +32,22 @@ def test_every_setting_is_documented_and_nothing_else() -> None:
     assert documented == actual
 
 
+def test_each_setting_is_documented_under_its_role() -> None:
+    """The three tables of docs/configuration.md are the three role classes."""
+    from service.settings import GatewaySettings, SharedSettings, WorkerSettings
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    shared = set(SharedSettings.model_fields)
+    for heading, role, own in (
+        ("### Shared", SharedSettings, shared),
+        ("### Gateway", GatewaySettings, set(GatewaySettings.model_fields) - shared),
+        ("### Worker", WorkerSettings, set(WorkerSettings.model_fields) - shared),
+    ):
+        section = text[text.index(heading) :].split("\n### ")[0].split("\n## ")[0]
+        listed = {name.lower() for name in re.findall(r"^\| `GCR_([A-Z0-9_]+)` \|", section, flags=re.M)}
+        assert listed == own, f"{role.__name__}: {listed ^ own}"
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     assert "./scripts/test" in README and "./scripts/demo" in README
     assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()

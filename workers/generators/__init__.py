@@ -17,12 +17,12 @@ from service.errors import GeneratorError
 from workers.generators.base import Generator
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from service.settings import WorkerSettings
 
 TINY_PREFIX = "tiny:"
 
 
-def load_generator(settings: Settings) -> Generator:
+def load_generator(settings: WorkerSettings) -> Generator:
     """Build the generator `settings.generator` names. Raises `GeneratorError` with a one-line reason."""
     spec = settings.generator
     if not spec:

@@ -60,7 +60,7 @@ from workers.generators.sizing import edit_size
 if TYPE_CHECKING:
     from PIL import Image
 
-    from service.settings import Settings
+    from service.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class DiffusersGenerator:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: WorkerSettings,
         model: str | None = None,
         *,
         name: str | None = None,

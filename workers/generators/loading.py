@@ -1,4 +1,4 @@
-"""Loading a diffusers pipeline by model id or local folder, configured from `Settings`.
+"""Loading a diffusers pipeline by model id or local folder, configured from `WorkerSettings`.
 
 One code path for every model: real ones by hub id, tiny test ones by local path.
 The pipeline class comes from the folder's `model_index.json`:
@@ -29,7 +29,7 @@ from service.errors import DeviceUnavailable, GeneratorError
 if TYPE_CHECKING:
     import torch
 
-    from service.settings import Settings
+    from service.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def _import_diffusers() -> Any:
     return diffusers
 
 
-def load_pipeline(settings: Settings, model: str) -> Any:
+def load_pipeline(settings: WorkerSettings, model: str) -> Any:
     """Load, place and configure the pipeline for `model` (hub id or local folder)."""
     try:
         diffusers = _import_diffusers()
@@ -237,7 +237,7 @@ def denoiser(pipe: Any) -> Any:
     return getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
 
 
-def prepare_pipeline(pipe: Any, settings: Settings, device: str) -> None:
+def prepare_pipeline(pipe: Any, settings: WorkerSettings, device: str) -> None:
     """Place and configure a built pipeline as the worker runs it: LoRA, attention backend,
     device or CPU offload, compilation."""
     # Order matters: LoRA layers must exist before compiling, and compile last so it

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from service.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def config_folder(model: str) -> Path:
     return Path(snapshot_download(model, allow_patterns=["model_index.json", "*/config.json"]))
 
 
-def estimate(folder: Path, settings: Settings, dtype_bytes: int, megapixels: float) -> MemoryEstimate:
+def estimate(folder: Path, settings: WorkerSettings, dtype_bytes: int, megapixels: float) -> MemoryEstimate:
     return MemoryEstimate(
         parameters=count_parameters(folder),
         dtype_bytes=dtype_bytes,
@@ -162,7 +162,7 @@ def judge(estimate: MemoryEstimate, device: str, free: int, total: int) -> Verdi
     return Verdict(False, message, estimate)
 
 
-def check(settings: Settings, model: str, device: str, megapixels: float, probe: MemoryProbe) -> Verdict:
+def check(settings: WorkerSettings, model: str, device: str, megapixels: float, probe: MemoryProbe) -> Verdict:
     """Estimate `model` under `settings` and judge it against `device`'s free memory.
 
     An estimate that cannot be made (the hub unreachable, an unknown component class)
@@ -186,7 +186,7 @@ def cuda_probe(device: str) -> tuple[int, int]:
     return int(free), int(total)
 
 
-def megapixels_for(model: str, settings: Settings, edit: bool) -> float:
+def megapixels_for(model: str, settings: WorkerSettings, edit: bool) -> float:
     """The image size the estimate assumes: the edit bound, the worker's cap on output
     size (GCR_MAX_OUTPUT_PIXELS), or the model's default size."""
     from workers.generators.model_defaults import lookup

@@ -30,7 +30,7 @@ from workers.generators.base import (
 from workers.generators.sizing import edit_size
 
 if TYPE_CHECKING:
-    from service.settings import Settings
+    from service.settings import WorkerSettings
 
 PREFIX = "sim:"
 DEFAULT_SIZE = 64
@@ -56,7 +56,7 @@ class SimulatedGenerator:
 
     modes = frozenset({"t2i", "edit"})
 
-    def __init__(self, spec: str, settings: Settings) -> None:
+    def __init__(self, spec: str, settings: WorkerSettings) -> None:
         self.seconds, self.per_image = parse_spec(spec)
         self.name = spec
         self.max_batch = settings.max_batch

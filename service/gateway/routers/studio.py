@@ -21,14 +21,14 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from service.gateway.deps import State
-from service.settings import Settings
+from service.settings import GatewaySettings
 
 STUDIO = Path(__file__).resolve().parent.parent / "studio"
 
 router = APIRouter(prefix="/studio", tags=["studio"], include_in_schema=False)
 
 
-def security_headers(settings: Settings) -> dict[str, str]:
+def security_headers(settings: GatewaySettings) -> dict[str, str]:
     """The headers of every studio page and asset."""
     sources = ["'self'"]
     if settings.public_url:
