@@ -41,6 +41,7 @@ CARRY_LIMIT = 64 * MIB
 KIT = (
     "annotated-types",  # pydantic
     "diffusers",  # the pipelines (FluxPipeline, the tiny test pipeline)
+    "httpx-sse",  # gcr (the SDK package holds the error codes service.errors reads)
     "pydantic",  # service.settings
     "pydantic-core",  # pydantic
     "pydantic-settings",  # service.settings

@@ -166,9 +166,10 @@ async def test_ten_rounds_of_four_candidates_render(stack: Stack, browser: objec
     await expect(page.locator("article.round")).to_have_count(10, timeout=20_000)
     images = page.locator(".candidate img")
     await expect(images).to_have_count(40)
-    await page.wait_for_function(
-        "[...document.querySelectorAll('.candidate img')].every(i => i.complete)", timeout=20_000
-    )
+    # expect() rather than wait_for_function: the studio's CSP (no 'unsafe-eval') refuses
+    # the string predicate Playwright would evaluate in the page
+    for index in range(40):
+        await expect(images.nth(index)).to_have_js_property("complete", True, timeout=20_000)
     next_frame = (
         "() => new Promise(done => { const t = performance.now();"
         " requestAnimationFrame(() => done(performance.now() - t)); })"

@@ -105,11 +105,11 @@ def test_a_worker_stopped_while_loading_exits_at_once_even_as_pid_1() -> None:
     none, so a stop waited the whole grace period. Loading here hangs (as a long download
     does) because the generator's loader is made to block."""
     driver = (
-        "import asyncio, logging, threading, service.cli as cli, workers.generators as g\n"
+        "import asyncio, logging, threading, service.cli.main as cli, workers.generators as g\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "g.load_generator = lambda settings: threading.Event().wait()\n"
         "print('loading', flush=True)\n"
-        "asyncio.run(cli.run_worker(cli.Settings(generator='sim:0', redis_url='redis://127.0.0.1:1/0')))\n"
+        "asyncio.run(cli.run_worker(cli.WorkerSettings(generator='sim:0', redis_url='redis://127.0.0.1:1/0')))\n"
     )
     proc = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-c", driver],
