@@ -7,7 +7,7 @@
     open("best.png", "wb").write(client.best_image(job.id))
 
 `gcr.AsyncClient` has the same methods as coroutines. Needs only httpx, httpx-sse and
-pydantic: `pip install gcr-sdk` never installs the server or torch.
+pydantic: the gcr-sdk distribution (`pip install ./sdk`) never installs the server or torch.
 """
 
 from gcr import errors

@@ -26,7 +26,6 @@ from setuptools import find_packages
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = tomllib.loads((ROOT / "pyproject.toml").read_text())
-SDK = tomllib.loads((ROOT / "sdk" / "pyproject.toml").read_text())
 SKIP = {".git", ".venv", ".tools", "node_modules", ".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis"}
 
 
@@ -66,13 +65,10 @@ def build_wheels(context: Path, into: Path) -> dict[str, zipfile.ZipFile]:
 
 def declared_packages() -> dict[str, list[str]]:
     include = SERVICE["tool"]["setuptools"]["packages"]["find"]["include"]
-    forced = SDK["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"].values()
-    sdk_roots = [target for target in forced if (ROOT / target / "__init__.py").exists()]
+    # sdk/hatch_build.py puts ../gcr into gcr-sdk's wheels
     return {
         "gcr-service": sorted(find_packages(where=str(ROOT), include=include)),
-        "gcr-sdk": sorted(
-            p for root in sdk_roots for p in [root, *(f"{root}.{q}" for q in find_packages(str(ROOT / root)))]
-        ),
+        "gcr-sdk": ["gcr", *(f"gcr.{q}" for q in find_packages(str(ROOT / "gcr")))],
     }
 
 
