@@ -22,7 +22,7 @@ from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
 from gcr.backoff import equal_jitter_s, retry_after_s
-from gcr.errors import APIConnectionError, APIStatusError, WaitTimeout, from_body
+from gcr.errors import CODES, APIConnectionError, APIStatusError, WaitTimeout, from_body
 from gcr.types import GenerationParams, JobEvent, LoopParams
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -109,6 +109,8 @@ def retry_delay(error: Exception, attempt: int, max_retries: int) -> float | Non
         return None
     if isinstance(error, APIStatusError):
         if error.status not in RETRY_STATUSES:
+            return None
+        if error.code in CODES and not CODES[error.code].retryable:  # the table says a retry cannot help
             return None
         if error.retry_after_s is not None:
             return min(error.retry_after_s, RETRY_AFTER_CAP_S)

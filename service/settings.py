@@ -105,8 +105,10 @@ class GatewaySettings(SharedSettings):
         description="How long /v1/images/* wait for their job before 504 job_still_running "
         "(just under the openai package's 600 s default timeout).",
     )
+    # At most 12: the SDK reads a stream in 15 s slices (gcr/_base.py READ_SLICE_S) and
+    # reconnects after a slice with nothing in it.
     sse_keepalive_s: float = Field(
-        10.0, gt=0, le=300, description="A quiet event stream gets a keep-alive comment this often."
+        10.0, gt=0, le=12, description="A quiet event stream gets a keep-alive comment this often (at most 12 s)."
     )
     max_open_streams: int = Field(
         4096, ge=1, description="Open event streams and `Prefer: wait` requests per gateway; beyond: 429."

@@ -99,6 +99,22 @@ def test_a_final_error_is_not_retried() -> None:
     assert len(calls) == 1
 
 
+def test_a_502_the_table_calls_final_is_not_retried() -> None:
+    """critique_unparseable is a 502, a status the SDK retries; the code table says a retry
+    cannot help, and each retry of POST /critique would be another long reasoning call."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(502, json={"error": {"code": "critique_unparseable", "message": "no scores"}})
+
+    transport = httpx.MockTransport(handler)
+    with gcr.Client(http_client=httpx.Client(base_url="http://gateway", transport=transport)) as client:
+        with pytest.raises(errors.CriticError):
+            client.critique("a red apple", b"\x89PNG\r\n\x1a\n")
+    assert len(calls) == 1
+
+
 def _queued_job() -> str:
     return json.dumps(
         {"id": "J" * 22, "status": "queued", "spec": {"prompt": "retried"}, "created_at": 1.0, "links": {}}
