@@ -29,7 +29,8 @@ RUN groupadd --system --gid 10001 gcr \
     && mkdir -p /artifacts && chown gcr:gcr /artifacts  # the images volume (compose) starts owned by gcr
 
 # ---------------------------------------------------------------------------------
-# The project as one wheel; both runtime images install it and neither keeps the source tree.
+# The project as two wheels (gcr-sdk and gcr-service); both runtime images install them
+# and neither keeps the source tree.
 FROM base AS wheel
 WORKDIR /src
 # .dockerignore is an allow-list: this copies pyproject.toml, README.md, LICENSE, sdk/ and

@@ -1,7 +1,8 @@
 """The `gcr` command: serve, worker, generate, critique, up, dev tools.
 
-Every command builds one `Settings` from `GCR_*` variables; options given on the
-command line override them.
+Every command builds its role's settings from `GCR_*` variables (`gcr serve` the
+gateway's, `gcr worker` the worker's, `gcr up --dev` all of them); options given on
+the command line override them.
 """
 
 from __future__ import annotations

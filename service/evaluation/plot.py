@@ -1,6 +1,6 @@
 """`summary.png`: mean best-so-far overall against round index, one line per policy.
 
-Imported only when a plot is written: matplotlib is an optional extra (`gcr[eval]`).
+Imported only when a plot is written: matplotlib is an optional extra (`gcr-service[eval]`).
 The figure is drawn on an Agg canvas directly, without pyplot, so no global
 backend state is touched and no display is needed.
 """
