@@ -34,6 +34,9 @@ StopReason = Literal[
     "accepted", "max_rounds", "no_improvement", "deadline", "cancelled", "no_refinement", "failed", "unclaimed"
 ]
 Stage = Literal["queued", "generating", "critiquing", "refining"]
+Strategy = Literal["rewrite", "edit", "auto"]
+STRATEGIES: tuple[str, ...] = ("rewrite", "edit", "auto")
+Action = Literal["generate", "edit"]
 WebhookEventName = Literal["start", "round", "completed"]
 DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEventName, ...] = ("completed",)
 
@@ -110,6 +113,21 @@ class LoopParams(ClientBody):
     seed_policy: Literal["fixed", "vary"] = Field("fixed", description="`fixed`: same seeds every round.")
     refine_from: Literal["latest", "best"] = Field("latest", description="Whose refined request drives the next round.")
     history: bool = Field(False, description="Append earlier refinement comments to the next prompt.")
+    strategy: Strategy = Field(
+        "rewrite",
+        description="How later rounds refine (docs/loop.md): `rewrite` regenerates from the refined request; "
+        "`edit` edits the best image so far on the edit model, instructed by the critique; `auto` chooses "
+        "per round: edit when the best so far scores at least `edit_above`, else rewrite.",
+    )
+    edit_model: str | None = Field(
+        None,
+        pattern=MODEL_NAME,
+        description="The model `edit` rounds run on; default: the fleet's default edit model (the job's own "
+        "model for an edit job). The stored job shows the one it was routed to.",
+    )
+    edit_above: float = Field(
+        0.5, ge=0, le=1, description="`auto` edits when the best overall so far is at least this, else rewrites."
+    )
 
 
 class GenerateRequest(ClientBody):
@@ -227,11 +245,24 @@ class RoundTimings(BaseModel):
     critique_ms: float = 0.0
 
 
+class ImageRef(BaseModel):
+    """One candidate's image of an earlier round."""
+
+    round: int
+    candidate: int
+
+
 class Round(BaseModel):
     """One finished round: written to Redis before the next round starts."""
 
     index: int
-    prompt: str
+    prompt: str = Field(description="The text the generator received: a prompt, or an edit's instruction.")
+    action: Action = Field("generate", description="`generate` from text, or `edit` an image.")
+    model: str | None = Field(None, description="The model the round ran on.")
+    edited_from: ImageRef | None = Field(
+        None, description="The image an `edit` round edited; null when it edited the job's source image."
+    )
+    reason: str | None = Field(None, description="Why the round took its action (the strategy's rule).")
     candidates: list[Candidate]
     chosen: int | None = Field(None, description="Index of the round's best candidate.")
     overall: Score | None = None
