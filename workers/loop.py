@@ -12,13 +12,18 @@ asks the policy between stages. Semantics (DESIGN.md, "The loop"):
 - Acceptance: the chosen candidate's overall >= threshold AND every configured
   per-dimension minimum is met (an N/A dimension with a minimum fails it).
 - Checks, in order: accepted, max_rounds, deadline, patience (no_improvement),
-  then the refined request (no_refinement when the critic gave none).
+  then the refinement (no_refinement when the critic gave none).
+- How a later round refines (`loop.strategy`, docs/loop.md): `rewrite` works from
+  the refined request (a new image, or a new edit of an edit job's source); `edit`
+  edits the best image so far, instructed by that image's critique (`edit_instruction`);
+  `auto` edits when the best so far scores at least `edit_above`, else rewrites.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from gcr.types import MAX_SEED, TEXT_FAITHFULNESS, Candidate, Critique, LoopParams, Round, StopReason
 
@@ -27,19 +32,7 @@ HISTORY_ROUNDS = 3
 HISTORY_COMMENT_CHARS = 300
 
 
-@dataclass(frozen=True)
-class Continue:
-    round_index: int
-    prompt: str
-    seeds: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Stop:
-    reason: StopReason
-
-
-Decision = Continue | Stop
+Refinement = Literal["rewrite", "edit"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +43,36 @@ class Pick:
     candidate: int
     overall: float
     prompt: str
+
+
+@dataclass(frozen=True)
+class Continue:
+    """Run round `round_index` with `prompt` (for an edit: its instruction) and `seeds`.
+
+    `refine`: `rewrite` works from text (the job's own model and mode); `edit` edits
+    `edit_from`, the best image so far, on the edit model. `reason` says why, for people."""
+
+    round_index: int
+    prompt: str
+    seeds: tuple[int, ...]
+    refine: Refinement = "rewrite"
+    edit_from: Pick | None = None
+    reason: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: StopReason
+
+
+Decision = Continue | Stop
+
+
+def edit_instruction(critique: Critique) -> str:
+    """What an `edit` round tells the edit model: the critique's refinement comments (what to
+    change in this image), else its refined request. The refined request re-describes the
+    whole picture, which invites a redraw; the comments name the fix."""
+    return critique.refinement_comments.strip() or (critique.refined_request or "").strip()
 
 
 def _rank(candidate: Candidate) -> tuple[float, float, int]:
@@ -120,7 +143,7 @@ class LoopPolicy:
         if not rounds:
             if self.deadline_passed(elapsed_s):
                 return Stop("deadline")
-            return Continue(0, self.instruction, self.seeds(0))
+            return Continue(0, self.instruction, self.seeds(0), reason="the first round works from the instruction")
         last = rounds[-1]
         if last.chosen is None:
             return Stop("failed")
@@ -134,13 +157,37 @@ class LoopPolicy:
             return Stop("deadline")
         if self.params.patience is not None and self._rounds_without_improvement(rounds) >= self.params.patience:
             return Stop("no_improvement")
+        best = self.best(rounds)
+        assert best is not None  # the last round has a chosen candidate
+        refine, reason = self.refinement(best)
+        seeds = self.seeds(len(rounds))
+        if refine == "edit":
+            critique = rounds[best.round].candidates[best.candidate].critique
+            assert critique is not None
+            instruction = edit_instruction(critique)
+            if not instruction:
+                return Stop("no_refinement")
+            return Continue(len(rounds), instruction, seeds, "edit", best, reason)
         source = self._refinement_source(rounds)
         if source.refined_request is None or not source.refined_request.strip():
             return Stop("no_refinement")
         prompt = source.refined_request.strip()
         if self.params.history:
             prompt = self._with_history(prompt, rounds)
-        return Continue(len(rounds), prompt, self.seeds(len(rounds)))
+        return Continue(len(rounds), prompt, seeds, reason=reason)
+
+    def refinement(self, best: Pick) -> tuple[Refinement, str]:
+        """How the next round refines, and why (the strategy's rule, with the numbers it read)."""
+        strategy = self.params.strategy
+        where = f"round {best.round + 1} candidate {best.candidate}"
+        if strategy == "rewrite":
+            return "rewrite", "strategy rewrite: work from the refined request"
+        if strategy == "edit":
+            return "edit", f"strategy edit: edit the best image so far ({where}, overall {best.overall:.2f})"
+        bar = self.params.edit_above
+        if best.overall >= bar:
+            return "edit", f"auto: the best so far ({where}) scores {best.overall:.2f} >= {bar:.2f}: edit it"
+        return "rewrite", f"auto: the best so far scores {best.overall:.2f} < {bar:.2f}: work from the refined request"
 
     def _rounds_without_improvement(self, rounds: Sequence[Round]) -> int:
         """Trailing rounds whose overall did not beat the best of the rounds before them."""

@@ -5,6 +5,10 @@ against the ORIGINAL instruction (concurrently, bounded), then checkpoint the
 round in Redis before the next starts. A job resumed by another worker starts
 from its checkpointed rounds. Cancellation is checked at every stage boundary
 and, during generation, interrupts denoising.
+
+A round meant for another model (an `edit` round of a text-to-image job runs on
+the edit model) is not run here: the job hops, queued on that model's stream, and
+the worker there resumes it from its checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from gcr.types import (
     Critique,
     EventType,
     GenerationParams,
+    ImageRef,
     JobDocument,
     JobError,
     JobEvent,
@@ -34,6 +39,7 @@ from gcr.types import (
     StopReason,
 )
 from service.errors import CriticError, GcrError, GeneratorError, OwnershipLost, StoreUnavailable
+from service.jobs.queue import Claim
 from service.jobs.store import JobStore
 from service.logs import current_job
 from workers import metrics
@@ -66,6 +72,7 @@ class JobRunner:
         scheduler: GenerationScheduler,
         critic: Critic,
         worker_id: str,
+        model: str,
         critique_slots: int,
         progress_interval_s: float,
         notifier: WebhookNotifier | None = None,
@@ -74,22 +81,26 @@ class JobRunner:
         self.scheduler = scheduler
         self.critic = critic
         self.worker_id = worker_id
+        self.model = model
+        """The model this worker serves (the name jobs and streams route by)."""
         self.progress_interval_s = progress_interval_s
         self.notifier = notifier
         self._critique_slots = asyncio.Semaphore(critique_slots)
 
-    async def run(self, doc: JobDocument) -> None:
-        """Run a job this worker has just started (status running, owned by us)."""
+    async def run(self, doc: JobDocument, claim: Claim) -> None:
+        """Run a job this worker has just started (status running, owned by us) from the entry
+        `claim`, until it ends or hops to another model."""
         current_job.set(doc.id)
-        await _Job(self, doc).run()  # OwnershipLost and StoreUnavailable propagate to the worker
-        if self.notifier is not None:
+        ended = await _Job(self, doc, claim).run()  # OwnershipLost and StoreUnavailable propagate
+        if ended and self.notifier is not None:
             self.notifier.notify(await self.store.get(doc.id))
 
 
 class _Job:
-    def __init__(self, runner: JobRunner, doc: JobDocument) -> None:
+    def __init__(self, runner: JobRunner, doc: JobDocument, claim: Claim) -> None:
         self.r = runner
         self.doc = doc
+        self.claim = claim
         self.id = doc.id
         self.spec = doc.spec
         self.rounds: list[Round] = list(doc.rounds)
@@ -148,11 +159,25 @@ class _Job:
     def elapsed(self) -> float:
         return time.time() - self.started_at
 
+    def placement(self, decision: Continue) -> tuple[str, str]:
+        """The (model, mode) a round runs on: an `edit` refinement on the edit model, anything
+        else on the job's own model and mode."""
+        assert self.spec.model is not None, "the gateway routes every job to a model"
+        if decision.refine == "edit":
+            return self.spec.loop.edit_model or self.spec.model, "edit"
+        return self.spec.model, self.spec.mode
+
+    def on_own_model(self) -> bool:
+        return self.r.model == self.spec.model
+
     # --- the loop ----------------------------------------------------------------------
-    async def run(self) -> None:
-        await self.set(generator_model=self.r.scheduler.generator.name)
+    async def run(self) -> bool:
+        """Run rounds until the job ends (True) or hops to another model's worker (False)."""
+        if self.on_own_model():
+            await self.set(generator_model=self.r.scheduler.generator.name)
         await self.emit("status", status="running", attempt=self.doc.attempts, resumed_rounds=len(self.rounds))
-        self.webhook("start")
+        if not self.rounds:
+            self.webhook("start")
         if self.spec.mode == "edit":
             try:
                 self.source_png = await self.r.store.get_source_image(self.id)
@@ -161,17 +186,21 @@ class _Job:
             except GcrError as exc:  # the artifact store refused it, or it expired: the job's failure
                 return await self.finish("failed", error=exc)
             self.source_image = await asyncio.to_thread(decode_image, self.source_png)
-        await self.record_effective_spec()
+        if self.on_own_model():
+            await self.record_effective_spec()
         while True:
             if await self.check_cancel():
                 return await self.finish("cancelled")
             decision = self.policy.decide(self.rounds, self.elapsed())
             if not isinstance(decision, Continue):
                 return await self.finish(decision.reason)
+            model, mode = self.placement(decision)
+            if model != self.r.model:
+                return await self.hop(model, mode, decision)
             if self.rounds:  # only a round that another follows is refined
                 await self.emit("stage", round=self.rounds[-1].index, stage="refining", prompt=decision.prompt)
             try:
-                round_ = await self.run_round(decision)
+                round_ = await self.run_round(decision, mode)
             except StoreUnavailable:
                 raise  # not the job's failure: the worker resumes it from the checkpoint
             except GcrError as exc:
@@ -194,16 +223,36 @@ class _Job:
                 round=round_.model_dump(mode="json", exclude={"candidates": {"__all__": {"critique": {"raw"}}}}),
             )
 
-    async def run_round(self, decision: Continue) -> Round | None:
+    async def hop(self, model: str, mode: str, decision: Continue) -> bool:
+        """Queue the job for `model`'s workers, which run its next round; this worker lets go."""
+        if not await self.r.store.hand_off(self.doc, self.r.worker_id, self.claim, model, mode):
+            raise OwnershipLost(self.id)
+        log.info("job %s hops to model %s for round %d (%s)", self.id, model, decision.round_index + 1, mode)
+        await self.emit(
+            "status", status="queued", hop={"model": model, "mode": mode, "round": decision.round_index}
+        )
+        return False
+
+    async def source_for(self, decision: Continue) -> Image.Image | None:
+        """The image a round edits: the best so far for an `edit` refinement, else the job's source."""
+        if decision.edit_from is None:
+            return self.source_image
+        png = await self.r.store.get_image(self.id, decision.edit_from.round, decision.edit_from.candidate)
+        return await asyncio.to_thread(decode_image, png)
+
+    async def run_round(self, decision: Continue, mode: str) -> Round | None:
         index = decision.round_index
         started = time.time()
         await self.set(stage="generating")
         await self.emit("stage", round=index, stage="generating", prompt=decision.prompt)
+        source = await self.source_for(decision)
         t0 = time.monotonic()
         async with self.watching_cancel():
             results = await self.r.scheduler.generate(
                 [
-                    self.gen_request(decision.prompt, seed, preview=self.preview_sink(index, candidate))
+                    self.gen_request(
+                        decision.prompt, seed, mode, source, preview=self.preview_sink(index, candidate)
+                    )
                     for candidate, seed in enumerate(decision.seeds)
                 ],
                 on_step=self.progress_listener(index),
@@ -247,9 +296,14 @@ class _Job:
         best_before = self.policy.best_before(self.rounds)
         overall = candidates[chosen].overall
         assert overall is not None
+        edited = decision.edit_from
         return Round(
             index=index,
             prompt=decision.prompt,
+            action="edit" if mode == "edit" else "generate",
+            model=self.r.model,
+            edited_from=None if edited is None else ImageRef(round=edited.round, candidate=edited.candidate),
+            reason=decision.reason or None,
             candidates=candidates,
             chosen=chosen,
             overall=overall,
@@ -263,20 +317,32 @@ class _Job:
             finished_at=time.time(),
         )
 
-    def gen_request(self, prompt: str, seed: int, preview: PreviewSink | None = None) -> GenRequest:
+    def gen_request(
+        self,
+        prompt: str,
+        seed: int,
+        mode: str,
+        source: Image.Image | None,
+        preview: PreviewSink | None = None,
+    ) -> GenRequest:
+        """One image's request. On another model than the job's own (an edit model refining a
+        text-to-image job) the job's generation values, resolved for its own model, do not
+        apply: that model's defaults do."""
+        if not self.on_own_model():
+            return GenRequest(prompt=prompt, seed=seed, mode=mode, source_image=source, preview=preview)
         g = self.spec.generation
         extra = {} if g.max_sequence_length is None else {"max_sequence_length": g.max_sequence_length}
         return GenRequest(
             prompt=prompt,
             seed=seed,
-            mode=self.spec.mode,
+            mode=mode,
             width=g.width,
             height=g.height,
             steps=g.steps,
             guidance_scale=g.guidance_scale,
             true_cfg_scale=g.true_cfg_scale,
             negative_prompt=g.negative_prompt,
-            source_image=self.source_image,
+            source_image=source,
             extra=extra,
             preview=preview,
         )
@@ -286,7 +352,8 @@ class _Job:
         stored spec, so the job document shows everything that ran."""
         assert self.spec.generation.seed is not None
         try:
-            resolved = self.r.scheduler.generator.resolve(self.gen_request(self.spec.prompt, self.spec.generation.seed))
+            request = self.gen_request(self.spec.prompt, self.spec.generation.seed, self.spec.mode, self.source_image)
+            resolved = self.r.scheduler.generator.resolve(request)
         except GeneratorError:
             return  # the first round fails with the same error, recorded on the job
         filled = {
@@ -388,7 +455,7 @@ class _Job:
             prompt=pick.prompt,
         )
 
-    async def finish(self, reason: StopReason, error: GcrError | None = None) -> None:
+    async def finish(self, reason: StopReason, error: GcrError | None = None) -> bool:
         best = self.best_candidate(self.rounds)
         if reason == "cancelled":
             status = "cancelled"
@@ -421,6 +488,7 @@ class _Job:
         metrics.JOBS_FINISHED.labels(status, reason).inc()
         await self.r.store.publish_end(self.id, status, reason, _job_error(error) if error else None)
         log.info("job %s %s (%s) after %d rounds", self.id, status, reason, len(self.rounds))
+        return True
 
 
 def _job_error(exc: GcrError | GeneratorError) -> JobError:

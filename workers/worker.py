@@ -86,6 +86,7 @@ class Worker:
             self.scheduler,
             GuardedCritic(critic, self.breaker),
             self.id,
+            self.model,
             settings.max_inflight_critiques,
             settings.progress_interval_s,
             self.notifier,
@@ -249,7 +250,7 @@ class Worker:
             if doc.webhook is None:
                 self.notifier.notify(doc)
         elif outcome == "ok":
-            await self.runner.run(await self.store.get(job_id))
+            await self.runner.run(await self.store.get(job_id), claim)
         await self.queue.ack(claim)
 
     async def _heartbeat_loop(self, done: asyncio.Event) -> None:

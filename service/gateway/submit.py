@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
 from gcr.types import MAX_SEED, GenerateRequest, JobDocument
-from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from service.errors import GcrError, InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from service.gateway import http_metrics
 from service.gateway.auth import Principal
 from service.gateway.state import GatewayState
@@ -88,13 +88,29 @@ async def submit(
     doc, source_png = await prepare_job(spec, source, state.settings, owner=caller.tenant, base_url=base_url)
     model = await state.route(spec.mode, spec.model)
     await check_size(state, spec, model)
-    doc = doc.model_copy(update={"spec": doc.spec.model_copy(update={"model": model})})
+    loop = doc.spec.loop.model_copy(update={"edit_model": await route_edit_model(state, spec, model)})
+    doc = doc.model_copy(update={"spec": doc.spec.model_copy(update={"model": model, "loop": loop})})
     if idempotency_key is None:
         await state.store.create(doc, source_png, state.settings.queue_max)
     elif (replay := await state.create_once(caller, idempotency_key, spec, doc, source_png)) is not None:
         return replay, False
     http_metrics.JOBS_SUBMITTED.labels(doc.spec.model, doc.spec.mode, doc.spec.priority).inc()
     return doc, True
+
+
+async def route_edit_model(state: GatewayState, spec: GenerateRequest, model: str) -> str | None:
+    """The model a strategy that edits (`edit`, `auto`) runs its edit rounds on: `loop.edit_model`,
+    else the job's own model for an edit job, else the fleet's default edit model. Refused as the
+    job's own model is: 503 while no live worker serves it for edits, 422 for a name nobody serves."""
+    if spec.loop.strategy == "rewrite":
+        return spec.loop.edit_model
+    requested = spec.loop.edit_model or (model if spec.mode == "edit" else None)
+    try:
+        return await state.route("edit", requested)
+    except GcrError as exc:
+        exc.field = "loop.edit_model"
+        exc.message = f"loop.strategy {spec.loop.strategy!r} edits its best image: {exc.message}"
+        raise
 
 
 async def check_size(state: GatewayState, spec: GenerateRequest, model: str) -> None:

@@ -20,10 +20,11 @@ from gcr.types import PRIORITIES, JobDocument, JobError, JobEvent, Round
 from service.errors import NotFound, QueueFull
 from service.jobs.artifacts import ArtifactStore
 from service.jobs.connection import idempotent_read, translate_errors
-from service.jobs.keys import Keys
+from service.jobs.keys import CONSUMER_GROUP, Keys
 
 if TYPE_CHECKING:
     from service.jobs.listener import EventListener
+    from service.jobs.queue import Claim
 
 EVENTS_MAXLEN = 5000
 # Queue position orders by priority first, then by submit time.
@@ -64,12 +65,33 @@ return 1
 """
 
 # A job still queued ends as expired (nobody claimed it in time); any other status is left alone.
+# One that already has a best image (it waits to hop to another model) ends as succeeded with it.
 _EXPIRE_QUEUED = """
 local status = redis.call('HGET', KEYS[1], 'status')
 redis.call('ZREM', KEYS[2], ARGV[1])
 if status ~= '"queued"' then return 0 end
-redis.call('HSET', KEYS[1], 'status', '"expired"', 'stop_reason', '"unclaimed"', 'stage', 'null',
-           'finished_at', ARGV[2], 'error', ARGV[3])
+local best = redis.call('HGET', KEYS[1], 'best')
+local ending = 1
+if best and best ~= 'null' then ending = 2 end
+redis.call('HSET', KEYS[1], 'status', ending == 2 and '"succeeded"' or '"expired"', 'stop_reason', '"unclaimed"',
+           'stage', 'null', 'finished_at', ARGV[2], 'error', ARGV[3])
+return ending
+"""
+
+# Hand a running job owned by ARGV[1] to another model's stream, and acknowledge the entry
+# this worker held, in one step: the job is queued on exactly one stream whatever crashes.
+# A hop is progress, not a failed attempt: the next start's count is taken back here.
+# KEYS: job, queued index, target stream, held stream. ARGV: worker, id, queue order, held entry, group.
+_HAND_OFF = """
+if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', '"queued"', 'stage', '"queued"', 'worker', 'null')
+if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') > 0 then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
+redis.call('XACK', KEYS[4], ARGV[5], ARGV[4])
 return 1
 """
 
@@ -107,6 +129,12 @@ for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return n + 1
 """
+
+
+def queue_order(doc: JobDocument) -> int:
+    """A job's score in the queued index: priority first, then submit time (a job that hops
+    between models keeps its place)."""
+    return PRIORITY_RANK[doc.spec.priority] * ORDER_SPAN + int(doc.created_at * 1000)
 
 
 def _encode(value: Any) -> str:
@@ -147,6 +175,7 @@ class JobStore:
         self._checkpoint = client.register_script(_CHECKPOINT)
         self._expire_queued = client.register_script(_EXPIRE_QUEUED)
         self._create = client.register_script(_CREATE)
+        self._hand_off = client.register_script(_HAND_OFF)
 
     # --- reading -------------------------------------------------------------------
     @idempotent_read
@@ -281,7 +310,7 @@ class JobStore:
         if doc.base_url is not None:
             fields["base_url"] = doc.base_url
         priority = doc.spec.priority
-        order = PRIORITY_RANK[priority] * ORDER_SPAN + int(doc.created_at * 1000)
+        order = queue_order(doc)
         keys = [
             self.keys.job(doc.id),
             self.keys.queued_index(),
@@ -353,7 +382,7 @@ class JobStore:
                     args=[job_id, _encode(now), _encode(error)],
                 )
                 if ended:
-                    await self.publish_end(job_id, "expired", "unclaimed", error)
+                    await self.publish_end(job_id, "succeeded" if ended == 2 else "expired", "unclaimed", error)
                     expired.append(job_id)
         return expired
 
@@ -372,6 +401,21 @@ class JobStore:
             args=[job_id, _encode(worker_id), _encode(time.time()), max_attempts, "1" if count_attempt else "0"],
         )
         return outcome.decode(), int(attempts)
+
+    @translate_errors
+    async def hand_off(self, doc: JobDocument, worker_id: str, held: Claim, model: str, mode: str) -> bool:
+        """Queue a running job this worker owns on `model`'s `mode` stream and acknowledge the
+        entry it holds (`held`), atomically; False when the job is no longer this worker's."""
+        handed = await self._hand_off(
+            keys=[
+                self.keys.job(doc.id),
+                self.keys.queued_index(),
+                self.keys.queue(model, mode, doc.spec.priority),
+                held.stream,
+            ],
+            args=[_encode(worker_id), doc.id, queue_order(doc), held.entry_id, CONSUMER_GROUP],
+        )
+        return bool(handed)
 
     @translate_errors
     async def update(self, job_id: str, worker_id: str, **fields: Any) -> bool:

@@ -15,7 +15,8 @@ answer order (score first or justification first) from the order the prompt's
 format section asks for.
 
 Control endpoints, not part of the OpenAI API: `GET /standin/stats` (request
-counters, the last request with image data elided), `GET|POST /standin/config`
+counters, the last request with image data elided, and the last JUDGED_KEPT requests'
+instruction, mode, round, candidate, generator and image sizes), `GET|POST /standin/config`
 (replace the config at run time; resets the counters).
 """
 
@@ -28,7 +29,7 @@ import io
 import re
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +48,7 @@ from service.servers import serving_in_thread
 from workers.critics.standin_config import ScoreEntry, StandinConfig
 
 STANDIN_FINGERPRINT = "gcr-standin"
+JUDGED_KEPT = 500  # requests `GET /standin/stats` lists under `judged`, newest last
 GARBAGE_ANSWER = (
     "STAND-IN FAULT: this answer deliberately holds no critique. The stand-in critic was "
     "configured to send an unparseable reply here."
@@ -104,8 +106,21 @@ class _Judged:
         info = self.images[-1].info
         self.round = _int_chunk(info.get("gcr:round"))
         self.candidate = _int_chunk(info.get("gcr:candidate"))
+        self.generator = str(info.get("gcr:model", ""))
         score_at, justification_at = self.text.find("## Score:"), self.text.find("## Justification:")
         self.score_first = 0 <= score_at < justification_at
+
+    def record(self) -> dict[str, Any]:
+        """What `GET /standin/stats` lists of a judged request: enough for a test to check
+        what the critic was asked, without the images."""
+        return {
+            "instruction": self.instruction,
+            "mode": self.mode,
+            "round": self.round,
+            "candidate": self.candidate,
+            "generator": self.generator,
+            "sizes": [list(image.size) for image in self.images],
+        }
 
     def _read_message(self, index: int, message: Any, texts: list[str]) -> None:
         param = f"messages[{index}]"
@@ -181,7 +196,7 @@ def write_answer(
         score = entry.dimension_score(key)
         scores.append(score)
         reason = (
-            f"Stand-in score for round {round_index}, candidate {candidate}; not a real judgment."
+            f"Stand-in score for round {round_index + 1}, candidate {candidate}; not a real judgment."
             if score is not None
             else "No text rendering was configured for this request."
         )
@@ -192,10 +207,11 @@ def write_answer(
     overall = overall_score(scores) if any(s is not None for s in scores) else 0.0
     lines += [
         f"# Summary: STAND-IN critic, not a real judgment: configured scores (overall {overall:.3f}) "
-        f"for round {round_index}, candidate {candidate}.",
+        f"for round {round_index + 1}, candidate {candidate}.",
         "",
         "# User Request Refinement:",
-        "## Refinement Comments: Stand-in comment: no image was looked at."
+        f"## Refinement Comments: Stand-in comment on round {round_index + 1}, candidate {candidate}: "
+        "no image was looked at."
         if refine
         else "## Refinement Comments: The stand-in was configured to give no refined request.",
     ]
@@ -219,6 +235,7 @@ class _Standin:
         self.fault_uses = [0] * len(config.faults)
         self.faults_served = 0
         self.last_request: dict[str, Any] | None = None
+        self.judged: deque[dict[str, Any]] = deque(maxlen=JUDGED_KEPT)
 
     async def chat(self, request: Request) -> Response:
         self.requests += 1
@@ -234,6 +251,7 @@ class _Standin:
         except _BadRequest as exc:
             return _error(400, exc.message, exc.param)
         self.by_instruction[judged.instruction] += 1
+        self.judged.append(judged.record())
         config = self.config
         for index, fault in enumerate(config.faults):
             if self.fault_uses[index] < fault.times and fault.matches(judged.instruction):
@@ -270,6 +288,7 @@ class _Standin:
                 "by_instruction": dict(self.by_instruction),
                 "faults_served": self.faults_served,
                 "last_request": self.last_request,
+                "judged": list(self.judged),
             }
         )
 
