@@ -228,9 +228,7 @@ class _Job:
         if not await self.r.store.hand_off(self.doc, self.r.worker_id, self.claim, model, mode):
             raise OwnershipLost(self.id)
         log.info("job %s hops to model %s for round %d (%s)", self.id, model, decision.round_index + 1, mode)
-        await self.emit(
-            "status", status="queued", hop={"model": model, "mode": mode, "round": decision.round_index}
-        )
+        await self.emit("status", status="queued", hop={"model": model, "mode": mode, "round": decision.round_index})
         return False
 
     async def source_for(self, decision: Continue) -> Image.Image | None:
@@ -250,9 +248,7 @@ class _Job:
         async with self.watching_cancel():
             results = await self.r.scheduler.generate(
                 [
-                    self.gen_request(
-                        decision.prompt, seed, mode, source, preview=self.preview_sink(index, candidate)
-                    )
+                    self.gen_request(decision.prompt, seed, mode, source, preview=self.preview_sink(index, candidate))
                     for candidate, seed in enumerate(decision.seeds)
                 ],
                 on_step=self.progress_listener(index),

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from gcr import AsyncClient
 from gcr.errors import APIConnectionError, GcrError
-from gcr.types import JobDocument
+from gcr.types import JobDocument, Round
 
 console = Console(stderr=True)
 
@@ -31,6 +31,8 @@ def build_request(
     steps: int | None,
     size: str | None,
     model: str | None = None,
+    strategy: str | None = None,
+    edit_model: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "mode": mode or ("edit" if source_image else "t2i")}
     if model is not None:
@@ -41,7 +43,13 @@ def build_request(
     if size:
         width, _, height = size.lower().partition("x")
         generation.update(width=int(width), height=int(height))
-    loop = {"max_rounds": max_rounds, "threshold": threshold, "candidates_per_round": candidates}
+    loop = {
+        "max_rounds": max_rounds,
+        "threshold": threshold,
+        "candidates_per_round": candidates,
+        "strategy": strategy,
+        "edit_model": edit_model,
+    }
     body["generation"] = {k: v for k, v in generation.items() if v is not None}
     body["loop"] = {k: v for k, v in loop.items() if v is not None}
     return body
@@ -49,12 +57,14 @@ def build_request(
 
 def rounds_table(doc: JobDocument) -> Table:
     table = Table(title=f"job {doc.id}: {doc.status} ({doc.stop_reason})")
-    for column in ("round", "prompt", "candidates (overall)", "chosen", "delta", "gen s", "critic s"):  # 1-based
+    columns = ("round", "action", "prompt", "candidates (overall)", "chosen", "delta", "gen s", "critic s")
+    for column in columns:  # rounds and candidates 1-based
         table.add_column(column)
     for r in doc.rounds:
         scores = ", ".join("err" if c.overall is None else f"{c.overall:.3f}" for c in r.candidates)
         table.add_row(
             str(r.index + 1),
+            describe_action(r),
             r.prompt[:60] + ("…" if len(r.prompt) > 60 else ""),
             scores,
             "" if r.chosen is None else str(r.chosen + 1),
@@ -63,6 +73,14 @@ def rounds_table(doc: JobDocument) -> Table:
             f"{r.timings.critique_ms / 1000:.2f}",
         )
     return table
+
+
+def describe_action(round_: Round) -> str:
+    """`generate`, or `edit` with the image it edited (`edit r2c1`: round 2, candidate 1)."""
+    source = round_.edited_from
+    if round_.action == "edit" and source is not None:
+        return f"edit r{source.round + 1}c{source.candidate + 1}"
+    return round_.action
 
 
 async def follow(client: AsyncClient, job_id: str) -> JobDocument:

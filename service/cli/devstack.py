@@ -1,9 +1,9 @@
 """`gcr up --dev`: the whole stack in one process, offline.
 
-Redis (started here only if none answers), the gateway, one worker on a tiny
-random-weight diffusers pipeline, and the STAND-IN critic, which answers in the
-RationalRewards format with scripted scores: it is not a real judgment, and
-every critique it writes says so.
+Redis (started here only if none answers), the gateway, a text-to-image worker and
+an edit worker on tiny random-weight diffusers pipelines (SD and FLUX Kontext), and
+the STAND-IN critic, which answers in the RationalRewards format with scripted
+scores: it is not a real judgment, and every critique it writes says so.
 """
 
 from __future__ import annotations
@@ -34,14 +34,18 @@ from service.settings import Settings
 
 if TYPE_CHECKING:
     from workers.critics.standin_config import StandinConfig
+    from workers.worker import Worker
 
 log = logging.getLogger("gcr.up")
 
 DEMO_PROMPT = "a red bicycle leaning against a blue wall, morning light"
 # The stand-in's scripted scores for the demo: the critic is unhappy at first, then
-# the refined prompts "improve" the image until it crosses the default threshold.
+# the refinements "improve" the image until it crosses the default threshold. With
+# strategy auto (edit at 0.5 and above) round 2 rewrites the prompt and round 3 edits
+# round 2's image on the edit worker.
 DEMO_SCHEDULE = [0.42, 0.61, 0.83]
-DEMO_REQUEST = {"prompt": DEMO_PROMPT, "loop": {"max_rounds": 4, "threshold": 0.75}}
+DEMO_REQUEST = {"prompt": DEMO_PROMPT, "loop": {"max_rounds": 4, "threshold": 0.75, "strategy": "auto"}}
+DEV_EDIT_GENERATOR = "tiny:kontext"
 
 
 def redis_answers(url: str) -> bool:
@@ -102,7 +106,12 @@ def port_is_free(port: int) -> bool:
 
 
 async def run_dev_stack(
-    port: int, generator: str, demo: bool, critic_latency_s: float = 0.0, once: bool = False
+    port: int,
+    generator: str,
+    demo: bool,
+    critic_latency_s: float = 0.0,
+    once: bool = False,
+    edit_generator: str | None = DEV_EDIT_GENERATOR,
 ) -> int:
     """`gcr up --dev [--demo]`: serve until interrupted. With `demo`, first run the demo job and
     keep serving, so that its links (the studio page, the images) work; with `once` too,
@@ -114,10 +123,12 @@ async def run_dev_stack(
     if main is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    async with dev_stack(generator, port=port, critic_latency_s=critic_latency_s) as url:
+    stack = dev_stack(generator, port=port, critic_latency_s=critic_latency_s, edit_generator=edit_generator)
+    async with stack as url:
         pace = f", {critic_latency_s:g} s per critique" if critic_latency_s else ""
+        editing = f", edit generator {edit_generator}" if edit_generator else ""
         console.print(
-            f"gcr dev stack: gateway {url}, generator {generator}, "
+            f"gcr dev stack: gateway {url}, generator {generator}{editing}, "
             f"stand-in critic (scripted scores, NOT a real judge{pace}), auth off",
             soft_wrap=True,
         )
@@ -146,8 +157,12 @@ async def dev_stack(
     port: int | None = None,
     settings: Settings | None = None,
     critic_latency_s: float | None = None,
+    edit_generator: str | None = DEV_EDIT_GENERATOR,
 ) -> AsyncIterator[str]:
     """The `gcr up --dev` stack for the length of an `async with`; yields the gateway URL.
+
+    Its workers: one on `generator` and, unless `edit_generator` is None, one on that edit
+    model, so that strategies which edit (`loop.strategy`) run offline too.
 
     Redis is the configured one if it answers, else a throwaway redis-server. The
     stack's keys live under a fresh prefix, deleted on exit, so its jobs never mix
@@ -184,37 +199,51 @@ async def dev_stack(
                 "auth_disabled": True,
                 # One local client: a per-key rate limit would only slow it down.
                 "rate_limit_per_s": 0,
-                "worker_id": f"{prefix}-worker",
             }
         )
-        backend = await asyncio.to_thread(load_generator, stack_settings)
         critic = OpenAICritic(stack_settings)
-        worker = Worker(stack_settings, backend, critic)
-        worker_task = asyncio.create_task(worker.run(drain_grace_s=2.0))
+        roles = {"worker": generator, "edit-worker": edit_generator}
+        workers: list[Worker] = []
+        for role, role_generator in roles.items():
+            if role_generator:
+                worker_settings = stack_settings.model_copy(
+                    update={"generator": role_generator, "worker_id": f"{prefix}-{role}"}
+                )
+                backend = await asyncio.to_thread(load_generator, worker_settings)
+                workers.append(Worker(worker_settings, backend, critic))
+        worker_tasks = [asyncio.create_task(worker.run(drain_grace_s=2.0)) for worker in workers]
         gateway: uvicorn.Server | None = None
         gateway_task: asyncio.Task[None] | None = None
         try:
             gateway = uvicorn.Server(servers.config(create_app(stack_settings), port or free_port()))
             gateway_task = await servers.start(gateway)
-            # The gateway refuses jobs of modes no live worker serves: wait for the first heartbeat.
-            visible = asyncio.create_task(worker.visible.wait())
-            await asyncio.wait({visible, worker_task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            if worker_task.done():
-                await worker_task  # its own error says why it stopped
-            if not worker.visible.is_set():
-                visible.cancel()
-                raise RuntimeError("the dev worker did not start (no heartbeat within 30 s); see the log above")
+            for worker, task in zip(workers, worker_tasks, strict=True):
+                await _until_visible(worker, task)
             log.info("dev stack: gateway on port %d, Redis %s (prefix %s)", gateway.config.port, redis_url, prefix)
             yield f"http://127.0.0.1:{gateway.config.port}"
         finally:
             if gateway is not None:
                 gateway.should_exit = True
-            worker.stop()
-            for task in (gateway_task, worker_task):
-                if task is not None:
+            for worker in workers:
+                worker.stop()
+            for running in (gateway_task, *worker_tasks):
+                if running is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await asyncio.wait_for(task, timeout=10)
+                        await asyncio.wait_for(running, timeout=10)
             await critic.aclose()
+
+
+async def _until_visible(worker: Worker, task: asyncio.Task[None], timeout_s: float = 30) -> None:
+    """The gateway refuses jobs of models no live worker serves: wait for the worker's first heartbeat."""
+    visible = asyncio.create_task(worker.visible.wait())
+    await asyncio.wait({visible, task}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        await task  # its own error says why it stopped
+    if not worker.visible.is_set():
+        visible.cancel()
+        raise RuntimeError(
+            f"dev worker {worker.id} did not start (no heartbeat within {timeout_s:g} s); see the log above"
+        )
 
 
 def _delete_keys(redis_url: str, prefix: str) -> None:

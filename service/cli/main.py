@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from gcr.types import Critique, Mode
+from gcr.types import STRATEGIES, Critique, Mode
 from service.errors import GcrError
 from service.settings import GatewaySettings, SharedSettings, WorkerSettings
 
@@ -180,6 +180,13 @@ def _on_stop_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[int], N
 @click.option("--max-rounds", type=click.IntRange(1, 20), default=None, help="1-20 rounds at most.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="Accept at this overall score (0-1).")
 @click.option("--candidates", type=click.IntRange(1, 8), default=None, help="Candidates per round (1-8).")
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=None,
+    help="How later rounds refine: rewrite the prompt (default), edit the best image, or auto (docs/loop.md).",
+)
+@click.option("--edit-model", default=None, help="The model edit rounds run on; default: the fleet's edit model.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None)
 @click.option("--steps", type=click.IntRange(1, 200), default=None, help="Denoising steps (1-200).")
 @click.option("--size", type=SIZE, default=None, help="WIDTHxHEIGHT, each a multiple of 16 in 16-2048, e.g. 1024x1024.")
@@ -196,6 +203,8 @@ def generate(
     max_rounds: int | None,
     threshold: float | None,
     candidates: int | None,
+    strategy: str | None,
+    edit_model: str | None,
     seed: int | None,
     steps: int | None,
     size: str | None,
@@ -209,7 +218,9 @@ def generate(
     Rounds are numbered from 1 in what it prints (the job's JSON keeps `index` from 0)."""
     from service.cli.console import build_request, submit_and_follow
 
-    body = build_request(prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size, model)
+    body = build_request(
+        prompt, mode, source_image, max_rounds, threshold, candidates, seed, steps, size, model, strategy, edit_model
+    )
     code = asyncio.run(submit_and_follow(url, body, wait=wait, out=out, as_json=as_json, api_key=api_key))
     sys.exit(code)
 
@@ -326,6 +337,12 @@ def model_defaults(model: str, as_json: bool) -> None:
 @click.option("--dev", is_flag=True, help="The offline stack: tiny pipeline and stand-in critic (the only one so far).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--generator", default="tiny:sd", show_default=True, help="GCR_GENERATOR for the worker.")
+@click.option(
+    "--edit-generator",
+    default="tiny:kontext",
+    show_default=True,
+    help="GCR_GENERATOR for the edit worker (strategies that edit run on it); 'none': no edit worker.",
+)
 @click.option("--demo", is_flag=True, help="Submit one demo job, print it, and keep serving until Ctrl-C.")
 @click.option(
     "--critic-latency",
@@ -335,7 +352,9 @@ def model_defaults(model: str, as_json: bool) -> None:
     help="Seconds the stand-in critic takes per critique; RationalRewards on a GPU takes 10-60.",
 )
 @click.option("--once", is_flag=True, help="With --demo: exit with the demo job's status instead of serving on.")
-def up(dev: bool, port: int, generator: str, demo: bool, critic_latency: float, once: bool) -> None:
+def up(
+    dev: bool, port: int, generator: str, edit_generator: str, demo: bool, critic_latency: float, once: bool
+) -> None:
     """Run the whole stack on this machine: Redis (if none answers), gateway, worker, stand-in critic."""
     from service.cli.devstack import run_dev_stack
 
@@ -346,7 +365,14 @@ def up(dev: bool, port: int, generator: str, demo: bool, critic_latency: float, 
     _logging("text")
     try:
         code = asyncio.run(
-            run_dev_stack(port=port, generator=generator, demo=demo, critic_latency_s=critic_latency, once=once)
+            run_dev_stack(
+                port=port,
+                generator=generator,
+                demo=demo,
+                critic_latency_s=critic_latency,
+                once=once,
+                edit_generator=None if edit_generator == "none" else edit_generator,
+            )
         )
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: the stack cleaned up
         click.echo("gcr dev stack stopped; its Redis keys are deleted", err=True)

@@ -110,8 +110,10 @@ def main() -> None:
         start = time.monotonic()
         doc = finished(client, job.id, args.timeout)
         check_three_rounds(client, doc)
-        print(f"job 2 ({doc.id}): resumed and succeeded with each of its 3 rounds once, {doc.attempts} claims, "
-              f"{time.monotonic() - start:.1f} s after the kill")
+        print(
+            f"job 2 ({doc.id}): resumed and succeeded with each of its 3 rounds once, {doc.attempts} claims, "
+            f"{time.monotonic() - start:.1f} s after the kill"
+        )
 
 
 if __name__ == "__main__":

@@ -142,3 +142,40 @@ async def test_redis_restart_with_aof_loses_nothing(own_redis, standin_url: str)
         for job_id in queued:  # the queue survived too: the worker picks them up
             assert (await stack.wait(job_id, timeout_s=20)).status == "succeeded"
         assert worker.active == {}
+
+
+async def test_a_job_hopping_to_a_killed_edit_worker_finishes_with_each_round_once(stack: Stack) -> None:
+    """Strategy `edit` hops each job from the text-to-image worker (in process) to the edit
+    model's worker (a subprocess), which is SIGKILLed while it edits: a second edit worker
+    takes the jobs over from their checkpoints."""
+    await stack.start_worker(model_name="painter")
+    await stack.register_idle_worker(modes=("edit",), model="editor", worker_id="editor-announced")
+    await stack.configure_critic(StandinConfig(latency_s=0.05))
+    rounds = 3
+    loop = {"max_rounds": rounds, "threshold": 1.0, "patience": None, "strategy": "edit", "edit_model": "editor"}
+    ids = [await stack.submit(f"hop {i}", model="painter", loop=loop) for i in range(6)]
+    doomed = worker_process(stack, "doomed-editor", GCR_MODEL_NAME="editor", GCR_GENERATOR="sim:0.3")
+    async with asyncio.timeout(60):  # until it edits: a job of its is generating round 2 or 3
+        while not any(
+            d.worker == "doomed-editor" and d.stage == "generating" and d.rounds
+            for d in [await stack.client.get(i) for i in ids]
+        ):
+            await asyncio.sleep(0.05)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    survivor = worker_process(stack, "survivor-editor", GCR_MODEL_NAME="editor", GCR_GENERATOR="sim:0.05")
+    try:
+        docs = [await stack.wait(job_id, timeout_s=60) for job_id in ids]
+    finally:
+        stop(survivor)
+
+    assert all(d.status == "succeeded" for d in docs), [(d.id, d.status, d.error) for d in docs]
+    for doc in docs:
+        assert [r.index for r in doc.rounds] == list(range(rounds)), doc.id
+        assert [(r.action, r.model) for r in doc.rounds] == [
+            ("generate", "painter"),
+            ("edit", "editor"),
+            ("edit", "editor"),
+        ]
+    assert any(d.attempts > 1 for d in docs), "no job was interrupted: the test did not test anything"
+    assert all(d.worker == "survivor-editor" for d in docs if d.attempts > 1)
