@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "docker-compose.yml"
 DEV = ROOT / "deploy" / "compose.dev.yml"
 EDIT = ROOT / "deploy" / "compose.edit.yml"
+REFINE_EDIT = ROOT / "deploy" / "compose.refine-edit.yml"
 ONE_GPU_ENV = ROOT / "deploy" / "one-gpu.env"
 MORE_WORKERS = ROOT / "deploy" / "compose.more-workers.yml"
 K8S = ROOT / "deploy" / "k8s"
@@ -43,6 +44,7 @@ COMBINATIONS: dict[str, tuple[list[Path], Path | None]] = {
     "base": ([BASE], None),
     "dev": ([BASE, DEV], None),
     "edit": ([BASE, EDIT], None),
+    "refine-edit": ([BASE, REFINE_EDIT], None),
     "one-gpu": ([BASE], ONE_GPU_ENV),
     "more-workers": ([BASE, MORE_WORKERS], None),
 }
@@ -546,3 +548,14 @@ def test_the_worker_image_gets_the_torch_ci_tests_with_and_its_torchvision() -> 
     assert tested and pins["torch"] == tested.group(1)
     assert pins["torchvision"], "Qwen-Image-Edit's processor imports torchvision"
     assert Version(pins["diffusers"]) >= Version("0.36")  # the first release with QwenImageEditPlusPipeline
+
+
+def test_refine_by_editing_judges_every_round_with_the_one_t2i_critic() -> None:
+    """A text-to-image job that hops to the edit worker is still judged as text-to-image by
+    the same critic: both workers reach the base file's vLLM and name its model."""
+    config = load_combination("refine-edit")
+    workers = {name: env(config["services"][name]) for name in ("worker", "worker-edit")}
+    critic = {(e["GCR_CRITIC_BASE_URL"], e["GCR_CRITIC_MODEL"]) for e in workers.values()}
+    assert critic == {("http://vllm:8000/v1", "TIGER-Lab/RationalRewards-8B-T2I")}
+    assert "vllm-edit" not in config["services"]
+    assert workers["worker-edit"]["GCR_GENERATOR"] == "black-forest-labs/FLUX.1-Kontext-dev"
