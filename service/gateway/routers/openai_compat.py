@@ -4,7 +4,8 @@
 OpenAI's request shapes (see `service.gateway.openai_images`), run one gcr job and answer in
 OpenAI's shape with the best image(s) of all rounds: `data[].b64_json` (the default) or
 `data[].url` (a gateway link, fetched with the same Bearer key), and
-`data[].revised_prompt`, the prompt of the round that made the image. The job id comes
+`data[].revised_prompt`, the prompt of the round that made the image (an edit
+round's instruction, when `loop.strategy` edits). The job id comes
 back in the `X-Gcr-Job-Id` header and in `gcr.job_id`. `n` images are the n best
 candidates of one job (at least n candidates per round). `stream=true` sends the rounds
 as `partial_image` events, then `completed`.
