@@ -91,3 +91,17 @@ async def test_a_v1_call_past_the_stream_limit_is_refused_before_it_makes_a_job(
             holding.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await holding
+
+
+async def test_the_openai_package_asks_for_refine_by_editing_through_gcr_loop(stack: Stack) -> None:
+    """`extra_body={"gcr": {"loop": {"strategy": "edit"}}}` at the package's defaults: one job,
+    which generates on the text-to-image model and then edits on the edit model."""
+    await stack.start_worker(model_name="painter")
+    await stack.start_worker(model_name="editor")
+    loop = {"max_rounds": 2, "threshold": 1.0, "patience": None, "strategy": "edit", "edit_model": "editor"}
+    async with _default_client(stack) as client:
+        result = await client.images.generate(prompt="a fox", model="painter", extra_body={"gcr": {"loop": loop}})
+    assert await _jobs(stack) == 1
+    doc = await stack.client.get(result.model_extra["gcr"]["job_id"])  # type: ignore[index]
+    assert [(r.action, r.model) for r in doc.rounds] == [("generate", "painter"), ("edit", "editor")]
+    assert result.data is not None and result.data[0].revised_prompt == doc.rounds[doc.best.round].prompt  # type: ignore[union-attr]
