@@ -456,6 +456,12 @@ def test_standin_config_is_validated_and_resets_counters(standin: StandinHandle)
     standin.configure({"faults": [{"kind": "explode"}]}, status=422)
     assert standin.stats()["requests"] == 1  # a refused config changes nothing
     standin.configure({"model": "other-name"})
-    assert standin.stats() == {"requests": 0, "by_instruction": {}, "faults_served": 0, "last_request": None}
+    assert standin.stats() == {
+        "requests": 0,
+        "by_instruction": {},
+        "faults_served": 0,
+        "last_request": None,
+        "judged": [],
+    }
     answer = standin.post("/chat/completions", _chat_body(png())).json()
     assert answer["model"] == "other-name"
