@@ -122,3 +122,18 @@ async def test_a_strategy_that_edits_needs_a_live_edit_worker(
         unknown = await http.post("/generate", json={**body, "loop": {"strategy": "auto", "edit_model": "nope"}})
         assert unknown.status_code == 422 and unknown.json()["error"]["field"] == "loop.edit_model"
         assert (await http.post("/generate", json={**body, "loop": {"strategy": "rewrite"}})).status_code == 202
+
+
+async def test_a_hop_nobody_claims_ends_with_the_best_image_so_far(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    """The edit model's worker vanished after submit: the queue timeout ends the job as
+    succeeded with round 1's image, saying why it stopped."""
+    async with Stack(redis_url, redis_prefix, standin_url, queue_timeout_s=1.0) as stack:
+        await stack.start_worker(model_name="painter")
+        await stack.register_idle_worker(modes=("edit",), model="editor", worker_id="editor-that-never-claims")
+        job_id = await stack.submit("a bicycle", loop={**NEVER_ACCEPT, "strategy": "edit"})
+        doc = await stack.wait(job_id, timeout_s=30)
+    assert (doc.status, doc.stop_reason) == ("succeeded", "unclaimed")
+    assert len(doc.rounds) == 1 and doc.best is not None and doc.best.round == 0
+    assert doc.spec.loop.edit_model == "editor" and doc.error is not None and doc.error.code == "unclaimed"
