@@ -28,27 +28,38 @@ function wordDiff(before, after) {
 
 function chart(doc) {
   const points = doc.rounds.map((r) => r.overall);
-  const width = 520, height = 180, pad = 28;
-  const x = (i) => pad + (points.length > 1 ? (i * (width - 2 * pad)) / (points.length - 1) : (width - 2 * pad) / 2);
-  const y = (v) => height - pad - v * (height - 2 * pad);
+  const threshold = doc.spec.loop.threshold;
+  // Margins: the y-axis and its labels on the left; on the right, the threshold's label,
+  // outside the plot so that no line can cross it.
+  const width = 560, height = 200, left = 52, right = 96, top = 10, bottom = 28;
+  const plotRight = width - right;
+  const x = (i) => left + (points.length > 1 ? (i * (plotRight - left)) / (points.length - 1) : (plotRight - left) / 2);
+  const y = (v) => height - bottom - v * (height - top - bottom);
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("class", "chart");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("role", "img");
-  const label = `Overall score by round: ${points.map((p, i) => `round ${i + 1} ${score(p)}`).join(", ")}; threshold ${doc.spec.loop.threshold}`;
+  const label = `Overall score by round: ${points.map((p, i) => `round ${i + 1} ${score(p)}`).join(", ")}; threshold ${threshold}`;
   svg.setAttribute("aria-label", label);
   const add = (tag, attrs, text) => {
     const node = document.createElementNS(ns, tag);
     for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
     if (text) node.textContent = text;
     svg.append(node);
+    return node;
   };
-  add("line", { x1: pad, x2: width - pad, y1: y(0), y2: y(0), stroke: "#d0d7de" });
-  add("line", { x1: pad, x2: width - pad, y1: y(doc.spec.loop.threshold), y2: y(doc.spec.loop.threshold), stroke: "#cf222e", "stroke-dasharray": "5 4" });
-  add("text", { x: width - pad, y: y(doc.spec.loop.threshold) - 4, "text-anchor": "end", "font-size": 11, fill: "#cf222e" }, `threshold ${doc.spec.loop.threshold}`);
+  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
+    if (tick > 0) add("line", { x1: left, x2: plotRight, y1: y(tick), y2: y(tick), stroke: "#eaeef2" });
+    add("text", { class: "y-tick", x: left - 6, y: y(tick) + 4, "text-anchor": "end", "font-size": 11, fill: "#57606a" }, String(tick));
+  }
+  add("line", { class: "y-axis", x1: left, x2: left, y1: y(0), y2: y(1), stroke: "#57606a" });
+  add("line", { class: "x-axis", x1: left, x2: plotRight, y1: y(0), y2: y(0), stroke: "#57606a" });
+  add("text", { class: "y-title", x: 12, y: y(0.5), transform: `rotate(-90 12 ${y(0.5)})`, "text-anchor": "middle", "font-size": 11, fill: "#57606a" }, "overall score (0–1)");
+  add("line", { class: "threshold", x1: left, x2: plotRight, y1: y(threshold), y2: y(threshold), stroke: "#cf222e", "stroke-dasharray": "5 4" });
+  add("text", { class: "threshold-label", x: plotRight + 6, y: y(threshold) + 4, "font-size": 11, fill: "#cf222e" }, `threshold ${threshold}`);
   if (points.length) {
-    add("polyline", { points: points.map((p, i) => `${x(i)},${y(p || 0)}`).join(" "), fill: "none", stroke: "#0969da", "stroke-width": 2 });
+    add("polyline", { class: "score-line", points: points.map((p, i) => `${x(i)},${y(p || 0)}`).join(" "), fill: "none", stroke: "#0969da", "stroke-width": 2 });
     points.forEach((p, i) => {
       add("circle", { cx: x(i), cy: y(p || 0), r: 4, fill: "#0969da" });
       add("text", { x: x(i), y: height - 8, "text-anchor": "middle", "font-size": 11 }, `round ${i + 1}`);
@@ -129,9 +140,12 @@ function renderLive(running) {
   const stage = live.stage ? `Round ${live.round + 1}: ${live.stage}` : "queued";
   const bar = live.total ? el("progress", { max: live.total, value: live.step, "aria-label": "denoising steps" }) : null;
   const p = live.preview;
+  // Before the first preview, say so: never an empty slot (or the word "null").
+  const waiting = job && job.spec.previews ? "waiting for the first preview" : "no live preview: this job did not ask for previews";
   const preview = p ? el("figure", { class: "live-preview" },
     el("img", { src: p.image, alt: `Live preview of round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step} of ${p.total}` }),
-    el("figcaption", { class: "muted" }, `preview: round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step}/${p.total}`)) : null;
+    el("figcaption", { class: "muted" }, `preview: round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step}/${p.total}`))
+    : el("p", { class: "live-placeholder muted" }, waiting);
   box.replaceChildren(el("p", {}, el("strong", { class: "stage" }, stage), " ", bar, live.total ? ` step ${live.step}/${live.total}` : ""), preview);
 }
 
