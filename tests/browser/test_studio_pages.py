@@ -1,11 +1,15 @@
-"""What a newcomer's screenshots showed wrong in the studio, checked in a real browser
-(Debian's chromium through Playwright) against a real gateway."""
+"""What a newcomer's screenshots showed wrong in the studio, and the refine-by-editing view,
+checked in a real browser (Debian's chromium through Playwright) against a real gateway."""
 
 from __future__ import annotations
 
+import json
+import re
 from itertools import combinations, pairwise
 from typing import Any
 
+from service.jobs.connection import connect
+from service.jobs.keys import Keys
 from tests.browser.chromium import ARTIFACTS, BROWSER
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
@@ -139,3 +143,68 @@ async def test_the_favicon_is_a_real_icon(stack: Stack, browser: object) -> None
     assert await page.locator("link[rel=icon]").evaluate("link => link.href") == icon
     decode = "async url => { const img = new Image(); img.src = url; await img.decode(); return img.naturalWidth; }"
     assert await page.evaluate(decode, icon) >= 16  # the browser draws it
+
+
+async def test_edit_rounds_show_action_model_reason_and_the_image_they_edited(stack: Stack, browser: object) -> None:
+    from playwright.async_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    job_id = await finished_job(stack, [0.42, 0.61, 0.83], threshold=0.9)
+    # Round 1 as an old worker wrote it (no action fields), rounds 2 and 3 as the edit strategy does.
+    edits = {
+        0: None,
+        1: {"action": "edit", "model": "qwen-image-edit", "edited_from": {"round": 0, "candidate": 0},
+            "reason": "auto: best 0.42 ≥ edit_above 0.4", "prompt": "make the snow fresher"},
+        2: {"action": "edit", "model": "qwen-image-edit", "edited_from": {"round": 1, "candidate": 0},
+            "reason": "auto: best 0.61 ≥ edit_above 0.4", "prompt": "sharpen the fox's fur"},
+    }  # fmt: skip
+    client = connect(stack.settings.redis_url)
+    try:
+        key = Keys(stack.settings.redis_prefix).rounds(job_id)
+        for index, raw in enumerate(await client.lrange(key, 0, -1)):
+            stored = json.loads(raw)
+            for name in ("action", "model", "edited_from", "reason"):
+                stored.pop(name, None)
+            stored.update(edits[index] or {})
+            await client.lset(key, index, json.dumps(stored))
+    finally:
+        await client.aclose()
+
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(f"{stack.url}/studio/jobs/{job_id}")
+    rounds = page.locator("article.round")
+    await expect(rounds).to_have_count(3, timeout=15_000)
+    await expect(rounds.nth(0).locator(".action .badge")).to_have_text("generate")  # an old round
+    await expect(rounds.nth(0).locator(".edited-from")).to_have_count(0)
+    for n in (1, 2):
+        action = rounds.nth(n).locator(".action")
+        await expect(action.locator(".badge")).to_have_text("edit")
+        await expect(action.locator(".model")).to_have_text("qwen-image-edit")
+        await expect(action.locator(".reason")).to_have_text(f"why: {edits[n]['reason']}")  # type: ignore[index]
+        await expect(rounds.nth(n).locator(".prompt-label")).to_have_text("Edit instruction")
+    # an instruction is not diffed against the prompt of a generate round
+    await expect(rounds.nth(1).locator(".prompt")).to_have_text("make the snow fresher")
+    await expect(rounds.nth(1).locator(".prompt ins, .prompt del")).to_have_count(0)
+
+    link = rounds.nth(2).locator("a.edited-from")
+    await expect(link).to_have_text("↳ edited from round 2, candidate 1")  # 1-based, as the headings
+    await expect(link).to_have_attribute("href", "#round-2-candidate-1")
+    thumb = link.locator("img.edited-from-thumb")
+    await expect(thumb).to_have_js_property("complete", True)
+    assert await thumb.evaluate("img => img.naturalWidth") > 0
+    target = page.locator("#round-2-candidate-1")
+    await expect(target.locator("img")).to_have_attribute("alt", re.compile(r"^Round 2, candidate 1,"))
+    await expect(target).not_to_have_class(re.compile(r"\bhighlight\b"))
+    await link.hover()
+    await expect(target).to_have_class(re.compile(r"\bhighlight\b"))
+    await expect(page.locator(".candidate.highlight")).to_have_count(1)
+    await rounds.nth(1).locator("a.edited-from").click()
+    await expect(page.locator("#round-1-candidate-1")).to_have_class(re.compile(r"\bhighlight\b"))
+    await expect(page.locator(".candidate.highlight")).to_have_count(1)
+
+    await expect(page.locator("svg.chart")).to_have_attribute(
+        "aria-label", "Overall score by round: round 1 0.420, round 2 0.610 (edit), round 3 0.830 (edit); threshold 0.9"
+    )
+    await expect(page.locator("svg.chart rect")).to_have_count(2)  # edit rounds' points are squares
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "studio-edit-rounds.png"), full_page=True)
