@@ -7,8 +7,8 @@ Roles, one module each:
 - `records`  — the output folder: append-only `results.jsonl`, the runs log, images.
 - `runner`   — submit items with bounded concurrency and record each finished one.
 - `summary`  — pure functions from result lines to the numbers in `summary.json`.
-- `report`   — read the folder, write `summary.json` and `summary.png`, the table.
+- `report`   — read the folder, write `summary.json` and the plots, the table.
 - `progress` — the terminal progress bar.
-- `plot`     — `summary.png` (matplotlib, Agg, imported only when plotting).
+- `plot`     — `summary.png`, `score_vs_compute.png` (matplotlib, Agg, imported only when plotting).
 - `cli`      — the `gcr eval` command (`eval_command`).
 """

@@ -41,7 +41,7 @@ async def run_eval(
     progress: ProgressSink | None = None,
     plot: bool = True,
 ) -> tuple[RunOutcome, dict[str, Any]]:
-    """Run (or resume) an evaluation, then write `summary.json` and `summary.png`."""
+    """Run (or resume) an evaluation, then write `summary.json` and the plots."""
     runner = EvalRunner(client, items, policies, out_dir, concurrency=concurrency, progress=progress)
     outcome = await runner.run()
     summary = build_summary(out_dir, [p.name for p in policies], [i.id for i in items])
@@ -105,7 +105,7 @@ async def run_eval(
     help="Jobs in flight at once, over all policies.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N prompts.")
-@click.option("--plot/--no-plot", default=True, show_default=True, help="Write summary.png.")
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write summary.png and score_vs_compute.png.")
 def eval_command(
     prompts: Path,
     out_dir: Path,
@@ -124,8 +124,9 @@ def eval_command(
     """Run PROMPTS (JSONL: id, prompt, optional source_image) under each policy.
 
     Writes DIR/<policy>/results.jsonl (one trajectory per item), the best images,
-    DIR/summary.json and DIR/summary.png, and prints a table. Interrupt at any time:
-    the same command resumes, skipping finished ids. See docs/evaluation.md.
+    DIR/summary.json, the plots DIR/summary.png and DIR/score_vs_compute.png, and
+    prints a table. Interrupt at any time: the same command resumes, skipping
+    finished ids. See docs/evaluation.md.
     """
     context = click.get_current_context()
     if in_process and context.get_parameter_source("url") == ParameterSource.COMMANDLINE:
@@ -153,7 +154,10 @@ def eval_command(
         raise click.ClickException(str(exc)) from exc
 
     Console().print(summary_table(summary))
-    err.print(f"results in {out_dir}: summary.json, <policy>/results.jsonl, <policy>/images/")
+    err.print(
+        f"results in {out_dir}: summary.json, summary.png, score_vs_compute.png, "
+        "<policy>/results.jsonl, <policy>/images/"
+    )
     if outcome.unfinished:
         err.print(
             f"[yellow]{outcome.unfinished} item(s) not finished[/yellow] (gateway unreachable or busy?); "

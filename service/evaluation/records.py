@@ -3,7 +3,9 @@
 Layout::
 
     DIR/runs.jsonl                  one `start` and one `end` record per invocation
-    DIR/summary.json, summary.png   rewritten at the end of every invocation
+    DIR/summary.json                rewritten at the end of every invocation, with
+    DIR/summary.png                 the plots (best-so-far by round,
+    DIR/score_vs_compute.png        and against images made and generation time)
     DIR/<policy>/policy.json        the policy's loop/generation objects (resume refuses others)
     DIR/<policy>/results.jsonl      one line per finished item, appended as items finish
     DIR/<policy>/images/<id>.png    the item's best image
@@ -30,6 +32,7 @@ RUNS = "runs.jsonl"
 POLICY = "policy.json"
 SUMMARY = "summary.json"
 PLOT = "summary.png"
+COMPUTE_PLOT = "score_vs_compute.png"
 IMAGES = "images"
 LOCK = ".lock"
 

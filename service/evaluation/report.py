@@ -1,4 +1,4 @@
-"""Reading an output folder back: `summary.json`, `summary.png` and the terminal table."""
+"""Reading an output folder back: `summary.json`, the plots and the terminal table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from service.evaluation.records import PLOT, SUMMARY, PolicyFolder, RunLog, write_json
+from service.evaluation.records import COMPUTE_PLOT, PLOT, SUMMARY, PolicyFolder, RunLog, write_json
 from service.evaluation.summary import judged_by_standin, summarize_policy
 
 log = logging.getLogger("gcr.eval")
@@ -27,17 +27,19 @@ def build_summary(out_dir: Path, policies: Sequence[str], item_ids: Sequence[str
 
 
 def write_reports(out_dir: Path, summary: dict[str, Any], *, plot: bool = True) -> list[Path]:
-    """Write `summary.json` and, when matplotlib is installed, `summary.png`; the paths written."""
+    """Write `summary.json` and, when matplotlib is installed, `summary.png` and
+    `score_vs_compute.png`; the paths written."""
     written = [out_dir / SUMMARY]
     write_json(written[0], summary)
     if plot:
         try:
-            from service.evaluation.plot import plot_curves
+            from service.evaluation.plot import plot_curves, plot_score_vs_compute
         except ImportError:
-            log.warning("matplotlib is not installed (pip install 'gcr-service[eval]'): no %s", PLOT)
+            log.warning("matplotlib is not installed (pip install 'gcr-service[eval]'): no %s, %s", PLOT, COMPUTE_PLOT)
         else:
-            if plot_curves(summary, out_dir / PLOT):
-                written.append(out_dir / PLOT)
+            for name, draw in ((PLOT, plot_curves), (COMPUTE_PLOT, plot_score_vs_compute)):
+                if draw(summary, out_dir / name):
+                    written.append(out_dir / name)
     return written
 
 
@@ -62,6 +64,9 @@ _ROWS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("mean rounds used", lambda s: _num(s["mean_rounds_used"], ".2f")),
     ("gain per extra round", lambda s: _num(s["gain_per_extra_round"], "+.3f")),
     ("generator calls (images)", lambda s: str(s["generator_calls"])),
+    ("images per item", lambda s: _num(s["mean_generator_calls"], ".2f")),
+    ("generation, s", lambda s: f"{s['generation_s']:.1f}"),
+    ("generation s per item", lambda s: _num(s["mean_generation_s"], ".2f")),
     ("critic calls", lambda s: str(s["critic_calls"])),
     ("wall clock, s", lambda s: f"{s['wall_clock_s']:.1f}"),
 )

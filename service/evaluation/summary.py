@@ -16,6 +16,15 @@ Definitions (also in docs/evaluation.md):
   r+1; an item that stopped earlier carries its final best forward;
 - call counts sum every item's job summary (images generated, critiques requested),
   failed items included: they cost GPU time too;
+- `generation_s`: the generator's time, the sum of every round's `timings.generate_ms`
+  (failed items included); `mean_generator_calls` and `mean_generation_s` are per item;
+- compute against score, for comparing policies at equal compute: counting the images
+  of each item's rounds (its candidates) and their generation time cumulatively,
+  `best_by_generator_calls[k]` is the mean over scored items of the best overall by
+  the time k images were made (an item that stopped carries its final best forward;
+  k starts where every scored item has finished its first round), and
+  `compute_by_round[r]` the mean cumulative images, generation seconds and best
+  overall after round r+1 (stopped items carry all three forward);
 - `wall_clock_s`: the summed wall time of the invocations that worked on the
   policy (policies of one invocation run concurrently and share its time).
 """
@@ -29,6 +38,15 @@ from typing import Any
 
 # The stand-in critic's model name: results judged by it are scripted, not quality.
 STANDIN_CRITIC_MODEL = "gcr-standin-critic"
+
+
+@dataclass(frozen=True)
+class Spend:
+    """An item's cost up to one of its rounds, cumulative, and its best overall by then."""
+
+    generator_calls: int
+    generation_s: float
+    best: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,8 @@ class ItemStats:
     generator_calls: int
     critic_calls: int
     critic_model: str | None
+    generation_s: float = 0.0
+    spend: tuple[Spend, ...] = ()
 
     @property
     def scored(self) -> bool:
@@ -61,12 +81,19 @@ class ItemStats:
 def item_stats(line: dict[str, Any]) -> ItemStats:
     """Read one result line (its `job` is the job document, or null when never accepted)."""
     job = line.get("job") or {}
-    overalls = [r.get("overall") for r in job.get("rounds") or []]
+    rounds = job.get("rounds") or []
+    overalls = [r.get("overall") for r in rounds]
     curve: list[float] = []
-    for value in overalls:
-        if value is None:  # a checkpointed round always has one; tolerate foreign lines
-            continue
-        curve.append(value if not curve else max(curve[-1], value))
+    spend: list[Spend] = []
+    images, seconds = 0, 0.0
+    for round_ in rounds:
+        images += len(round_.get("candidates") or [])
+        seconds += float((round_.get("timings") or {}).get("generate_ms") or 0.0) / 1000
+        value = round_.get("overall")
+        if value is not None:  # a checkpointed round always has one; tolerate foreign lines
+            curve.append(value if not curve else max(curve[-1], value))
+        if curve:
+            spend.append(Spend(images, seconds, curve[-1]))
     summary = job.get("summary") or {}
     return ItemStats(
         id=str(line["id"]),
@@ -80,6 +107,8 @@ def item_stats(line: dict[str, Any]) -> ItemStats:
         generator_calls=int(summary.get("generator_calls") or 0),
         critic_calls=int(summary.get("critic_calls") or 0),
         critic_model=job.get("critic_model"),
+        generation_s=seconds,
+        spend=tuple(spend),
     )
 
 
@@ -94,6 +123,57 @@ def best_so_far_curve(stats: Sequence[ItemStats]) -> list[float]:
     curves = [s.curve for s in stats if s.curve]
     length = max((len(c) for c in curves), default=0)
     return [sum(c[min(r, len(c) - 1)] for c in curves) / len(curves) for r in range(length)]
+
+
+def best_by_generator_calls(stats: Sequence[ItemStats]) -> list[dict[str, float]]:
+    """Mean best overall after k images, for every k from the first at which each scored item
+    has a judged round to the most any item made; stopped items carry their best forward."""
+    spends = [s.spend for s in stats if s.spend]
+    if not spends:
+        return []
+    first = max(1, max(sp[0].generator_calls for sp in spends))
+    last = max(sp[-1].generator_calls for sp in spends)
+    points = []
+    for k in range(first, last + 1):
+        # `best` only grows, so the last round within k images holds the best by then
+        bests = [[p.best for p in sp if p.generator_calls <= k][-1] for sp in spends]
+        points.append({"generator_calls": k, "mean_best_overall": sum(bests) / len(bests)})
+    return points
+
+
+def compute_by_round(stats: Sequence[ItemStats]) -> list[dict[str, float]]:
+    """Mean cumulative images, generation seconds and best overall after each round."""
+    spends = [s.spend for s in stats if s.spend]
+    length = max((len(sp) for sp in spends), default=0)
+    points = []
+    for r in range(length):
+        upto = [sp[min(r, len(sp) - 1)] for sp in spends]
+        points.append(
+            {
+                "round": r + 1,
+                "generator_calls": sum(p.generator_calls for p in upto) / len(upto),
+                "generation_s": sum(p.generation_s for p in upto) / len(upto),
+                "mean_best_overall": sum(p.best for p in upto) / len(upto),
+            }
+        )
+    return points
+
+
+def score_vs_compute(summary: dict[str, Any]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """What `score_vs_compute.png` draws, per policy: (images per item, mean best overall) and
+    (cumulative generation seconds per item, mean best overall). Policies without scored items
+    are left out."""
+    series = {}
+    for name, policy in summary.items():
+        by_calls = policy.get("best_by_generator_calls") or []
+        by_round = policy.get("compute_by_round") or []
+        if not by_calls and not by_round:
+            continue
+        series[name] = {
+            "generator_calls": [(p["generator_calls"], p["mean_best_overall"]) for p in by_calls],
+            "generation_s": [(p["generation_s"], p["mean_best_overall"]) for p in by_round],
+        }
+    return series
 
 
 def run_walls(runs: Sequence[dict[str, Any]], lines: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,10 +228,15 @@ def summarize_policy(
         "gain_per_extra_round": (mean_gain / mean_extra if mean_gain is not None and mean_extra else None),
         "generator_calls": sum(s.generator_calls for s in stats),
         "critic_calls": sum(s.critic_calls for s in stats),
+        "generation_s": sum(s.generation_s for s in stats),
+        "mean_generator_calls": mean(s.generator_calls for s in stats),
+        "mean_generation_s": mean(s.generation_s for s in stats),
         "critic_models": sorted({s.critic_model for s in stats if s.critic_model}),
         "wall_clock_s": sum(w["wall_s"] for w in walls),
         "runs": [{k: w[k] for k in ("run", "wall_s", "complete")} for w in walls],
         "best_so_far_by_round": best_so_far_curve(scored),
+        "best_by_generator_calls": best_by_generator_calls(scored),
+        "compute_by_round": compute_by_round(scored),
     }
 
 

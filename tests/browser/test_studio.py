@@ -4,40 +4,18 @@ skip locally, never in CI."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from service.gateway.auth import hash_key
+from tests.browser.chromium import ARTIFACTS, BROWSER
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.timeout(90),
-    pytest.mark.skipif(
-        not Path(CHROMIUM).exists() and not os.environ.get("CI"), reason="needs Debian's chromium (CI installs it)"
-    ),
-]
+pytestmark = BROWSER
 
 FOX = "a red fox in fresh snow, telephoto"
 pytest_plugins = ("tests.generator_fixtures",)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[object]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield launched
-        await launched.close()
 
 
 async def test_a_three_round_job_seen_live_and_complete(stack: Stack, browser: object) -> None:

@@ -77,6 +77,8 @@ def expected_summary(lines: list[dict[str, Any]]) -> dict[str, Any]:
         "gain_per_extra_round": (sum(gains) / n) / (sum(extra) / n),
         "generator_calls": sum(line["job"]["summary"]["generator_calls"] for line in lines),
         "critic_calls": sum(line["job"]["summary"]["critic_calls"] for line in lines),
+        "generation_s": sum(r["timings"]["generate_ms"] for line in lines for r in line["job"]["rounds"]) / 1000,
+        "mean_generator_calls": sum(line["job"]["summary"]["generator_calls"] for line in lines) / n,
         "best_so_far_by_round": [sum(max(o[: r + 1]) for o in overalls) / n for r in range(length)],
     }
 
@@ -152,6 +154,11 @@ async def test_interrupted_eval_resumes_to_exactly_one_result_per_item(
     assert summary["wall_clock_s"] == pytest.approx(runs[1]["at"] - runs[0]["at"] + runs[3]["at"] - runs[2]["at"])
 
     assert (out / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (out / "score_vs_compute.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert summary["generation_s"] > 0  # the worker timed its generations
+    # one image a round here: after k images, the best of the first k rounds
+    by_calls = [p["mean_best_overall"] for p in summary["best_by_generator_calls"]]
+    assert by_calls == pytest.approx(summary["best_so_far_by_round"])
     for line in lines:
         assert (out / "refine" / line["image"]).read_bytes().startswith(PNG_SIGNATURE)
         assert line["image"] == f"images/{line['id']}.png"

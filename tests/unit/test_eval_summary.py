@@ -7,10 +7,14 @@ from typing import Any
 import pytest
 
 from service.evaluation.summary import (
+    Spend,
+    best_by_generator_calls,
     best_so_far_curve,
+    compute_by_round,
     item_stats,
     judged_by_standin,
     run_walls,
+    score_vs_compute,
     summarize_policy,
 )
 
@@ -24,9 +28,22 @@ def line(
     calls: int | None = None,
     run: int = 1,
     recorded_at: float = 100.0,
+    candidates: int = 1,
+    generate_ms: list[float] | None = None,
 ) -> dict[str, Any]:
-    """A result line whose job has one chosen candidate per round with these overalls."""
-    calls = len(overalls) if calls is None else calls
+    """A result line whose job has `candidates` per round, the chosen one with these overalls,
+    and the rounds' generation times (default: 1 s each)."""
+    calls = len(overalls) * candidates if calls is None else calls
+    times = [1000.0] * len(overalls) if generate_ms is None else generate_ms
+    rounds = [
+        {
+            "index": i,
+            "overall": o,
+            "candidates": [{"index": c, "seed": c} for c in range(candidates)],
+            "timings": {"queue_wait_ms": 5.0, "generate_ms": ms, "critique_ms": 700.0},
+        }
+        for i, (o, ms) in enumerate(zip(overalls, times, strict=True))
+    ]
     return {
         "id": item_id,
         "status": status,
@@ -34,7 +51,7 @@ def line(
         "run": run,
         "recorded_at": recorded_at,
         "job": {
-            "rounds": [{"index": i, "overall": o} for i, o in enumerate(overalls)],
+            "rounds": rounds,
             "summary": {"generator_calls": calls, "critic_calls": calls, "rounds_used": len(overalls)},
             "critic_model": "gcr-standin-critic",
         },
@@ -136,3 +153,75 @@ def test_a_killed_run_that_recorded_nothing_counts_zero() -> None:
 def test_standin_flag() -> None:
     assert judged_by_standin({"p": summarize_policy([line("a", [0.5])])})
     assert not judged_by_standin({"p": {"critic_models": ["TIGER-Lab/RationalRewards-8B-T2I"]}})
+
+
+def test_generation_seconds_per_item_sum_the_rounds_generate_ms() -> None:
+    stats = item_stats(line("a", [0.4, 0.7, 0.5], generate_ms=[1500.0, 250.0, 2000.0]))
+
+    # (binary fractions: the sums are exact)
+    assert stats.generation_s == 3.75
+    assert stats.spend == (Spend(1, 1.5, 0.4), Spend(2, 1.75, 0.7), Spend(3, 3.75, 0.7))
+    # an old line without timings or candidates costs nothing countable, but is still scored
+    old = item_stats({"id": "o", "status": "succeeded", "job": {"rounds": [{"index": 0, "overall": 0.5}]}})
+    assert old.generation_s == 0 and old.spend == (Spend(0, 0.0, 0.5),)
+
+
+def test_summary_counts_generation_seconds_and_images_per_item() -> None:
+    lines = [
+        line("two-rounds", [0.3, 0.6], generate_ms=[1000.0, 3000.0]),
+        line("one-round", [0.9], generate_ms=[2000.0]),
+        # failed in round 2: its first round's time and both images cost compute too
+        line("failed", [0.5], status="failed", stop_reason="failed", calls=2, generate_ms=[500.0]),
+    ]
+    summary = summarize_policy(lines)
+
+    assert summary["generation_s"] == pytest.approx(4 + 2 + 0.5)
+    assert summary["mean_generation_s"] == pytest.approx(6.5 / 3)
+    assert summary["mean_generator_calls"] == pytest.approx((2 + 1 + 2) / 3)
+    assert summarize_policy([])["mean_generation_s"] is None and summarize_policy([])["generation_s"] == 0
+
+
+def test_best_by_generator_calls_compares_policies_at_equal_images() -> None:
+    # One image a round: the best after k images is the best of the first k rounds.
+    one = [item_stats(line("a", [0.3, 0.6, 0.5])), item_stats(line("b", [0.8]))]
+    assert best_by_generator_calls(one) == [
+        {"generator_calls": 1, "mean_best_overall": pytest.approx((0.3 + 0.8) / 2)},
+        {"generator_calls": 2, "mean_best_overall": pytest.approx((0.6 + 0.8) / 2)},
+        {"generator_calls": 3, "mean_best_overall": pytest.approx((0.6 + 0.8) / 2)},
+    ]
+    # Four a round: nothing is judged before the fourth image, then a step every four.
+    four = [item_stats(line("a", [0.5, 0.7], candidates=4)), item_stats(line("b", [0.6], candidates=4))]
+    curve = best_by_generator_calls(four)
+    assert [p["generator_calls"] for p in curve] == [4, 5, 6, 7, 8]
+    assert [p["mean_best_overall"] for p in curve] == pytest.approx([0.55, 0.55, 0.55, 0.55, 0.65])
+    assert best_by_generator_calls([]) == []
+
+
+def test_compute_by_round_carries_stopped_items_forward() -> None:
+    stats = [
+        item_stats(line("a", [0.3, 0.6], generate_ms=[1000.0, 3000.0])),
+        item_stats(line("b", [0.8], candidates=2, generate_ms=[2000.0])),
+    ]
+
+    assert compute_by_round(stats) == [
+        {"round": 1, "generator_calls": 1.5, "generation_s": 1.5, "mean_best_overall": pytest.approx(0.55)},
+        {"round": 2, "generator_calls": 2.0, "generation_s": 3.0, "mean_best_overall": pytest.approx(0.7)},
+    ]
+
+
+def test_score_vs_compute_is_what_the_plot_draws() -> None:
+    summary = {
+        "rewrite": summarize_policy([line("a", [0.3, 0.6], generate_ms=[1000.0, 1000.0])]),
+        "edit": summarize_policy([line("a", [0.3, 0.7], generate_ms=[1000.0, 4000.0])]),
+        "nothing-scored": summarize_policy([line("a", [], status="failed", stop_reason="failed", calls=1)]),
+    }
+
+    series = score_vs_compute(summary)
+
+    assert list(series) == ["rewrite", "edit"]  # a policy without a score draws nothing
+    assert series["rewrite"]["generator_calls"] == [(1, 0.3), (2, 0.6)]
+    assert series["edit"]["generator_calls"] == [(1, 0.3), (2, 0.7)]
+    # equal images, unequal time: editing cost 4 s where rewriting cost 1 s
+    assert series["rewrite"]["generation_s"] == [(1.0, 0.3), (2.0, 0.6)]
+    assert series["edit"]["generation_s"] == [(1.0, 0.3), (5.0, 0.7)]
+    assert score_vs_compute({"p": summarize_policy([])}) == {}

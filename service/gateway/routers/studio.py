@@ -25,7 +25,8 @@ from service.settings import GatewaySettings
 
 STUDIO = Path(__file__).resolve().parent.parent / "studio"
 
-router = APIRouter(prefix="/studio", tags=["studio"], include_in_schema=False)
+# No prefix: besides /studio/..., the router answers the site-wide /favicon.ico.
+router = APIRouter(tags=["studio"], include_in_schema=False)
 
 
 def security_headers(settings: GatewaySettings) -> dict[str, str]:
@@ -64,13 +65,20 @@ class StudioFiles(StaticFiles):
 static = StudioFiles(directory=STUDIO)
 
 
-@router.get("")
+@router.get("/studio")
 async def studio_home(state: State) -> FileResponse:
     """Submit jobs, see this key's jobs."""
     return FileResponse(STUDIO / "index.html", headers=security_headers(state.settings))
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/studio/jobs/{job_id}")
 async def studio_job(job_id: str, state: State) -> FileResponse:
     """One job's trajectory (the page loads the job through the API, with the stored key)."""
     return FileResponse(STUDIO / "job.html", headers=security_headers(state.settings))
+
+
+@router.get("/favicon.ico")
+async def favicon(state: State) -> FileResponse:
+    """The studio's icon, where browsers ask for it by convention (and the pages link it)."""
+    headers = {**security_headers(state.settings), "Cache-Control": "public, max-age=86400"}
+    return FileResponse(STUDIO / "favicon.ico", media_type="image/x-icon", headers=headers)

@@ -3,6 +3,16 @@
 
 document.getElementById("key-section").append(keyForm(loadJobs));
 
+// The source image belongs to edits only: shown, and required, in edit mode.
+const modeField = document.getElementById("mode");
+function showSourceField() {
+  const editing = modeField.value === "edit";
+  document.getElementById("source-field").hidden = !editing;
+  document.getElementById("source").required = editing;
+}
+modeField.addEventListener("change", showSourceField);
+showSourceField(); // a restored form (back button) may come back in edit mode
+
 function readFile(file) {
   return new Promise((resolve, reject) => {
     const reader = new FileReader();

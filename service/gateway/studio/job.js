@@ -7,6 +7,7 @@ const stream = new AbortController();
 let job = null;
 let live = { stage: "", round: null, step: 0, total: 0, preview: null };
 let reloading = null;
+let highlighted = null; // the card an "edited from" link points at; kept across reloads
 
 document.getElementById("key-section").append(keyForm(() => { load(); follow(); }));
 
@@ -28,29 +29,47 @@ function wordDiff(before, after) {
 
 function chart(doc) {
   const points = doc.rounds.map((r) => r.overall);
-  const width = 520, height = 180, pad = 28;
-  const x = (i) => pad + (points.length > 1 ? (i * (width - 2 * pad)) / (points.length - 1) : (width - 2 * pad) / 2);
-  const y = (v) => height - pad - v * (height - 2 * pad);
+  const edits = doc.rounds.map((r) => r.action === "edit");
+  const threshold = doc.spec.loop.threshold;
+  // Margins: the y-axis and its labels on the left; on the right, the threshold's label,
+  // outside the plot so that no line can cross it.
+  const width = 560, height = 200, left = 52, right = 96, top = 10, bottom = 28;
+  const plotRight = width - right;
+  const x = (i) => left + (points.length > 1 ? (i * (plotRight - left)) / (points.length - 1) : (plotRight - left) / 2);
+  const y = (v) => height - bottom - v * (height - top - bottom);
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("class", "chart");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   svg.setAttribute("role", "img");
-  const label = `Overall score by round: ${points.map((p, i) => `round ${i + 1} ${score(p)}`).join(", ")}; threshold ${doc.spec.loop.threshold}`;
+  const label = `Overall score by round: ${points.map((p, i) => `round ${i + 1} ${score(p)}${edits[i] ? " (edit)" : ""}`).join(", ")}; threshold ${threshold}`;
   svg.setAttribute("aria-label", label);
   const add = (tag, attrs, text) => {
     const node = document.createElementNS(ns, tag);
     for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
     if (text) node.textContent = text;
     svg.append(node);
+    return node;
   };
-  add("line", { x1: pad, x2: width - pad, y1: y(0), y2: y(0), stroke: "#d0d7de" });
-  add("line", { x1: pad, x2: width - pad, y1: y(doc.spec.loop.threshold), y2: y(doc.spec.loop.threshold), stroke: "#cf222e", "stroke-dasharray": "5 4" });
-  add("text", { x: width - pad, y: y(doc.spec.loop.threshold) - 4, "text-anchor": "end", "font-size": 11, fill: "#cf222e" }, `threshold ${doc.spec.loop.threshold}`);
+  for (const tick of [0, 0.25, 0.5, 0.75, 1]) {
+    if (tick > 0) add("line", { x1: left, x2: plotRight, y1: y(tick), y2: y(tick), stroke: "#eaeef2" });
+    add("text", { class: "y-tick", x: left - 6, y: y(tick) + 4, "text-anchor": "end", "font-size": 11, fill: "#57606a" }, String(tick));
+  }
+  add("line", { class: "y-axis", x1: left, x2: left, y1: y(0), y2: y(1), stroke: "#57606a" });
+  add("line", { class: "x-axis", x1: left, x2: plotRight, y1: y(0), y2: y(0), stroke: "#57606a" });
+  add("text", { class: "y-title", x: 12, y: y(0.5), transform: `rotate(-90 12 ${y(0.5)})`, "text-anchor": "middle", "font-size": 11, fill: "#57606a" }, "overall score (0–1)");
+  add("line", { class: "threshold", x1: left, x2: plotRight, y1: y(threshold), y2: y(threshold), stroke: "#cf222e", "stroke-dasharray": "5 4" });
+  add("text", { class: "threshold-label", x: plotRight + 6, y: y(threshold) + 4, "font-size": 11, fill: "#cf222e" }, `threshold ${threshold}`);
   if (points.length) {
-    add("polyline", { points: points.map((p, i) => `${x(i)},${y(p || 0)}`).join(" "), fill: "none", stroke: "#0969da", "stroke-width": 2 });
+    add("polyline", { class: "score-line", points: points.map((p, i) => `${x(i)},${y(p || 0)}`).join(" "), fill: "none", stroke: "#0969da", "stroke-width": 2 });
     points.forEach((p, i) => {
-      add("circle", { cx: x(i), cy: y(p || 0), r: 4, fill: "#0969da" });
+      // An edit round's point is a square, a generate round's a disc.
+      const marker = edits[i]
+        ? add("rect", { x: x(i) - 4, y: y(p || 0) - 4, width: 8, height: 8, fill: "#8250df" })
+        : add("circle", { cx: x(i), cy: y(p || 0), r: 4, fill: "#0969da" });
+      const title = document.createElementNS(ns, "title");
+      title.textContent = `round ${i + 1} (${edits[i] ? "edit" : "generate"}): ${score(p)}`;
+      marker.append(title);
       add("text", { x: x(i), y: height - 8, "text-anchor": "middle", "font-size": 11 }, `round ${i + 1}`);
     });
   }
@@ -68,13 +87,51 @@ function critiqueBlock(candidate) {
     critique.refinement_comments ? el("p", {}, el("strong", {}, "Refinement: "), critique.refinement_comments) : null);
 }
 
+// Anchors are 1-based, as every number the studio shows.
+function cardId(roundIndex, candidateIndex) { return `round-${roundIndex + 1}-candidate-${candidateIndex + 1}`; }
+
+function highlight(id) {
+  highlighted = id;
+  for (const node of document.querySelectorAll(".candidate.highlight")) node.classList.remove("highlight");
+  const card = id && document.getElementById(id);
+  if (card) card.classList.add("highlight");
+}
+
+// What a round did (generate or edit), on which model, why, and which image an edit started from.
+async function actionLine(doc, round) {
+  const edit = round.action === "edit"; // rounds written before strategies existed have no action: generate
+  const parts = [el("span", { class: `badge ${edit ? "edit" : "generate"}` }, edit ? "edit" : "generate")];
+  if (round.model) parts.push(" on ", el("code", { class: "model" }, round.model));
+  const from = round.edited_from;
+  if (edit && from) {
+    const id = cardId(from.round, from.candidate);
+    const link = el("a", { class: "edited-from", href: `#${id}` },
+      `↳ edited from round ${from.round + 1}, candidate ${from.candidate + 1}`);
+    const source = (doc.rounds.find((r) => r.index === from.round) || { candidates: [] }).candidates.find((c) => c.index === from.candidate);
+    if (source && source.image_url) {
+      const thumb = el("img", { class: "edited-from-thumb", alt: "" });
+      thumb.src = await imageSource(source.image_url);
+      link.prepend(thumb);
+    }
+    link.addEventListener("mouseenter", () => highlight(id));
+    link.addEventListener("focus", () => highlight(id));
+    link.addEventListener("click", () => highlight(id));
+    parts.push(" · ", link);
+  } else if (edit && doc.spec.mode === "edit") {
+    parts.push(" · ", el("a", { class: "edited-from", href: "#source" }, "↳ edited from the source image"));
+  }
+  if (round.reason) parts.push(" · ", el("span", { class: "reason" }, `why: ${round.reason}`));
+  return el("p", { class: "action" }, parts);
+}
+
 async function candidateCard(doc, round, candidate) {
   const best = doc.best && doc.best.round === round.index && doc.best.candidate === candidate.index;
   const chosen = round.chosen === candidate.index;
   const alt = `Round ${round.index + 1}, candidate ${candidate.index + 1}, overall ${score(candidate.overall)}`;
   const image = candidate.image_url ? el("img", { alt, "data-src": candidate.image_url }) : el("p", { class: "muted" }, "no image");
   if (candidate.image_url) image.src = await imageSource(candidate.image_url);
-  return el("div", { class: `candidate${chosen ? " chosen" : ""}${best ? " best" : ""}` },
+  const id = cardId(round.index, candidate.index);
+  return el("div", { id, class: `candidate${chosen ? " chosen" : ""}${best ? " best" : ""}${highlighted === id ? " highlight" : ""}` },
     el("p", {}, best ? el("span", { class: "badge best" }, "★ best of all rounds") : null, chosen ? el("span", { class: "badge chosen" }, "chosen this round") : null),
     image,
     el("div", { class: "judgment" },
@@ -112,12 +169,17 @@ async function render(doc) {
   }
   const cards = [];
   for (const round of doc.rounds) {
-    const previous = round.index > 0 ? doc.rounds[round.index - 1].prompt : null;
+    const before = round.index > 0 ? doc.rounds[round.index - 1] : null;
+    const edit = round.action === "edit";
+    // A diff only between texts of one kind: a prompt against a prompt, an edit instruction against an instruction.
+    const comparable = before && (before.action === "edit") === edit;
     const candidates = [];
     for (const candidate of round.candidates) candidates.push(await candidateCard(doc, round, candidate));
     cards.push(el("article", { class: "round", "aria-label": `Round ${round.index + 1}` },
       el("h2", {}, `Round ${round.index + 1}`, el("span", { class: "muted" }, ` · overall ${score(round.overall)}${round.delta !== null ? ` (${round.delta >= 0 ? "+" : ""}${round.delta.toFixed(3)})` : ""}`)),
-      el("div", { class: "prompt" }, previous === null ? round.prompt : wordDiff(previous, round.prompt)),
+      await actionLine(doc, round),
+      el("p", { class: "prompt-label muted" }, edit ? "Edit instruction" : "Prompt"),
+      el("div", { class: "prompt" }, comparable ? wordDiff(before.prompt, round.prompt) : round.prompt),
       el("div", { class: "candidates" }, candidates)));
   }
   document.getElementById("rounds").replaceChildren(...cards);
@@ -129,9 +191,12 @@ function renderLive(running) {
   const stage = live.stage ? `Round ${live.round + 1}: ${live.stage}` : "queued";
   const bar = live.total ? el("progress", { max: live.total, value: live.step, "aria-label": "denoising steps" }) : null;
   const p = live.preview;
+  // Before the first preview, say so: never an empty slot (or the word "null").
+  const waiting = job && job.spec.previews ? "waiting for the first preview" : "no live preview: this job did not ask for previews";
   const preview = p ? el("figure", { class: "live-preview" },
     el("img", { src: p.image, alt: `Live preview of round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step} of ${p.total}` }),
-    el("figcaption", { class: "muted" }, `preview: round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step}/${p.total}`)) : null;
+    el("figcaption", { class: "muted" }, `preview: round ${p.round + 1}, candidate ${p.candidate + 1}, step ${p.step}/${p.total}`))
+    : el("p", { class: "live-placeholder muted" }, waiting);
   box.replaceChildren(el("p", {}, el("strong", { class: "stage" }, stage), " ", bar, live.total ? ` step ${live.step}/${live.total}` : ""), preview);
 }
 
