@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,15 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # Exit status of a run that left items unfinished (re-run to resume), and of Ctrl-C.
 EXIT_UNFINISHED = 1
 EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class InProcessStack:
+    """With `--in-process`: what the dev stack started here runs (see `service.cli.devstack`)."""
+
+    generator: str
+    edit_generator: str | None
+    standin: StandinConfig | None
 
 
 async def run_eval(
@@ -72,6 +82,12 @@ async def run_eval(
     help="With --in-process: the worker's generator (e.g. sim:0.1).",
 )
 @click.option(
+    "--edit-generator",
+    default="tiny:kontext",
+    show_default=True,
+    help="With --in-process: the edit worker's generator (strategies that edit run on it); 'none': no edit worker.",
+)
+@click.option(
     "--standin-config",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
@@ -113,6 +129,7 @@ def eval_command(
     api_key: str | None,
     in_process: bool,
     generator: str,
+    edit_generator: str,
     standin_config: Path | None,
     policy_options: tuple[str, ...],
     policies_file: Path | None,
@@ -140,11 +157,14 @@ def eval_command(
     except (DatasetError, PolicyError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
 
+    local = None
+    if in_process:
+        local = InProcessStack(generator, None if edit_generator == "none" else edit_generator, standin)
     err = Console(stderr=True)
     _logging(err)
     try:
         outcome, summary = asyncio.run(
-            _main(items, policies, out_dir, url, api_key, in_process, generator, standin, concurrency, plot, err)
+            _main(items, policies, out_dir, url, api_key, local, concurrency, plot, err)
         )
     except KeyboardInterrupt:
         _report_partial(out_dir, policies, items, plot, err)
@@ -172,9 +192,7 @@ async def _main(
     out_dir: Path,
     url: str,
     api_key: str | None,
-    in_process: bool,
-    generator: str,
-    standin: StandinConfig | None,
+    local: InProcessStack | None,
     concurrency: int,
     plot: bool,
     console: Console,
@@ -182,10 +200,11 @@ async def _main(
     from service.evaluation.progress import RichProgress
 
     async with contextlib.AsyncExitStack() as stack:
-        if in_process:
+        if local is not None:
             from service.cli.devstack import dev_stack
 
-            url = await stack.enter_async_context(dev_stack(generator, standin))
+            started = dev_stack(local.generator, local.standin, edit_generator=local.edit_generator)
+            url = await stack.enter_async_context(started)
         client = await stack.enter_async_context(AsyncClient(url, api_key=api_key))
         with RichProgress(console) as progress:
             return await run_eval(
