@@ -179,7 +179,7 @@ class LoopPolicy:
     def refinement(self, best: Pick) -> tuple[Refinement, str]:
         """How the next round refines, and why (the strategy's rule, with the numbers it read)."""
         strategy = self.params.strategy
-        where = f"round {best.round + 1} candidate {best.candidate}"
+        where = f"round {best.round + 1} candidate {best.candidate + 1}"  # for people: from 1
         if strategy == "rewrite":
             return "rewrite", "strategy rewrite: work from the refined request"
         if strategy == "edit":

@@ -82,8 +82,8 @@ async def test_edit_edits_the_best_image_so_far_on_the_edit_model(two_workers: S
         (1, 0),
     ]
     # the instruction is the refinement comments of the image being edited
-    assert doc.rounds[1].prompt == "Stand-in comment on round 1, candidate 0: no image was looked at."
-    assert doc.rounds[2].prompt == "Stand-in comment on round 2, candidate 0: no image was looked at."
+    assert doc.rounds[1].prompt == "Stand-in comment on round 1, candidate 1: no image was looked at."
+    assert doc.rounds[2].prompt == "Stand-in comment on round 2, candidate 1: no image was looked at."
     assert doc.spec.loop.edit_model == EDITOR  # the fleet's default edit model, recorded
     assert doc.rounds[1].reason is not None and doc.rounds[1].reason.startswith("strategy edit")
     assert_judged_as_text_to_image(doc, judged)
@@ -103,7 +103,7 @@ async def test_auto_rewrites_while_far_and_edits_once_close(two_workers: Stack) 
     assert doc.rounds[1].prompt == "a bicycle, auto [refined r0 c0]"
     assert doc.rounds[1].reason == "auto: the best so far scores 0.40 < 0.50: work from the refined request"
     assert doc.rounds[2].edited_from is not None and doc.rounds[2].edited_from.round == 1
-    assert doc.rounds[2].reason == "auto: the best so far (round 2 candidate 0) scores 0.62 >= 0.50: edit it"
+    assert doc.rounds[2].reason == "auto: the best so far (round 2 candidate 1) scores 0.62 >= 0.50: edit it"
     assert_judged_as_text_to_image(doc, judged)
 
 

@@ -196,7 +196,7 @@ def write_answer(
         score = entry.dimension_score(key)
         scores.append(score)
         reason = (
-            f"Stand-in score for round {round_index + 1}, candidate {candidate}; not a real judgment."
+            f"Stand-in score for round {round_index + 1}, candidate {candidate + 1}; not a real judgment."
             if score is not None
             else "No text rendering was configured for this request."
         )
@@ -207,10 +207,10 @@ def write_answer(
     overall = overall_score(scores) if any(s is not None for s in scores) else 0.0
     lines += [
         f"# Summary: STAND-IN critic, not a real judgment: configured scores (overall {overall:.3f}) "
-        f"for round {round_index + 1}, candidate {candidate}.",
+        f"for round {round_index + 1}, candidate {candidate + 1}.",
         "",
         "# User Request Refinement:",
-        f"## Refinement Comments: Stand-in comment on round {round_index + 1}, candidate {candidate}: "
+        f"## Refinement Comments: Stand-in comment on round {round_index + 1}, candidate {candidate + 1}: "
         "no image was looked at."
         if refine
         else "## Refinement Comments: The stand-in was configured to give no refined request.",
