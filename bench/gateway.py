@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bench.common import Column, argument_parser, finish, print_table, print_targets, run_info  # noqa: E402
-from bench.loadgen import LATENCY_COLUMNS, HttpConnection, latency_percentiles  # noqa: E402
+from bench.common import Column, argument_parser, finish, print_targets, run_info  # noqa: E402
+from bench.loadgen import HttpConnection, latency_percentiles, print_load_table  # noqa: E402
 from bench.servers import gateway_server  # noqa: E402
 
 TARGETS = ("gateway", "bare")
@@ -295,18 +295,8 @@ def show(result: dict[str, Any]) -> None:
         for target in TARGETS:
             rows.append({"op": op, "target": target, **result[op][target]})
         rows.append({"op": op, "target": "gateway / bare", "req_per_s": result[op]["ratio"]})
-    print_table(
-        f"gateway vs bare endpoint: {result['clients']} clients, {result['requests']} requests x "
-        f"{result['repeats']} repeats per measurement, loopback",
-        [
-            Column("op", "operation"),
-            Column("target", "target"),
-            Column("req_per_s", "req/s (ratio)", "{:.2f}"),
-            *LATENCY_COLUMNS,
-            Column("errors", "errors", "{:d}"),
-        ],
-        rows,
-    )
+    columns = [Column("target", "target"), Column("req_per_s", "req/s (ratio)", "{:.2f}")]
+    print_load_table("gateway vs bare endpoint", result, rows, columns)
     targets = [
         {"metric": f"{op} throughput, gateway / bare", "value": result[f"{op}_ratio"], "target": ">= 0.5"}
         for op in OPERATIONS

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from bench.common import Column
+from bench.common import Column, print_table
 
 
 class HttpConnection:
@@ -77,3 +78,16 @@ LATENCY_COLUMNS = (
     Column("p99_ms", "p99 ms", "{:.2f}"),
 )
 """`latency_percentiles` in a results table."""
+
+
+def print_load_table(
+    subject: str, result: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]
+) -> None:
+    """A table of load results, titled with its subject and how the load ran (the options
+    `bench.gateway.add_load_options` gives): the operation, `columns`, the latency
+    percentiles and the errors."""
+    load = f"{result['clients']} clients, {result['requests']} requests x {result['repeats']} repeats per measurement"
+    title = f"{subject}: {load}, loopback"
+    print_table(
+        title, [Column("op", "operation"), *columns, *LATENCY_COLUMNS, Column("errors", "errors", "{:d}")], rows
+    )

@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bench.common import Column, argument_parser, finish, print_table, print_targets, run_info  # noqa: E402
+from bench.common import Column, argument_parser, finish, print_targets, run_info  # noqa: E402
 from bench.gateway import add_load_options, idle_worker, load, poll_request, run_loop, submit_request  # noqa: E402
-from bench.loadgen import LATENCY_COLUMNS, HttpConnection, latency_percentiles  # noqa: E402
+from bench.loadgen import HttpConnection, latency_percentiles, print_load_table  # noqa: E402
 from bench.servers import gateway_server  # noqa: E402
 
 TARGET_FACTOR = 2.0
@@ -213,19 +213,8 @@ def show(result: dict[str, Any]) -> None:
         for op in ("submit", "poll")
         for phase in ("idle", "with_streams")
     ]
-    print_table(
-        f"one gateway, {result['streams']} open event streams vs idle; {result['clients']} clients, "
-        f"{result['requests']} requests per operation and phase x {result['repeats']} repeats, loopback",
-        [
-            Column("op", "operation"),
-            Column("phase", "phase"),
-            *LATENCY_COLUMNS,
-            Column("max_ms", "max ms", "{:.1f}"),
-            Column("requests", "requests", "{:d}"),
-            Column("errors", "errors", "{:d}"),
-        ],
-        rows,
-    )
+    columns = [Column("phase", "phase"), Column("requests", "requests", "{:d}"), Column("max_ms", "max ms", "{:.1f}")]
+    print_load_table(f"one gateway, {result['streams']} open event streams vs idle", result, rows, columns)
     print_targets(
         [{**row, "value": f"{row['value']:.2f}" if isinstance(row["value"], float) else row["value"]}
          for row in result["targets"]],
