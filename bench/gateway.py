@@ -22,7 +22,7 @@ Each measurement (target x operation) runs `--requests` requests (or stops after
 alternates gateway and bare `--repeats` times so that drift in the machine's load
 hits both alike; it reports the median throughput of the repeats and latency
 percentiles over all of them. The load generator is a minimal HTTP/1.1 client
-(bench.common.HttpConnection), so that on a small machine the client is not what
+(bench.loadgen.HttpConnection), so that on a small machine the client is not what
 limits either server. Poll requests read the jobs the same target created.
 """
 
@@ -46,20 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (  # noqa: E402
-    DEFAULT_REDIS_URL,
-    Column,
-    HttpConnection,
-    gateway_env,
-    machine_info,
-    percentile,
-    print_table,
-    server_process,
-    uvicorn_argv,
-    write_json,
-)
-from service.jobs.connection import delete_prefix  # noqa: E402
-from service.servers import free_port  # noqa: E402
+from bench.common import Column, argument_parser, finish, print_targets, run_info  # noqa: E402
+from bench.loadgen import HttpConnection, latency_percentiles, print_load_table  # noqa: E402
+from bench.servers import gateway_server  # noqa: E402
 
 TARGETS = ("gateway", "bare")
 OPERATIONS = ("submit", "poll")
@@ -194,6 +183,16 @@ async def load(
     return Sample(time.perf_counter() - started, latencies, errors, bodies)
 
 
+def add_load_options(
+    parser: argparse.ArgumentParser, *, clients: int, requests: int, max_seconds: float, alternating: str
+) -> None:
+    """How `load` is run: from how many connections, how many requests, how often, for how long at most."""
+    parser.add_argument("--clients", type=int, default=clients, help=f"keep-alive connections (default {clients})")
+    parser.add_argument("--requests", type=int, default=requests, help=f"requests per measurement (default {requests})")
+    parser.add_argument("--repeats", type=int, default=2, help=f"alternations of {alternating} (default 2)")
+    parser.add_argument("--max-seconds", type=float, default=max_seconds, help="cap on one measurement's duration")
+
+
 def submit_request(tag: str) -> MakeRequest:
     def make(index: int) -> tuple[str, str, bytes]:
         body = {"prompt": f"gateway bench {tag} {index}: a lighthouse at dusk", "loop": {"max_rounds": 3}}
@@ -222,14 +221,11 @@ class Series:
             "errors": sum(s.errors for s in self.samples),
             "req_per_s": statistics.median(s.per_s for s in self.samples),
             "req_per_s_each": [s.per_s for s in self.samples],
-            "p50_ms": 1000 * percentile(latencies, 50),
-            "p95_ms": 1000 * percentile(latencies, 95),
-            "p99_ms": 1000 * percentile(latencies, 99),
+            **latency_percentiles(latencies),
         }
 
 
-async def idle_worker(redis_url: str, prefix: str, first: asyncio.Event) -> None:
-    """Heartbeat as a worker that serves t2i and claims nothing, so the gateway admits the jobs."""
+async def _heartbeats(redis_url: str, prefix: str, first: asyncio.Event) -> None:
     from service.jobs.connection import connect
     from service.jobs.keys import Keys
     from service.jobs.queue import JobQueue
@@ -246,15 +242,23 @@ async def idle_worker(redis_url: str, prefix: str, first: asyncio.Event) -> None
         await client.aclose()
 
 
-async def measure(args: argparse.Namespace, ports: dict[str, int], prefix: str) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def idle_worker(redis_url: str, prefix: str) -> AsyncIterator[None]:
+    """Heartbeat as a worker that serves t2i and claims nothing, so the gateway admits the
+    jobs: from its first heartbeat until the block ends."""
     first = asyncio.Event()
-    heartbeat = asyncio.create_task(idle_worker(args.redis_url, prefix, first))
+    heartbeat = asyncio.create_task(_heartbeats(redis_url, prefix, first))
     try:
         await asyncio.wait_for(first.wait(), timeout=10)
-        return await _measure(args, ports)
+        yield
     finally:
         heartbeat.cancel()
         await asyncio.wait({heartbeat}, timeout=5)
+
+
+async def measure(args: argparse.Namespace, ports: dict[str, int], prefix: str) -> dict[str, Any]:
+    async with idle_worker(args.redis_url, prefix):
+        return await _measure(args, ports)
 
 
 async def _measure(args: argparse.Namespace, ports: dict[str, int]) -> dict[str, Any]:
@@ -291,47 +295,21 @@ def show(result: dict[str, Any]) -> None:
         for target in TARGETS:
             rows.append({"op": op, "target": target, **result[op][target]})
         rows.append({"op": op, "target": "gateway / bare", "req_per_s": result[op]["ratio"]})
-    print_table(
-        f"gateway vs bare endpoint: {result['clients']} clients, {result['requests']} requests x "
-        f"{result['repeats']} repeats per measurement, loopback",
-        [
-            Column("op", "operation"),
-            Column("target", "target"),
-            Column("req_per_s", "req/s (ratio)", "{:.2f}"),
-            Column("p50_ms", "p50 ms", "{:.2f}"),
-            Column("p95_ms", "p95 ms", "{:.2f}"),
-            Column("p99_ms", "p99 ms", "{:.2f}"),
-            Column("errors", "errors", "{:d}"),
-        ],
-        rows,
-    )
+    columns = [Column("target", "target"), Column("req_per_s", "req/s (ratio)", "{:.2f}")]
+    print_load_table("gateway vs bare endpoint", result, rows, columns)
     targets = [
         {"metric": f"{op} throughput, gateway / bare", "value": result[f"{op}_ratio"], "target": ">= 0.5"}
         for op in OPERATIONS
     ]
     for row in targets:
         row["ok"] = row["value"] >= TARGET_RATIO
-    print_table(
-        "targets",
-        [
-            Column("metric", "metric"),
-            Column("value", "value", "{:.3f}"),
-            Column("target", "target"),
-            Column("ok", "ok"),
-        ],
-        targets,
-    )
+    print_targets(targets)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections (default 16)")
-    parser.add_argument("--requests", type=int, default=2000, help="requests per measurement (default 2000)")
+    parser = argument_parser(__doc__)
+    add_load_options(parser, clients=16, requests=2000, max_seconds=20.0, alternating="gateway and bare")
     parser.add_argument("--warmup", type=int, default=200, help="warm-up requests per target and operation")
-    parser.add_argument("--repeats", type=int, default=2, help="alternations of gateway and bare (default 2)")
-    parser.add_argument("--max-seconds", type=float, default=20.0, help="cap on one measurement's duration")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if min(args.clients, args.requests, args.warmup, args.repeats) < 1:
         parser.error("--clients, --requests, --warmup and --repeats must be >= 1")
@@ -349,43 +327,25 @@ def run_loop(main: Callable[[], Coroutine[Any, Any, dict[str, Any]]]) -> dict[st
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    run_id = uuid.uuid4().hex[:10]
-    prefixes = {"gateway": f"gcr-bench-{run_id}", "bare": f"gcr-bench-{run_id}-bare"}
-    ports = {target: free_port() for target in TARGETS}
-    factories = {"gateway": "bench.common:gateway_app", "bare": "bench.gateway:bare_app"}
-    try:
-        with (
-            server_process(
-                "gateway",
-                uvicorn_argv(factories["gateway"], ports["gateway"]),
-                f"http://127.0.0.1:{ports['gateway']}/healthz",
-                env=gateway_env(args.redis_url, prefixes["gateway"]),
-            ),
-            server_process(
-                "bare endpoint",
-                uvicorn_argv(factories["bare"], ports["bare"]),
-                f"http://127.0.0.1:{ports['bare']}/healthz",
-                env=gateway_env(args.redis_url, prefixes["bare"]),
-            ),
-        ):
-            measured = run_loop(lambda: measure(args, ports, prefixes["gateway"]))
-    finally:
-        for prefix in prefixes.values():
-            delete_prefix(args.redis_url, prefix)
+    prefix = f"gcr-bench-{uuid.uuid4().hex[:10]}"
+    with (
+        gateway_server(args.redis_url, prefix) as gateway,
+        gateway_server(
+            args.redis_url, f"{prefix}-bare", factory="bench.gateway:bare_app", name="bare endpoint"
+        ) as bare,
+    ):
+        ports = {"gateway": gateway.port, "bare": bare.port}
+        measured = run_loop(lambda: measure(args, ports, prefix))
     result = {
-        "benchmark": "gateway",
-        "command": " ".join(["python", "bench/gateway.py", *sys.argv[1:]]),
+        **run_info("gateway", args.redis_url),
         "clients": args.clients,
         "requests": args.requests,
         "repeats": args.repeats,
         "warmup": args.warmup,
         **measured,
-        "machine": machine_info(args.redis_url),
     }
-    show(result)
-    write_json(args.json, result)
     errors = sum(result[op][t]["errors"] for op in OPERATIONS for t in TARGETS)
-    return 1 if errors else 0
+    return finish(result, args.json, show, ok=not errors)
 
 
 if __name__ == "__main__":

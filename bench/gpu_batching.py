@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bench.common import Column, machine_info, print_table, write_json  # noqa: E402
+from bench.common import Column, argument_parser, finish, print_table, run_info, write_json  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.generators.base import NO_HOOKS, Generator, GenRequest, StepHooks  # noqa: E402
 from workers.scheduler import GenerationScheduler  # noqa: E402
@@ -174,8 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     cuda = args.device.startswith("cuda")
     return {
-        "benchmark": "gpu_batching",
-        "command": " ".join(["python", "bench/gpu_batching.py", *sys.argv[1:]]),
+        **run_info("gpu_batching", args.redis_url),
         "device": args.device,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "pipeline": pipeline,
@@ -185,7 +184,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests": args.requests,
         "batch_window_ms": 1000 * window_s,
         "rows": [{**asdict(r), "on_vs_off": r.on_vs_off, "on_vs_direct": r.on_vs_direct} for r in rows],
-        "machine": machine_info(args.redis_url),
     }
 
 
@@ -209,7 +207,7 @@ def show(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argument_parser(__doc__, redis_url=False)
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (with --tiny: a smoke check)")
     parser.add_argument("--tiny", action="store_true", help="the tiny:sd test pipeline instead of SMALL_FLUX")
     parser.add_argument("--requests", type=int, default=None, help="requests per cell (default 64; 16 with --tiny)")
@@ -219,7 +217,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 8; the folder's with --tiny)")
     parser.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="only to report its version")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.requests = args.requests or (16 if args.tiny else 64)
@@ -248,10 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(message)
         write_json(args.json, {"benchmark": "gpu_batching", "skipped": True, "reason": message})
         return 0
-    result = run(args)
-    show(result)
-    write_json(args.json, result)
-    return 0
+    return finish(run(args), args.json, show)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bench import gpu_smoke  # noqa: E402
-from bench.common import write_json  # noqa: E402
+from bench.common import run_info, write_json  # noqa: E402
 from bench.gpu_kit import canonical  # noqa: E402
 from service.errors import (  # noqa: E402
     GenerationInterrupted,
@@ -258,8 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("no CUDA device: run with --tiny --device cpu to check the script itself")
     sizes = args.sizes or list(TINY_SIZES if args.tiny else SIZES)
     result: dict[str, Any] = {
-        "benchmark": "gpu_validate",
-        "command": " ".join(["python", "bench/gpu_validate.py", *sys.argv[1:]]),
+        **run_info("gpu_validate"),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

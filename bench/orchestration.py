@@ -54,9 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -69,20 +67,18 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bench.common import (  # noqa: E402
-    DEFAULT_REDIS_URL,
     Column,
-    gateway_env,
-    machine_info,
-    print_table,
-    server_process,
-    uvicorn_argv,
-    write_json,
+    add_simulation_options,
+    argument_parser,
+    finish,
+    from_options,
+    print_targets,
+    run_info,
 )
+from bench.servers import gateway_server, standin_critic  # noqa: E402
 from gcr import AsyncClient  # noqa: E402
 from gcr.types import JobDocument  # noqa: E402
 from service.critic.client import OpenAICritic  # noqa: E402
-from service.jobs.connection import delete_prefix  # noqa: E402
-from service.servers import free_port  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402
 from workers.generators.base import NO_HOOKS, Generator, GenRequest, StepHooks  # noqa: E402
@@ -380,17 +376,7 @@ async def run_workload(
 
 
 async def measure(args: argparse.Namespace, gateway_url: str, critic_url: str, prefix: str) -> dict[str, Any]:
-    concurrent = Workload(
-        jobs=args.jobs,
-        rounds=args.rounds,
-        t_gen=args.t_gen,
-        t_critic=args.t_critic,
-        per_image=args.per_image,
-        max_batch=args.max_batch,
-        inflight=args.jobs,
-        critic_concurrency=args.critic_concurrency,
-        batch_window_ms=args.batch_window_ms,
-    )
+    concurrent = from_options(Workload, args, inflight=args.jobs)
     where = {"redis_url": args.redis_url, "prefix": prefix, "gateway_url": gateway_url, "critic_url": critic_url}
     main = await run_workload(concurrent, name="concurrent", **where)
     seq_jobs = min(args.jobs, 4) if args.seq_jobs is None else args.seq_jobs
@@ -406,9 +392,8 @@ def report(args: argparse.Namespace, main: RunResult, sequential: RunResult | No
     seq_computed = 1 / (args.t_gen + args.t_critic)
     round_s = args.t_gen + args.t_critic
     out: dict[str, Any] = {
-        "benchmark": "orchestration",
+        **run_info("orchestration", args.redis_url),
         "note": SIMULATION_NOTE,
-        "command": " ".join(["python", "bench/orchestration.py", *sys.argv[1:]]),
         "jobs": args.jobs,
         "rounds": args.rounds,
         "t_gen": args.t_gen,
@@ -429,7 +414,6 @@ def report(args: argparse.Namespace, main: RunResult, sequential: RunResult | No
         "speedup_vs_sequential_computed": m["rounds_per_s"] / seq_computed,
         "overhead_s_per_round_concurrent": m["overhead_s_per_round_minus_queueing"],
         "concurrent": m,
-        "machine": machine_info(args.redis_url),
     }
     if sequential is not None:
         s = sequential.summary()
@@ -529,16 +513,7 @@ def show(result: dict[str, Any]) -> None:
             "ok": result["overhead_fraction"] <= 0.02,
         },
     ]
-    print_table(
-        "targets (overhead: sequential run)",
-        [
-            Column("metric", "metric"),
-            Column("value", "value", "{:.3f}"),
-            Column("target", "target"),
-            Column("ok", "ok"),
-        ],
-        rows,
-    )
+    print_targets(rows, title="targets (overhead: sequential run)")
     console.print(SIMULATION_NOTE)
     for error in result["errors"]:
         console.print(f"[red]ERROR[/red]: {error}")
@@ -546,11 +521,9 @@ def show(result: dict[str, Any]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = Settings()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argument_parser(__doc__)
     parser.add_argument("--jobs", type=int, default=16, help="concurrent jobs J (default 16)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per job R, forced (default 3)")
-    parser.add_argument("--t-gen", type=float, default=1.0, help="seconds per generator call (default 1.0)")
-    parser.add_argument("--t-critic", type=float, default=1.0, help="seconds per critic request (default 1.0)")
+    add_simulation_options(parser, t_critic=1.0)
     parser.add_argument("--per-image", type=float, default=0.0, help="extra seconds per image beyond the first")
     parser.add_argument("--max-batch", type=int, default=1, help="scheduler max_batch of the concurrent run")
     parser.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms)
@@ -558,8 +531,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--critic-concurrency", type=int, default=defaults.max_inflight_critiques, help="max_inflight_critiques"
     )
     parser.add_argument("--seq-jobs", type=int, default=None, help="jobs of the measured sequential run (0: skip)")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.rounds < 1 or args.max_batch < 1:
         parser.error("--jobs, --rounds and --max-batch must be >= 1")
@@ -569,31 +540,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prefix = f"gcr-bench-{uuid.uuid4().hex[:10]}"
-    gateway_port, critic_port = free_port(), free_port()
-    standin = StandinConfig(latency_s=args.t_critic, default=STANDIN_SCORE)
-    with tempfile.TemporaryDirectory(prefix="gcr-bench-") as tmp:
-        config = Path(tmp) / "standin.json"
-        config.write_text(json.dumps(standin.model_dump(mode="json")))
-        critic_argv = [sys.executable, "-m", "service.cli", "dev", "standin-critic"]
-        critic_argv += ["--port", str(critic_port), "--config", str(config)]
-        try:
-            with (
-                server_process("stand-in critic", critic_argv, f"http://127.0.0.1:{critic_port}/health"),
-                server_process(
-                    "gateway",
-                    uvicorn_argv("bench.common:gateway_app", gateway_port),
-                    f"http://127.0.0.1:{gateway_port}/healthz",
-                    env=gateway_env(args.redis_url, prefix),
-                ),
-            ):
-                result = asyncio.run(
-                    measure(args, f"http://127.0.0.1:{gateway_port}", f"http://127.0.0.1:{critic_port}/v1", prefix)
-                )
-        finally:
-            delete_prefix(args.redis_url, prefix)
-    show(result)
-    write_json(args.json, result)
-    return 1 if result["errors"] else 0
+    with (
+        standin_critic(args.t_critic, STANDIN_SCORE) as critic,
+        gateway_server(args.redis_url, prefix) as gateway,
+    ):
+        result = asyncio.run(measure(args, gateway.url, f"{critic.url}/v1", prefix))
+    return finish(result, args.json, show, ok=not result["errors"])
 
 
 if __name__ == "__main__":

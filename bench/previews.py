@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import argument_parser, finish, run_info  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.generators.base import GenRequest  # noqa: E402
 from workers.generators.diffusers_backend import DiffusersGenerator  # noqa: E402
@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             off.append(per_step(gen, args.steps, args.size, False, sink))
             on.append(per_step(gen, args.steps, args.size, True, sink))
         result = {
-            "benchmark": "previews",
-            "command": " ".join(["python", "bench/previews.py", *sys.argv[1:]]),
+            **run_info("previews"),
             "device": args.device,
             "tiny_flux": {
                 "size": args.size,
@@ -86,23 +85,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def show(result: dict[str, Any]) -> None:
+    tiny = result["tiny_flux"]
+    print(
+        f"tiny FLUX {tiny['size']}px on {result['device']}: {tiny['s_per_step_without'] * 1000:.1f} ms/step without, "
+        f"{tiny['s_per_step_with_preview_every_step'] * 1000:.1f} ms/step with a preview every step "
+        f"(x{tiny['ratio']:.3f}); one full-size FLUX.1 preview: {result['full_size_flux_preview_ms']:.1f} ms"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__, redis_url=False)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=128, help="tiny FLUX image size (px)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    result = run(args)
-    tiny = result["tiny_flux"]
-    print(
-        f"tiny FLUX {tiny['size']}px on {args.device}: {tiny['s_per_step_without'] * 1000:.1f} ms/step without, "
-        f"{tiny['s_per_step_with_preview_every_step'] * 1000:.1f} ms/step with a preview every step "
-        f"(x{tiny['ratio']:.3f}); one full-size FLUX.1 preview: {result['full_size_flux_preview_ms']:.1f} ms"
-    )
-    write_json(args.json, result)
-    return 0
+    return finish(run(args), args.json, show)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import redis as redis_sync  # noqa: E402
 
-from bench.common import write_json  # noqa: E402
+from bench.common import argument_parser, finish, run_info  # noqa: E402
 from gcr import AsyncClient  # noqa: E402
 from service.critic.client import OpenAICritic  # noqa: E402
 from service.gateway.app import create_app  # noqa: E402
@@ -83,8 +83,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.wait({task}, timeout=10)
     used, keys = memory(args.redis_url, prefix)
     return {
-        "benchmark": "redis_bytes",
-        "command": " ".join(["python", "bench/redis_bytes.py", *sys.argv[1:]]),
+        **run_info("redis_bytes"),
         "images_in_artifact_store": "artifact_url" in Settings.model_fields,
         "jobs": args.jobs,
         "size": args.size,
@@ -94,22 +93,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    parser.add_argument("--jobs", type=int, default=5)
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    result = asyncio.run(run(args))
+def show(result: dict[str, Any]) -> None:
     print(
         f"{result['redis_bytes_per_job'] / 1024:.1f} KiB of Redis per finished job "
         f"({result['redis_keys_per_job']:.0f} keys); "
         f"its PNGs: {result['png_bytes_per_job'] / 1024:.1f} KiB; images in the artifact store: "
         f"{result['images_in_artifact_store']}"
     )
-    write_json(args.json, result)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--jobs", type=int, default=5)
+    parser.add_argument("--size", type=int, default=1024)
+    args = parser.parse_args(argv)
+    return finish(asyncio.run(run(args)), args.json, show)
 
 
 if __name__ == "__main__":

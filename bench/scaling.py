@@ -60,19 +60,17 @@ import psutil
 import redis as redis_sync
 
 from bench.common import (
-    DEFAULT_REDIS_URL,
     ROOT,
     Column,
-    gateway_env,
+    add_simulation_options,
+    argument_parser,
+    finish,
+    from_options,
     machine_info,
     print_table,
-    server_process,
-    uvicorn_argv,
-    write_json,
 )
-from service.jobs.connection import delete_prefix
+from bench.servers import gateway_server, reap, standin_critic
 from service.jobs.keys import Keys
-from service.servers import free_port
 from workers.critics.standin_config import StandinConfig
 
 MODEL = "scaling-sim"
@@ -138,11 +136,7 @@ def worker_processes(n: int, load: Load, prefix: str, artifacts: str) -> Iterato
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            reap(proc, 20)
         for log in logs:
             log.close()
 
@@ -284,33 +278,26 @@ def measure(n: int, load: Load, critic_pid: int) -> dict[str, Any]:
     """One run: a fresh prefix, gateway and N workers; the load; the numbers."""
     prefix = f"gcr-scaling-{uuid.uuid4().hex[:8]}-n{n}"
     keys = Keys(prefix)
-    port = free_port()
     client = redis_sync.Redis.from_url(load.redis_url)
     redis_pid = int(client.info("server")["process_id"])
     try:
         with (
             tempfile.TemporaryDirectory(prefix="gcr-scaling-") as artifacts,
-            server_process(
-                "gateway",
-                uvicorn_argv("bench.common:gateway_app", port),
-                f"http://127.0.0.1:{port}/healthz",
-                env=gateway_env(load.redis_url, prefix, GCR_ARTIFACT_URL=f"file://{artifacts}"),
-            ) as gateway,
+            gateway_server(load.redis_url, prefix, GCR_ARTIFACT_URL=f"file://{artifacts}") as gateway,
             worker_processes(n, load, prefix, artifacts) as workers,
         ):
             groups = {
                 "workers": [w.pid for w in workers],
-                "gateway": [gateway.pid],
+                "gateway": [gateway.process.pid],
                 "critic": [critic_pid],
                 "redis": [redis_pid],
             }
             meter = CpuMeter(groups)
-            result = asyncio.run(_drive(n, load, prefix, f"http://127.0.0.1:{port}", client, meter))
+            result = asyncio.run(_drive(n, load, prefix, gateway.url, client, meter))
             result["redis_bytes_per_job"] = bytes_per_finished_job(client, keys, result.pop("ids"))
             return result
     finally:
         client.close()
-        delete_prefix(load.redis_url, prefix)
 
 
 async def _drive(
@@ -360,39 +347,14 @@ async def _drive(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = sorted(set(args.workers) | {1})  # efficiency needs the one-worker rate of this run
-    port = free_port()
-    standin = StandinConfig(latency_s=args.t_critic, default=STANDIN_SCORE)
     info = machine_info(args.redis_url)
-    with tempfile.TemporaryDirectory(prefix="gcr-scaling-") as tmp:
-        config = Path(tmp) / "standin.json"
-        config.write_text(json.dumps(standin.model_dump(mode="json")))
-        argv = [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "dev",
-            "standin-critic",
-            "--port",
-            str(port),
-            "--config",
-            str(config),
-        ]
-        with server_process("stand-in critic", argv, f"http://127.0.0.1:{port}/health") as critic:
-            load = Load(
-                t_gen=args.t_gen,
-                t_critic=args.t_critic,
-                rounds=args.rounds,
-                inflight=args.inflight,
-                warmup=args.warmup,
-                duration=args.duration,
-                redis_url=args.redis_url,
-                critic_url=f"http://127.0.0.1:{port}/v1",
-            )
-            runs = []
-            for n in counts:
-                result = measure(n, load, critic.pid)
-                runs.append(result)
-                print(f"{n} workers: {result['rounds_per_s']:.2f} rounds/s", file=sys.stderr)
+    with standin_critic(args.t_critic, STANDIN_SCORE) as critic:
+        load = from_options(Load, args, critic_url=f"{critic.url}/v1")
+        runs = []
+        for n in counts:
+            result = measure(n, load, critic.process.pid)
+            runs.append(result)
+            print(f"{n} workers: {result['rounds_per_s']:.2f} rounds/s", file=sys.stderr)
     single = runs[0]["rounds_per_s"]
     for result in runs:
         result["efficiency"] = result["rounds_per_s"] / (result["workers"] * single) if single else None
@@ -442,16 +404,12 @@ def worker_counts(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argument_parser(__doc__)
     parser.add_argument("--workers", type=worker_counts, default=[1, 2, 4, 8, 16], help="e.g. 1,2,4,8,16")
-    parser.add_argument("--t-gen", type=float, default=1.0, help="seconds per simulated image (default 1.0)")
-    parser.add_argument("--t-critic", type=float, default=0.5, help="seconds per critique (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per job (default 3)")
+    add_simulation_options(parser, t_critic=0.5)
     parser.add_argument("--inflight", type=int, default=4, help="jobs per worker at once (default 4)")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring (default 5)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per run (default 20)")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if min(args.workers) < 1 or args.rounds < 1 or args.inflight < 1 or args.duration <= 0 or args.t_gen <= 0:
         parser.error("--workers, --rounds and --inflight must be >= 1; --duration and --t-gen > 0")
@@ -460,10 +418,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(args)
-    show(result)
-    write_json(args.json, result)
-    return 0
+    return finish(run(args), args.json, show)
 
 
 if __name__ == "__main__":

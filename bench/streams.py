@@ -43,21 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from bench.common import (  # noqa: E402
-    DEFAULT_REDIS_URL,
-    Column,
-    HttpConnection,
-    gateway_env,
-    machine_info,
-    percentile,
-    print_table,
-    server_process,
-    uvicorn_argv,
-    write_json,
-)
-from bench.gateway import idle_worker, load, poll_request, run_loop, submit_request  # noqa: E402
-from service.jobs.connection import delete_prefix  # noqa: E402
-from service.servers import free_port  # noqa: E402
+from bench.common import Column, argument_parser, finish, print_targets, run_info  # noqa: E402
+from bench.gateway import add_load_options, idle_worker, load, poll_request, run_loop, submit_request  # noqa: E402
+from bench.loadgen import HttpConnection, latency_percentiles, print_load_table  # noqa: E402
+from bench.servers import gateway_server  # noqa: E402
 
 TARGET_FACTOR = 2.0
 PROBE_END_S = 5.0
@@ -124,9 +113,7 @@ def summary(samples: Sequence[Any]) -> dict[str, Any]:
     return {
         "requests": len(latencies),
         "errors": sum(sample.errors for sample in samples),
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p95_ms": 1000 * percentile(latencies, 95),
-        "p99_ms": 1000 * percentile(latencies, 99),
+        **latency_percentiles(latencies),
         "max_ms": 1000 * latencies[-1] if latencies else 0.0,
     }
 
@@ -147,16 +134,11 @@ async def open_streams(args: argparse.Namespace, port: int, ids: list[str]) -> l
 
 
 async def measure(args: argparse.Namespace, port: int, prefix: str) -> dict[str, Any]:
-    first = asyncio.Event()
-    heartbeat = asyncio.create_task(idle_worker(args.redis_url, prefix, first))
     streams: list[Stream] = []
-    samples: dict[str, dict[str, list[Any]]] = {
-        phase: {"submit": [], "poll": []} for phase in ("idle", "with_streams")
-    }
+    samples: dict[str, dict[str, list[Any]]] = {phase: {"submit": [], "poll": []} for phase in ("idle", "with_streams")}
     opened, refused, survived, open_s, pings = 0, [], 0, [], 0
     try:
-        async with asyncio.timeout(args.deadline):
-            await asyncio.wait_for(first.wait(), timeout=10)
+        async with asyncio.timeout(args.deadline), idle_worker(args.redis_url, prefix):
             # The jobs the streams follow; their submits warm the gateway up too.
             made = await load(port, submit_request("job"), total=args.streams, clients=args.clients,
                               max_seconds=args.deadline, expect=202, keep=True)  # fmt: skip
@@ -191,8 +173,6 @@ async def measure(args: argparse.Namespace, port: int, prefix: str) -> dict[str,
             probes_ended = sum(1 for e in ended if e is True)
     finally:
         await asyncio.gather(*(s.close() for s in streams), return_exceptions=True)
-        heartbeat.cancel()
-        await asyncio.wait({heartbeat}, timeout=5)
     return {
         **{phase: {op: summary(s) for op, s in by_op.items()} for phase, by_op in samples.items()},
         "repeats": args.repeats,
@@ -211,9 +191,7 @@ def verdict(result: dict[str, Any]) -> list[dict[str, Any]]:
     for op in ("submit", "poll"):
         idle, busy = result["idle"][op]["p95_ms"], result["with_streams"][op]["p95_ms"]
         factor = busy / idle if idle else float("inf")
-        rows.append(
-            {"metric": f"{op} p95 with streams / idle", "value": factor, "target": "<= 2", "ok": factor <= 2}
-        )
+        rows.append({"metric": f"{op} p95 with streams / idle", "value": factor, "target": "<= 2", "ok": factor <= 2})
     errors = sum(result[phase][op]["errors"] for phase in ("idle", "with_streams") for op in ("submit", "poll"))
     rows.append({"metric": "requests not 2xx (5xx included)", "value": errors, "target": "0", "ok": errors == 0})
     expected = result["streams"] * result["repeats"]
@@ -235,38 +213,21 @@ def show(result: dict[str, Any]) -> None:
         for op in ("submit", "poll")
         for phase in ("idle", "with_streams")
     ]
-    print_table(
-        f"one gateway, {result['streams']} open event streams vs idle; {result['clients']} clients, "
-        f"{result['requests']} requests per operation and phase x {result['repeats']} repeats, loopback",
-        [
-            Column("op", "operation"),
-            Column("phase", "phase"),
-            Column("p50_ms", "p50 ms", "{:.2f}"),
-            Column("p95_ms", "p95 ms", "{:.2f}"),
-            Column("p99_ms", "p99 ms", "{:.2f}"),
-            Column("max_ms", "max ms", "{:.1f}"),
-            Column("requests", "requests", "{:d}"),
-            Column("errors", "errors", "{:d}"),
-        ],
-        rows,
-    )
-    print_table(
-        "targets",
-        [Column("metric", "metric"), Column("value", "value", "{}"), Column("target", "target"), Column("ok", "ok")],
+    columns = [Column("phase", "phase"), Column("requests", "requests", "{:d}"), Column("max_ms", "max ms", "{:.1f}")]
+    print_load_table(f"one gateway, {result['streams']} open event streams vs idle", result, rows, columns)
+    print_targets(
         [{**row, "value": f"{row['value']:.2f}" if isinstance(row["value"], float) else row["value"]}
          for row in result["targets"]],
+        value_fmt="{}",
     )  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argument_parser(__doc__)
     parser.add_argument("--streams", type=int, default=1000, help="event streams held open (default 1000)")
-    parser.add_argument("--clients", type=int, default=8, help="connections timing submits and polls (default 8)")
-    parser.add_argument("--requests", type=int, default=1000, help="requests per operation and phase (default 1000)")
-    parser.add_argument("--repeats", type=int, default=2, help="alternations of idle and with streams (default 2)")
+    add_load_options(parser, clients=8, requests=1000, max_seconds=30.0, alternating="idle and with streams")
     parser.add_argument("--probe", type=int, default=20, help="jobs cancelled at the end to check their streams")
     parser.add_argument("--open-batch", type=int, default=100, help="streams opened at once (default 100)")
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="cap on one timed load")
     parser.add_argument("--deadline", type=float, default=300.0, help="cap on the whole run, in seconds")
     parser.add_argument(
         "--check-latency",
@@ -274,8 +235,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=True,
         help="fail (exit 1) when a p95 with streams is above 2x idle (default on; the smoke test turns it off)",
     )
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if min(args.streams, args.clients, args.requests, args.open_batch, args.repeats) < 1 or args.probe < 0:
         parser.error("--streams, --clients, --requests, --open-batch and --repeats must be >= 1")
@@ -287,32 +246,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     nofile = raise_open_files(2 * args.streams + 200)  # both ends of each stream live on this host
     prefix = f"gcr-bench-{uuid.uuid4().hex[:10]}"
-    port = free_port()
     limit = str(args.streams + 100)  # the gateway's stream limits must admit the whole run
-    env = gateway_env(args.redis_url, prefix, GCR_MAX_OPEN_STREAMS=limit, GCR_MAX_OPEN_STREAMS_PER_KEY=limit)
-    try:
-        with server_process(
-            "gateway", uvicorn_argv("bench.common:gateway_app", port), f"http://127.0.0.1:{port}/healthz", env=env
-        ):
-            measured = run_loop(lambda: measure(args, port, prefix))
-    finally:
-        delete_prefix(args.redis_url, prefix)
+    with gateway_server(
+        args.redis_url, prefix, GCR_MAX_OPEN_STREAMS=limit, GCR_MAX_OPEN_STREAMS_PER_KEY=limit
+    ) as gateway:
+        measured = run_loop(lambda: measure(args, gateway.port, prefix))
     result: dict[str, Any] = {
-        "benchmark": "streams",
-        "command": " ".join(["python", "bench/streams.py", *sys.argv[1:]]),
+        **run_info("streams", args.redis_url),
         "streams": args.streams,
         "clients": args.clients,
         "requests": args.requests,
         "open_files_limit": nofile,
         **measured,
-        "machine": machine_info(args.redis_url),
     }
     result["targets"] = verdict(result)
     checked = [row for row in result["targets"] if args.check_latency or "p95" not in row["metric"]]
     result["ok"] = all(row["ok"] for row in checked)
-    show(result)
-    write_json(args.json, result)
-    return 0 if result["ok"] else 1
+    return finish(result, args.json, show, ok=result["ok"])
 
 
 if __name__ == "__main__":

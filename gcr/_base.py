@@ -1,5 +1,6 @@
-"""What `Client` and `AsyncClient` share: building requests, reading answers, and the one
-retry policy. Only the sending differs between the two (httpx's sync and async clients).
+"""What `Client` and `AsyncClient` share: their state (`BaseClient`), building requests,
+reading answers, and the one retry policy. Only the sending differs between the two
+(httpx's sync and async clients).
 
 Retries: connection errors and answers 429, 502, 503 and 504 are retried up to
 `max_retries` times, after the answer's `Retry-After` when it has one (capped), else
@@ -11,18 +12,19 @@ never makes a second job.
 from __future__ import annotations
 
 import base64
+import contextlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypedDict, Unpack
+from typing import Any, Generic, NamedTuple, TypedDict, TypeVar
 
 import httpx
 from httpx_sse import ServerSentEvent
 from pydantic import BaseModel
 
 from gcr.backoff import equal_jitter_s, retry_after_s
-from gcr.errors import CODES, APIConnectionError, APIStatusError, WaitTimeout, from_body
+from gcr.errors import CODES, APIConnectionError, APIStatusError, GcrError, WaitTimeout, from_body
 from gcr.types import GenerationParams, JobEvent, LoopParams
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -35,6 +37,29 @@ USER_AGENT = "gcr-python"
 
 ImageInput = bytes | str | Path
 """PNG/JPEG/WebP bytes, a path to such a file, or a base64 string / data: URI."""
+EventCallback = Callable[[JobEvent], Any]
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
+
+
+class BaseClient(Generic[HttpT]):
+    """What both faces hold: the httpx client (given, or made from the URL, the key and the
+    timeout) and the retry budget of each request (see `gcr.AsyncClient`)."""
+
+    _http_class: type[HttpT]
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 30.0,
+        max_retries: int = 2,
+        http_client: HttpT | None = None,
+    ) -> None:
+        self.max_retries = max_retries
+        self.http: HttpT = http_client or self._http_class(
+            base_url=base_url.rstrip("/"), headers=headers(api_key), timeout=timeout_s
+        )
 
 
 def headers(api_key: str | None) -> dict[str, str]:
@@ -54,7 +79,7 @@ def encode_image(image: ImageInput) -> str:
 
 
 class JobOptions(TypedDict, total=False):
-    """What a job may say beside its prompt: `Client.generate(prompt, **options)`."""
+    """What a job may say beside its prompt."""
 
     model: str | None
     mode: str | None
@@ -65,7 +90,35 @@ class JobOptions(TypedDict, total=False):
     callback_url: str | None
 
 
-def generate_body(prompt: str, **options: Unpack[JobOptions]) -> dict[str, Any]:
+class GenerateOptions(JobOptions, total=False):
+    """`Client.generate(prompt, **options)`: the job's options, and how to wait for it."""
+
+    wait: bool | float
+    on_event: EventCallback | None
+    idempotency_key: str | None
+
+
+class GenerateCall(NamedTuple):
+    """`generate`'s keywords sorted out: the request body, its key, and how to wait."""
+
+    body: dict[str, Any]
+    idempotency_key: str | None
+    wait: bool | float
+    on_event: EventCallback | None
+
+    @classmethod
+    def of(cls, prompt: str, options: Mapping[str, Any]) -> GenerateCall:
+        job = dict(options)
+        wait, on_event, key = job.pop("wait", False), job.pop("on_event", None), job.pop("idempotency_key", None)
+        return cls(generate_body(prompt, job), key, wait, on_event)
+
+    @property
+    def timeout(self) -> float | None:
+        """`wait` as `wait()`'s timeout: True waits for as long as it takes."""
+        return None if self.wait is True else float(self.wait)
+
+
+def generate_body(prompt: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown := sorted(set(options) - set(JobOptions.__annotations__)):  # a typo must not pass silently
         raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
     model, mode, source_image = options.get("model"), options.get("mode"), options.get("source_image")
@@ -89,8 +142,20 @@ def generate_body(prompt: str, **options: Unpack[JobOptions]) -> dict[str, Any]:
     return body
 
 
-def new_idempotency_key() -> str:
-    return f"gcr-sdk-{uuid.uuid4().hex}"
+def critique_body(
+    instruction: str, image: ImageInput, source_image: ImageInput | None, mode: str | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"instruction": instruction, "image": encode_image(image)}
+    if source_image is not None:
+        body["source_image"] = encode_image(source_image)
+    if mode is not None:
+        body["mode"] = mode
+    return body
+
+
+def idempotency_header(key: str | None) -> dict[str, str]:
+    """The submit's `Idempotency-Key`: the caller's, or a new one, so a retried submit never makes a second job."""
+    return {"Idempotency-Key": key or f"gcr-sdk-{uuid.uuid4().hex}"}
 
 
 def raise_for_status(response: httpx.Response) -> None:
@@ -119,11 +184,44 @@ def retry_delay(error: Exception, attempt: int, max_retries: int) -> float | Non
     return equal_jitter_s(attempt, BACKOFF_FIRST_S, BACKOFF_CAP_S)
 
 
+class Retries:
+    """One request's retries: `after(error)` is the wait before the next attempt; it raises
+    `error` when the error is final or the retries are spent."""
+
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+        self.attempt = 0
+
+    def after(self, error: GcrError) -> float:
+        delay = retry_delay(error, self.attempt, self.max_retries)
+        if delay is None:
+            raise error
+        self.attempt += 1
+        return delay
+
+
 def unreachable(base_url: httpx.URL, exc: httpx.TransportError) -> APIConnectionError:
     return APIConnectionError(
         f"cannot reach the gateway at {base_url} ({type(exc).__name__}: {exc}); "
         "check the URL, and that `gcr serve` (or `gcr up --dev`) is running there"
     )
+
+
+@contextlib.contextmanager
+def connection_errors(base_url: httpx.URL) -> Iterator[None]:
+    """httpx's transport errors become `APIConnectionError`, here at the boundary."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise unreachable(base_url, exc) from exc
+
+
+def readiness(response: httpx.Response, base_url: httpx.URL) -> dict[str, Any]:
+    """GET /readyz's report (200 or 503 alike)."""
+    with contextlib.suppress(ValueError):
+        report: dict[str, Any] = response.json()
+        return report
+    raise APIConnectionError(f"{base_url}/readyz did not answer JSON")
 
 
 def job_event(sse: ServerSentEvent) -> JobEvent | None:
@@ -160,6 +258,7 @@ class EventStream:
         self.deadline = deadline
         self.last_id: str | None = None
         self.failures = 0
+        self.ended = False
 
     def headers(self) -> dict[str, str]:
         return {"Last-Event-ID": self.last_id} if self.last_id else {}
@@ -180,14 +279,25 @@ class EventStream:
         self.last_id, self.failures = sse.id or self.last_id, 0
         if event.type == "error":
             raise stream_error(event)
+        self.ended = event.type == "end"
         return event
 
-    def read_timed_out(self, exc: httpx.ReadTimeout) -> None:
-        """A read slice ended quietly: go on, unless the deadline has passed."""
-        self._check_deadline(exc)
+    def until_end(self, messages: Iterable[ServerSentEvent]) -> Iterator[JobEvent]:
+        """The events of one connection's messages, up to `end` (for the blocking client)."""
+        for sse in messages:
+            if (event := self.accept(sse)) is not None:
+                yield event
+            if self.ended:
+                return
 
-    def dropped(self, exc: httpx.TransportError) -> float:
-        """Seconds to wait before reconnecting; raises once reconnecting is no use."""
+    def interrupted(self, exc: httpx.TransportError) -> float:
+        """Seconds to wait before reconnecting; raises once reconnecting is no use.
+
+        A read slice that ended quietly (`ReadTimeout`) is no failure: go on at once,
+        unless the deadline has passed."""
+        if isinstance(exc, httpx.ReadTimeout):
+            self._check_deadline(exc)
+            return 0.0
         self.failures += 1
         if self.failures > self.reconnects:
             raise unreachable(self.base_url, exc) from exc

@@ -3,41 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Unpack
 
 import httpx
 from httpx_sse import aconnect_sse
 
 from gcr import _base
-from gcr._base import ImageInput, JobOptions
-from gcr.errors import APIConnectionError, GcrError, WaitTimeout
+from gcr._base import EventCallback, GenerateOptions, ImageInput
+from gcr.errors import GcrError, WaitTimeout
 from gcr.types import TERMINAL_STATUSES, Critique, JobDocument, JobEvent
 
-EventCallback = Callable[[JobEvent], Any]
 
-
-class AsyncClient:
+class AsyncClient(_base.BaseClient[httpx.AsyncClient]):
     """Submit jobs, follow them and fetch their images.
 
     `api_key` defaults to none (a gateway with auth off); errors are `gcr.errors` classes
     chosen by the answer's `code`; 429/503 and connection errors are retried
     `max_retries` times (after `Retry-After` when given)."""
 
-    def __init__(
-        self,
-        base_url: str = _base.DEFAULT_URL,
-        *,
-        api_key: str | None = None,
-        timeout_s: float = 30.0,
-        max_retries: int = 2,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        self.max_retries = max_retries
-        self.http = http_client or httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=_base.headers(api_key), timeout=timeout_s
-        )
+    _http_class = httpx.AsyncClient
 
     async def aclose(self) -> None:
         await self.http.aclose()
@@ -50,45 +35,32 @@ class AsyncClient:
 
     # --- requests, with the retry policy ---------------------------------------------------
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        attempt = 0
+        retries = _base.Retries(self.max_retries)
         while True:
             try:
-                try:
+                with _base.connection_errors(self.http.base_url):
                     response = await self.http.request(method, path, **kwargs)
-                except httpx.TransportError as exc:
-                    raise _base.unreachable(self.http.base_url, exc) from exc
                 _base.raise_for_status(response)
                 return response
             except GcrError as error:
-                delay = _base.retry_delay(error, attempt, self.max_retries)
-                if delay is None:
-                    raise
-            await asyncio.sleep(delay)
-            attempt += 1
+                await asyncio.sleep(retries.after(error))
 
     # --- jobs ------------------------------------------------------------------------------
     async def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> JobDocument:
         """POST /generate with a raw request body; returns the queued job."""
-        key = idempotency_key or _base.new_idempotency_key()
-        response = await self._request("POST", "/generate", json=dict(body), headers={"Idempotency-Key": key})
+        headers = _base.idempotency_header(idempotency_key)
+        response = await self._request("POST", "/generate", json=dict(body), headers=headers)
         return JobDocument.model_validate(response.json())
 
-    async def generate(
-        self,
-        prompt: str,
-        *,
-        wait: bool | float = False,
-        on_event: EventCallback | None = None,
-        idempotency_key: str | None = None,
-        **options: Unpack[JobOptions],
-    ) -> JobDocument:
+    async def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> JobDocument:
         """Submit a job (`options`: model, mode, source_image, generation, loop, priority,
-        callback_url); with `wait` (True, or a timeout in seconds) return it finished."""
-        body = _base.generate_body(prompt, **options)
-        job = await self.submit(body, idempotency_key=idempotency_key)
-        if wait is False:
+        callback_url, idempotency_key); with `wait` (True, or a timeout in seconds) return it
+        finished, `on_event` seeing its events meanwhile."""
+        call = _base.GenerateCall.of(prompt, options)
+        job = await self.submit(call.body, idempotency_key=call.idempotency_key)
+        if call.wait is False:
             return job
-        return await self.wait(job.id, timeout=None if wait is True else float(wait), on_event=on_event)
+        return await self.wait(job.id, timeout=call.timeout, on_event=call.on_event)
 
     async def get(self, job_id: str) -> JobDocument:
         return JobDocument.model_validate((await self._request("GET", f"/jobs/{job_id}")).json())
@@ -117,7 +89,7 @@ class AsyncClient:
         """The job's events until `end`. A dropped connection is resumed with `Last-Event-ID`
         (up to `reconnects` times in a row without a new event)."""
         stream = _base.EventStream(self.http.base_url, job_id, reconnects=reconnects)
-        while True:
+        while not stream.ended:
             try:
                 async with aconnect_sse(
                     self.http, "GET", stream.path, headers=stream.headers(), timeout=stream.timeout()
@@ -128,12 +100,10 @@ class AsyncClient:
                     async for sse in source.aiter_sse():
                         if (event := stream.accept(sse)) is not None:
                             yield event
-                            if event.type == "end":
-                                return
-            except httpx.ReadTimeout as exc:
-                stream.read_timed_out(exc)
+                        if stream.ended:
+                            break
             except httpx.TransportError as exc:
-                await asyncio.sleep(stream.dropped(exc))
+                await asyncio.sleep(stream.interrupted(exc))
 
     # --- images and critiques --------------------------------------------------------------
     async def image(self, job_id: str, round: int, candidate: int = 0) -> bytes:
@@ -155,11 +125,7 @@ class AsyncClient:
         self, instruction: str, image: ImageInput, *, source_image: ImageInput | None = None, mode: str | None = None
     ) -> Critique:
         """Judge one image with the gateway's reward model (POST /critique)."""
-        body: dict[str, Any] = {"instruction": instruction, "image": _base.encode_image(image)}
-        if source_image is not None:
-            body["source_image"] = _base.encode_image(source_image)
-        if mode is not None:
-            body["mode"] = mode
+        body = _base.critique_body(instruction, image, source_image, mode)
         return Critique.model_validate((await self._request("POST", "/critique", json=body)).json())
 
     async def models(self) -> list[dict[str, Any]]:
@@ -169,11 +135,6 @@ class AsyncClient:
 
     async def ready(self) -> dict[str, Any]:
         """GET /readyz (200 or 503 alike): the gateway's readiness report."""
-        try:
+        with _base.connection_errors(self.http.base_url):
             response = await self.http.get("/readyz")
-        except httpx.TransportError as exc:
-            raise _base.unreachable(self.http.base_url, exc) from exc
-        with contextlib.suppress(ValueError):
-            report: dict[str, Any] = response.json()
-            return report
-        raise APIConnectionError(f"{self.http.base_url}/readyz did not answer JSON")
+        return _base.readiness(response, self.http.base_url)

@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Unpack
 
 import httpx
 from httpx_sse import connect_sse
 
 from gcr import _base
-from gcr._base import ImageInput, JobOptions
-from gcr.errors import APIConnectionError, GcrError, WaitTimeout
+from gcr._base import EventCallback, GenerateOptions, ImageInput
+from gcr.errors import GcrError, WaitTimeout
 from gcr.types import TERMINAL_STATUSES, Critique, JobDocument, JobEvent
 
-EventCallback = Callable[[JobEvent], Any]
 
-
-class Client:
+class Client(_base.BaseClient[httpx.Client]):
     """Submit jobs, follow them and fetch their images (see `gcr.AsyncClient`)."""
 
-    def __init__(
-        self,
-        base_url: str = _base.DEFAULT_URL,
-        *,
-        api_key: str | None = None,
-        timeout_s: float = 30.0,
-        max_retries: int = 2,
-        http_client: httpx.Client | None = None,
-    ) -> None:
-        self.max_retries = max_retries
-        self.http = http_client or httpx.Client(
-            base_url=base_url.rstrip("/"), headers=_base.headers(api_key), timeout=timeout_s
-        )
+    _http_class = httpx.Client
 
     def close(self) -> None:
         self.http.close()
@@ -45,43 +30,29 @@ class Client:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        attempt = 0
+        retries = _base.Retries(self.max_retries)
         while True:
             try:
-                try:
+                with _base.connection_errors(self.http.base_url):
                     response = self.http.request(method, path, **kwargs)
-                except httpx.TransportError as exc:
-                    raise _base.unreachable(self.http.base_url, exc) from exc
                 _base.raise_for_status(response)
                 return response
             except GcrError as error:
-                delay = _base.retry_delay(error, attempt, self.max_retries)
-                if delay is None:
-                    raise
-            time.sleep(delay)
-            attempt += 1
+                time.sleep(retries.after(error))
 
     def submit(self, body: Mapping[str, Any], *, idempotency_key: str | None = None) -> JobDocument:
-        key = idempotency_key or _base.new_idempotency_key()
-        response = self._request("POST", "/generate", json=dict(body), headers={"Idempotency-Key": key})
-        return JobDocument.model_validate(response.json())
+        headers = _base.idempotency_header(idempotency_key)
+        return JobDocument.model_validate(self._request("POST", "/generate", json=dict(body), headers=headers).json())
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        wait: bool | float = False,
-        on_event: EventCallback | None = None,
-        idempotency_key: str | None = None,
-        **options: Unpack[JobOptions],
-    ) -> JobDocument:
+    def generate(self, prompt: str, **options: Unpack[GenerateOptions]) -> JobDocument:
         """Submit a job (`options`: model, mode, source_image, generation, loop, priority,
-        callback_url); with `wait` (True, or a timeout in seconds) return it finished."""
-        body = _base.generate_body(prompt, **options)
-        job = self.submit(body, idempotency_key=idempotency_key)
-        if wait is False:
+        callback_url, idempotency_key); with `wait` (True, or a timeout in seconds) return it
+        finished, `on_event` seeing its events meanwhile."""
+        call = _base.GenerateCall.of(prompt, options)
+        job = self.submit(call.body, idempotency_key=call.idempotency_key)
+        if call.wait is False:
             return job
-        return self.wait(job.id, timeout=None if wait is True else float(wait), on_event=on_event)
+        return self.wait(job.id, timeout=call.timeout, on_event=call.on_event)
 
     def get(self, job_id: str) -> JobDocument:
         return JobDocument.model_validate(self._request("GET", f"/jobs/{job_id}").json())
@@ -111,7 +82,7 @@ class Client:
 
     def _events(self, job_id: str, *, reconnects: int = 5, deadline: float | None = None) -> Iterator[JobEvent]:
         stream = _base.EventStream(self.http.base_url, job_id, reconnects=reconnects, deadline=deadline)
-        while True:
+        while not stream.ended:
             try:
                 with connect_sse(
                     self.http, "GET", stream.path, headers=stream.headers(), timeout=stream.timeout()
@@ -119,15 +90,9 @@ class Client:
                     if source.response.status_code >= 400:
                         source.response.read()
                         _base.raise_for_status(source.response)
-                    for sse in source.iter_sse():
-                        if (event := stream.accept(sse)) is not None:
-                            yield event
-                            if event.type == "end":
-                                return
-            except httpx.ReadTimeout as exc:
-                stream.read_timed_out(exc)
+                    yield from stream.until_end(source.iter_sse())
             except httpx.TransportError as exc:
-                time.sleep(stream.dropped(exc))
+                time.sleep(stream.interrupted(exc))
 
     def image(self, job_id: str, round: int, candidate: int = 0) -> bytes:
         return self._request("GET", f"/jobs/{job_id}/images/{round}/{candidate}").content
@@ -144,11 +109,7 @@ class Client:
     def critique(
         self, instruction: str, image: ImageInput, *, source_image: ImageInput | None = None, mode: str | None = None
     ) -> Critique:
-        body: dict[str, Any] = {"instruction": instruction, "image": _base.encode_image(image)}
-        if source_image is not None:
-            body["source_image"] = _base.encode_image(source_image)
-        if mode is not None:
-            body["mode"] = mode
+        body = _base.critique_body(instruction, image, source_image, mode)
         return Critique.model_validate(self._request("POST", "/critique", json=body).json())
 
     def models(self) -> list[dict[str, Any]]:
@@ -157,11 +118,6 @@ class Client:
         return listed
 
     def ready(self) -> dict[str, Any]:
-        try:
+        with _base.connection_errors(self.http.base_url):
             response = self.http.get("/readyz")
-        except httpx.TransportError as exc:
-            raise _base.unreachable(self.http.base_url, exc) from exc
-        with contextlib.suppress(ValueError):
-            report: dict[str, Any] = response.json()
-            return report
-        raise APIConnectionError(f"{self.http.base_url}/readyz did not answer JSON")
+        return _base.readiness(response, self.http.base_url)

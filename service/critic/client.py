@@ -61,6 +61,17 @@ class _Answer:
         self.truncated = truncated
 
 
+def critique_mode(source_image: ImageInput | None, mode: Mode | None) -> Mode:
+    """The mode a critique is judged in: the one asked for, else edit with a source image
+    and t2i without; a source image that does not fit the mode is refused."""
+    mode = mode or ("edit" if source_image is not None else "t2i")
+    if mode == "edit" and source_image is None:
+        raise InvalidInput("an edit critique needs the source image", field="source_image")
+    if mode == "t2i" and source_image is not None:
+        raise InvalidInput("a t2i critique takes no source image", field="source_image")
+    return mode
+
+
 class OpenAICritic:
     """Judge images with RationalRewards (or any OpenAI-compatible vision model) over HTTP.
 
@@ -112,18 +123,9 @@ class OpenAICritic:
         return self.templates[self.settings.critic_edit_template], self.settings.effective_edit_model
 
     async def request_body(
-        self,
-        instruction: str,
-        image: ImageInput,
-        source_image: ImageInput | None = None,
-        mode: Mode | None = None,
+        self, instruction: str, image: ImageInput, source_image: ImageInput | None, mode: Mode
     ) -> tuple[Template, dict[str, Any]]:
-        """The chat-completions body for one critique (images encoded off the event loop)."""
-        mode = mode or ("edit" if source_image is not None else "t2i")
-        if mode == "edit" and source_image is None:
-            raise InvalidInput("an edit critique needs the source image", field="source_image")
-        if mode == "t2i" and source_image is not None:
-            raise InvalidInput("a t2i critique takes no source image", field="source_image")
+        """The chat-completions body for one critique in `mode` (images encoded off the event loop)."""
         template, model = self.template_for(mode)
         images = [image] if source_image is None else [source_image, image]
         try:
@@ -153,7 +155,7 @@ class OpenAICritic:
         `usage` sums the tokens of every answer received.
         """
         started = time.perf_counter()
-        template, body = await self.request_body(instruction, image, source_image, mode)
+        template, body = await self.request_body(instruction, image, source_image, critique_mode(source_image, mode))
         answer = await self._complete(body)
         usage = answer.usage
         try:

@@ -10,12 +10,12 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.e2e.openai_client import openai_client, outlasted_wait, stack_slower_than_the_wait, start_worker_scoring
 from tests.stack import Stack
-from workers.critics.standin_config import StandinConfig, StandinRule
 
 
 def _client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused-auth-is-off", max_retries=0)
+    return openai_client(stack, max_retries=0)
 
 
 def _png(size: tuple[int, int] = (64, 48)) -> bytes:
@@ -25,8 +25,7 @@ def _png(size: tuple[int, int] = (64, 48)) -> bytes:
 
 
 async def test_images_generate_runs_the_loop_and_returns_the_best_png(stack: Stack) -> None:
-    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="harbour", rounds=[0.4, 0.9])]))
-    await stack.start_worker()
+    await start_worker_scoring(stack, "harbour", [0.4, 0.9])
     async with _client(stack) as client:
         result = await client.images.generate(
             prompt="a harbour at dawn",
@@ -75,14 +74,12 @@ async def test_models_lists_what_live_workers_serve_and_unknown_models_are_refus
 async def test_a_job_that_outlasts_the_wait_names_the_job_to_poll(
     redis_url: str, redis_prefix: str, standin_url: str
 ) -> None:
-    async with Stack(redis_url, redis_prefix, standin_url, openai_wait_s=0.3) as stack:
-        await stack.start_worker(generator="sim:2.0")
+    async with stack_slower_than_the_wait(redis_url, redis_prefix, standin_url, "sim:2.0") as stack:
         async with _client(stack) as client:
-            with pytest.raises(openai.APIStatusError) as slow:
-                await client.images.generate(prompt="a slow one", extra_body={"gcr": {"loop": {"max_rounds": 1}}})
-        assert slow.value.status_code == 504
-        body = slow.value.body
+            slow = await outlasted_wait(client)
+        assert slow.status_code == 504
+        body = slow.body
         assert isinstance(body, dict) and body["code"] == "job_still_running"
-        job_id = slow.value.response.headers["X-Gcr-Job-Id"]
+        job_id = slow.response.headers["X-Gcr-Job-Id"]
         assert job_id in body["message"]
         assert (await stack.wait(job_id)).status == "succeeded"

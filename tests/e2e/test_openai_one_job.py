@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as redis
 
 from service.jobs.keys import Keys
+from tests.e2e.openai_client import openai_client, outlasted_wait, stack_slower_than_the_wait
 from tests.stack import Stack
 from workers.critics.standin_config import Fault, StandinConfig
 
@@ -25,22 +26,20 @@ async def _jobs(stack: Stack) -> int:
 
 def _default_client(stack: Stack) -> openai.AsyncOpenAI:
     # Nothing but the address and a key: every other setting is the package's default.
-    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused-auth-is-off")
+    return openai_client(stack)
 
 
 async def test_a_wait_that_runs_out_makes_one_job_not_three(
     redis_url: str, redis_prefix: str, standin_url: str
 ) -> None:
-    async with Stack(redis_url, redis_prefix, standin_url, openai_wait_s=0.3) as stack:
-        await stack.start_worker(generator="sim:1.5")
+    async with stack_slower_than_the_wait(redis_url, redis_prefix, standin_url, "sim:1.5") as stack:
         async with _default_client(stack) as client:
             assert client.max_retries == 2  # the package's default, which retried 504s into new jobs
-            with pytest.raises(openai.APIStatusError) as slow:
-                await client.images.generate(prompt="a slow one", extra_body={"gcr": {"loop": {"max_rounds": 1}}})
+            slow = await outlasted_wait(client)
         assert await _jobs(stack) == 1
-        response = slow.value.response
+        response = slow.response
         assert response.status_code == 504 and response.headers["x-should-retry"] == "false"
-        assert slow.value.code == "job_still_running"
+        assert slow.code == "job_still_running"
         assert (await stack.wait(response.headers["X-Gcr-Job-Id"])).status == "succeeded"
 
 

@@ -10,14 +10,19 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types import ImageGenStreamEvent
 from PIL import Image, ImageChops, ImageStat
 
+from tests.e2e.openai_client import openai_client, start_worker_scoring
 from tests.stack import Stack
 from workers.critics.standin_config import Fault, StandinConfig, StandinRule
 
 
-def _client(stack: Stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused-auth-is-off")
+async def _streamed(stack: Stack, prompt: str, gcr: dict[str, Any], **options: Any) -> list[ImageGenStreamEvent]:
+    """The events of one `images.generate(..., stream=True)` call, read to the end."""
+    async with openai_client(stack) as client:
+        stream = await client.images.generate(prompt=prompt, stream=True, extra_body={"gcr": gcr}, **options)
+        return [event async for event in stream]
 
 
 def _source_png() -> bytes:
@@ -44,17 +49,9 @@ def _difference(a: bytes, b: bytes) -> float:
 
 
 async def test_generate_streams_the_last_rounds_then_the_best(stack: Stack) -> None:
-    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="harbour", rounds=[0.3, 0.5, 0.6])]))
-    await stack.start_worker()
-    async with _client(stack) as client:
-        stream = await client.images.generate(
-            prompt="a harbour at dawn",
-            size="64x64",
-            stream=True,
-            partial_images=2,
-            extra_body={"gcr": {"loop": {"max_rounds": 3, "threshold": 0.9, "patience": None}}},
-        )
-        events = [event async for event in stream]
+    await start_worker_scoring(stack, "harbour", [0.3, 0.5, 0.6])
+    loop = {"max_rounds": 3, "threshold": 0.9, "patience": None}
+    events = await _streamed(stack, "a harbour at dawn", {"loop": loop}, size="64x64", partial_images=2)
     assert [e.type for e in events] == [
         "image_generation.partial_image",
         "image_generation.partial_image",
@@ -85,17 +82,9 @@ async def test_generate_streams_the_last_rounds_then_the_best(stack: Stack) -> N
 
 async def test_a_job_that_stops_early_still_gets_its_last_rounds_in_order(stack: Stack) -> None:
     # max_rounds 5 and 2 slots: rounds 3 and 4 would be streamed live, but it is accepted at round 1.
-    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="kite", rounds=[0.3, 0.95])]))
-    await stack.start_worker()
-    async with _client(stack) as client:
-        stream = await client.images.generate(
-            prompt="a kite",
-            size="32x32",
-            stream=True,
-            partial_images=2,
-            extra_body={"gcr": {"loop": {"max_rounds": 5, "threshold": 0.9}}},
-        )
-        events = [event async for event in stream]
+    await start_worker_scoring(stack, "kite", [0.3, 0.95])
+    loop = {"max_rounds": 5, "threshold": 0.9}
+    events = await _streamed(stack, "a kite", {"loop": loop}, size="32x32", partial_images=2)
     assert [e.type for e in events][-1] == "image_generation.completed"
     assert [_extra(e)["round"] for e in events[:-1]] == [0, 1]
     assert _extra(events[-1])["stop_reason"] == "accepted"
@@ -103,19 +92,14 @@ async def test_a_job_that_stops_early_still_gets_its_last_rounds_in_order(stack:
 
 async def test_partial_images_zero_streams_only_the_result(stack: Stack) -> None:
     await stack.start_worker()
-    async with _client(stack) as client:
-        stream = await client.images.generate(
-            prompt="a kite", size="32x32", stream=True, extra_body={"gcr": {"loop": {"max_rounds": 2}}}
-        )
-        events = [event async for event in stream]
+    events = await _streamed(stack, "a kite", {"loop": {"max_rounds": 2}}, size="32x32")
     assert [e.type for e in events] == ["image_generation.completed"]
 
 
 @pytest.mark.parametrize(("output_format", "pil_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
 async def test_edits_stream_in_the_asked_format(stack: Stack, output_format: str, pil_format: str) -> None:
-    await stack.configure_critic(StandinConfig(rules=[StandinRule(instruction="blue", rounds=[0.3, 0.5])]))
-    await stack.start_worker()
-    async with _client(stack) as client:
+    await start_worker_scoring(stack, "blue", [0.3, 0.5])
+    async with openai_client(stack) as client:
         stream = await client.images.edit(  # type: ignore[call-overload]
             image=("source.png", _source_png(), "image/png"),
             prompt="make it blue",
@@ -140,7 +124,7 @@ async def test_edits_stream_in_the_asked_format(stack: Stack, output_format: str
 async def test_a_job_that_fails_ends_the_stream_with_the_packages_error(stack: Stack) -> None:
     await stack.configure_critic(StandinConfig(faults=[Fault(kind="status", status=503, times=100)]))
     await stack.start_worker()
-    async with _client(stack) as client:
+    async with openai_client(stack) as client:
         stream = await client.images.generate(
             prompt="a doomed kite", stream=True, partial_images=1, extra_body={"gcr": {"loop": {"max_rounds": 1}}}
         )
@@ -151,7 +135,7 @@ async def test_a_job_that_fails_ends_the_stream_with_the_packages_error(stack: S
 
 async def test_vllm_omni_extras_and_output_format_without_streaming(stack: Stack) -> None:
     await stack.start_worker()
-    async with _client(stack) as client:
+    async with openai_client(stack) as client:
         result = await client.images.generate(
             prompt="a kite",
             size="48x32",
@@ -189,28 +173,15 @@ async def test_a_stream_over_critiques_slower_than_the_keep_alive(
         rules = [StandinRule(instruction="slow", rounds=[0.3, 0.5])]
         await stack.configure_critic(StandinConfig(rules=rules, latency_s=1.0))
         await stack.start_worker()
-        body = {
-            "prompt": "a slow kite",
-            "size": "32x32",
-            "stream": True,
-            "partial_images": 2,
-            "gcr": {"loop": {"max_rounds": 2, "threshold": 0.9, "patience": None}},
-        }
+        gcr = {"loop": {"max_rounds": 2, "threshold": 0.9, "patience": None}}
+        body = {"prompt": "a slow kite", "size": "32x32", "stream": True, "partial_images": 2, "gcr": gcr}
         async with (
             httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
             http.stream("POST", "/v1/images/generations", json=body) as raw,
         ):
             lines = [line async for line in raw.aiter_lines()]
         assert sum(line.startswith(":") for line in lines) >= 3  # quiet for 2 s: keep-alives were sent
-        async with _client(stack) as client:
-            stream = await client.images.generate(
-                prompt="a slow kite",
-                size="32x32",
-                stream=True,
-                partial_images=2,
-                extra_body={"gcr": body["gcr"]},
-            )
-            events = [event async for event in stream]
+        events = await _streamed(stack, "a slow kite", gcr, size="32x32", partial_images=2)
     assert [e.type for e in events] == [
         "image_generation.partial_image",
         "image_generation.partial_image",

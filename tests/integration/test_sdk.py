@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 import httpx
 import pytest
 
 import gcr
 from gcr import errors
+from tests.interpreter import modules_loaded_by
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
 
@@ -123,14 +122,8 @@ def _queued_job() -> str:
 
 def test_importing_the_sdk_pulls_no_server_stack_or_torch() -> None:
     # (click and rich are left out: httpx itself imports them, for its own CLI, whenever they are installed.)
-    code = (
-        "import sys, gcr\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-        "('fastapi', 'starlette', 'uvicorn', 'redis', 'torch', 'diffusers', 'pydantic_settings'))\n"
-        "print(heavy)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert result.stdout.strip() == "[]"
+    heavy = ("fastapi", "starlette", "uvicorn", "redis", "torch", "diffusers", "pydantic_settings")
+    assert modules_loaded_by("import gcr", heavy) == []
 
 
 def test_a_misspelt_job_option_is_a_type_error_not_a_silent_default() -> None:

@@ -199,22 +199,23 @@ async def _stored_job(store: JobStore, job_id: str, callback_url: str) -> JobDoc
 
 
 @pytest.fixture
-async def notifier_and_store(redis_url: str, redis_prefix: str) -> AsyncIterator[tuple[WebhookNotifier, JobStore]]:
-    settings = Settings(
-        redis_url=redis_url, redis_prefix=redis_prefix, webhook_allow_private=True, webhook_backoff_s=0.01
-    )
+async def store(redis_url: str, redis_prefix: str) -> AsyncIterator[JobStore]:
     client = connect(redis_url)
-    store = JobStore(client, Keys(redis_prefix), 600)
-    notifier = WebhookNotifier(settings, store)
-    yield notifier, store
-    await notifier.aclose()
+    yield JobStore(client, Keys(redis_prefix), 600)
     await client.aclose()
 
 
-async def test_a_stored_bad_port_callback_ends_failed_on_the_job(
-    notifier_and_store: tuple[WebhookNotifier, JobStore],
-) -> None:
-    notifier, store = notifier_and_store
+@pytest.fixture
+async def notifier(redis_url: str, redis_prefix: str, store: JobStore) -> AsyncIterator[WebhookNotifier]:
+    settings = Settings(
+        redis_url=redis_url, redis_prefix=redis_prefix, webhook_allow_private=True, webhook_backoff_s=0.01
+    )
+    notifier = WebhookNotifier(settings, store)
+    yield notifier
+    await notifier.aclose()
+
+
+async def test_a_stored_bad_port_callback_ends_failed_on_the_job(notifier: WebhookNotifier, store: JobStore) -> None:
     doc = await _stored_job(store, "bad-port-job-0001", "http://127.0.0.1:99999/hook")
     status = await notifier.deliver(doc, "http://127.0.0.1:99999/hook")
     assert status.state == "failed" and status.last_error and "99999" in status.last_error
@@ -227,10 +228,8 @@ async def test_a_stored_bad_port_callback_ends_failed_on_the_job(
     [ValueError("port out of range"), ExceptionGroup("connect", [OverflowError("port must be 0-65535")])],
 )
 async def test_any_delivery_error_is_recorded_and_the_task_ends_cleanly(
-    notifier_and_store: tuple[WebhookNotifier, JobStore], error: Exception
+    notifier: WebhookNotifier, store: JobStore, error: Exception
 ) -> None:
-    notifier, store = notifier_and_store
-
     def explode(request: httpx.Request) -> httpx.Response:
         raise error
 

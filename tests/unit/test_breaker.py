@@ -40,15 +40,21 @@ async def test_opens_after_consecutive_failures_then_fails_fast() -> None:
     assert inner.calls == 2 and guarded.breaker.state == "open"
 
 
-async def test_half_open_lets_one_trial_through_and_closes_on_success() -> None:
-    breaker = CircuitBreaker(failures=1, cooldown_s=0.01)
-    guarded = GuardedCritic(Scripted(CriticUnavailable("down"), "ok", "ok"), breaker)
+async def _cooled_down(*then: Any) -> GuardedCritic:
+    """A guarded critic whose breaker opened on one failure and whose cooldown has passed;
+    the inner critic plays `then` next."""
+    guarded = GuardedCritic(Scripted(CriticUnavailable("down"), *then), CircuitBreaker(failures=1, cooldown_s=0.01))
     with pytest.raises(CriticUnavailable):
         await guarded.critique("x", b"")
     await asyncio.sleep(0.02)
-    assert breaker.state == "half_open"
+    return guarded
+
+
+async def test_half_open_lets_one_trial_through_and_closes_on_success() -> None:
+    guarded = await _cooled_down("ok", "ok")
+    assert guarded.breaker.state == "half_open"
     await guarded.critique("x", b"")
-    assert breaker.state == "closed"
+    assert guarded.breaker.state == "closed"
     await guarded.critique("x", b"")
 
 
@@ -61,15 +67,11 @@ async def test_an_unparseable_answer_counts_as_the_critic_being_up() -> None:
 
 
 async def test_a_cancelled_trial_does_not_wedge_the_breaker() -> None:
-    breaker = CircuitBreaker(failures=1, cooldown_s=0.01)
-    guarded = GuardedCritic(Scripted(CriticUnavailable("down"), "hang", "ok"), breaker)
-    with pytest.raises(CriticUnavailable):
-        await guarded.critique("x", b"")
-    await asyncio.sleep(0.02)
+    guarded = await _cooled_down("hang", "ok")
     trial = asyncio.create_task(guarded.critique("x", b""))
     await asyncio.sleep(0.01)
     trial.cancel()
     with pytest.raises(asyncio.CancelledError):
         await trial
     await guarded.critique("x", b"")  # the next call is a trial again, and it succeeds
-    assert breaker.state == "closed"
+    assert guarded.breaker.state == "closed"

@@ -22,7 +22,7 @@ from openai.types.chat.completion_create_params import CompletionCreateParamsNon
 from PIL import Image, PngImagePlugin
 from pydantic import TypeAdapter
 
-from service.critic.client import OpenAICritic
+from service.critic.client import OpenAICritic, critique_mode
 from service.critic.templates import (
     Template,
     build_messages,
@@ -222,7 +222,7 @@ async def test_request_body_validates_as_openai_create_params() -> None:
     try:
         image = png_bytes((32, 32))
         for source, model in ((None, "t2i-model"), (png_bytes((16, 16)), "edit-model")):
-            _, body = await critic.request_body("a fox", image, source_image=source)
+            _, body = await critic.request_body("a fox", image, source, critique_mode(source, None))
             TypeAdapter(CompletionCreateParamsNonStreaming).validate_python(body)
             keys = CompletionCreateParamsNonStreaming.__required_keys__
             keys |= CompletionCreateParamsNonStreaming.__optional_keys__
