@@ -12,17 +12,12 @@ import pytest
 
 from gcr.types import JobDocument
 from service.settings import Settings
+from tests.generator_fixtures import TORCH_STACK_WARNINGS
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
 
 pytest_plugins = ("tests.generator_fixtures",)
-pytestmark = [
-    pytest.mark.filterwarnings(w)
-    for w in (
-        "ignore:.*torch.jit.script.*is deprecated:DeprecationWarning",
-        "ignore:.*torch_dtype.*is deprecated:FutureWarning",
-    )
-]
+pytestmark = [pytest.mark.filterwarnings(w) for w in TORCH_STACK_WARNINGS]
 
 PAINTER, EDITOR = "tiny:sd", "tiny:kontext"
 # Scripted overall scores by round: round 1 is far (0.40), round 2 close (0.62), round 3 worse.
