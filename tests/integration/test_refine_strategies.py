@@ -4,20 +4,21 @@ HTTP. A job of strategy `edit` or `auto` hops between the two workers' streams."
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
 from gcr.types import JobDocument
 from service.settings import Settings
-from tests.generator_fixtures import TORCH_STACK_WARNINGS
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
 
 pytest_plugins = ("tests.generator_fixtures",)
-pytestmark = [pytest.mark.filterwarnings(w) for w in TORCH_STACK_WARNINGS]
 
 PAINTER, EDITOR = "tiny:sd", "tiny:kontext"
 # Scripted overall scores by round: round 1 is far (0.40), round 2 close (0.62), round 3 worse.
@@ -132,3 +133,26 @@ async def test_a_hop_nobody_claims_ends_with_the_best_image_so_far(
     assert (doc.status, doc.stop_reason) == ("succeeded", "unclaimed")
     assert len(doc.rounds) == 1 and doc.best is not None and doc.best.round == 0
     assert doc.spec.loop.edit_model == "editor" and doc.error is not None and doc.error.code == "unclaimed"
+
+
+async def test_an_edit_job_chains_edits_or_re_edits_its_source_and_is_judged_against_the_source(
+    two_workers: Stack,
+) -> None:
+    """An edit job stays on its edit model: `edit` edits the best output so far, `rewrite`
+    re-edits the original source with the refined request. Every candidate is judged as an
+    edit of the ORIGINAL source (two images: that source, then the candidate)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), "navy").save(buffer, format="PNG")
+    source = base64.b64encode(buffer.getvalue()).decode()
+    for strategy, expected_from in (("edit", [None, (0, 0), (1, 0)]), ("rewrite", [None, None, None])):
+        prompt = f"give the bicycle a bell ({strategy})"
+        job_id = await two_workers.submit(
+            prompt, mode="edit", source_image=source, loop={**NEVER_ACCEPT, "strategy": strategy}
+        )
+        doc = await two_workers.wait(job_id, timeout_s=180)
+        assert doc.status == "succeeded", doc.error
+        assert [(r.action, r.model) for r in doc.rounds] == [("edit", EDITOR)] * 3
+        assert [r.edited_from and (r.edited_from.round, r.edited_from.candidate) for r in doc.rounds] == expected_from
+        judged = [j for j in (await two_workers.critic_stats())["judged"] if j["instruction"] == prompt]
+        assert len(judged) == 3 and {j["mode"] for j in judged} == {"edit"}
+        assert all(j["sizes"][0] == [96, 64] for j in judged)  # the original source, every round
