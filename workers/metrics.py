@@ -28,3 +28,6 @@ JOBS_INFLIGHT = Gauge("gcr_worker_jobs_inflight", "Jobs this worker is running."
 JOBS_FINISHED = Counter("gcr_worker_jobs_finished_total", "Jobs this worker finished.", ["status", "reason"])
 ROUNDS = Counter("gcr_worker_rounds_total", "Rounds checkpointed.")
 DEAD_LETTERS = Counter("gcr_worker_dead_letters_total", "Jobs failed after exhausting their attempts.")
+HOPS = Counter(
+    "gcr_worker_hops_total", "Jobs this worker handed to another model's stream for their next round.", ["to_model"]
+)

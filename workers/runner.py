@@ -227,6 +227,7 @@ class _Job:
         """Queue the job for `model`'s workers, which run its next round; this worker lets go."""
         if not await self.r.store.hand_off(self.doc, self.r.worker_id, self.claim, model, mode):
             raise OwnershipLost(self.id)
+        metrics.HOPS.labels(model).inc()
         log.info("job %s hops to model %s for round %d (%s)", self.id, model, decision.round_index + 1, mode)
         await self.emit("status", status="queued", hop={"model": model, "mode": mode, "round": decision.round_index})
         return False

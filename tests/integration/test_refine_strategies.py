@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from gcr.types import JobDocument
 from service.settings import Settings
@@ -46,6 +47,11 @@ async def run(stack: Stack, prompt: str, candidates: int = 1, **loop: Any) -> tu
     return doc, judged
 
 
+def hops_to(model: str) -> float:
+    """`gcr_worker_hops_total{to_model}` of the workers in this process."""
+    return REGISTRY.get_sample_value("gcr_worker_hops_total", {"to_model": model}) or 0.0
+
+
 def assert_judged_as_text_to_image(doc: JobDocument, judged: list[dict[str, Any]]) -> None:
     """Every candidate, whatever made it, was judged alone (one image, t2i) against the
     ORIGINAL instruction; the PNG says which model made it."""
@@ -69,7 +75,9 @@ async def test_rewrite_regenerates_from_the_refined_request_on_the_text_to_image
 
 async def test_edit_edits_the_best_image_so_far_on_the_edit_model(two_workers: Stack) -> None:
     calls_before = {w.model: w.scheduler.calls for w, _, _ in two_workers.workers}
+    hops_before = hops_to(EDITOR)
     doc, judged = await run(two_workers, "a bicycle, edit", candidates=2, strategy="edit")
+    assert hops_to(EDITOR) - hops_before == 1  # one hop: the edit rounds stay on the edit model
     assert [(r.action, r.model) for r in doc.rounds] == [("generate", PAINTER), ("edit", EDITOR), ("edit", EDITOR)]
     # round 2 edits round 1's best; round 3 edits round 2's (0.62 beats 0.40)
     assert [r.edited_from and (r.edited_from.round, r.edited_from.candidate) for r in doc.rounds] == [
