@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 from pathlib import Path
 
@@ -45,17 +44,18 @@ def test_a_bad_strategy_policy_is_refused_before_anything_is_sent(option: str, m
         build_policies([option])
 
 
-def documented_command() -> list[str]:
-    """The command of docs/evaluation.md's "Compare refine strategies", as a shell splits it."""
-    text = (ROOT / "docs" / "evaluation.md").read_text()
-    section = text.split("## Compare refine strategies", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```\n(.*?)```", section, flags=re.S)
-    assert block is not None, "the section shows the command"
-    return shlex.split(block.group(1).replace("\\\n", " "))
+def documented_command(page: str) -> list[str]:
+    """The strategy comparison `page` shows (the code block running `gcr eval` with the three
+    strategies), as a shell splits it."""
+    fenced = (ROOT / page).read_text().split("```")[1::2]  # every code block, its language line first
+    blocks = [block.split("\n", 1)[1] for block in fenced]
+    [block] = [b for b in blocks if "gcr eval" in b and '"strategy":"edit"' in b]
+    return shlex.split(block.replace("\\\n", " "))
 
 
-def test_the_documented_comparison_parses_with_the_shipped_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
-    argv = documented_command()
+@pytest.mark.parametrize("page", ["docs/evaluation.md", "README.md"])
+def test_the_documented_comparison_parses_with_the_shipped_prompts(page: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = documented_command(page)
     assert argv[:2] == ["gcr", "eval"]
     monkeypatch.chdir(ROOT)  # the prompts path is relative to the repository, as the docs run it
     context = eval_command.make_context("eval", argv[2:])
