@@ -22,6 +22,21 @@ _MARKERS = ("o", "s", "^", "D", "v")
 _STANDIN_NOTE = "\n(stand-in critic: scripted scores, not image quality)"
 
 
+def _policy_style(number: int, name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """Policies often share round 1 (same seed) or whole curves: each gets its own line and
+    marker, so that a curve under another stays visible."""
+    return {
+        "linestyle": _LINES[number % len(_LINES)],
+        "marker": _MARKERS[number % len(_MARKERS)],
+        "label": f"{name} (n={summary[name].get('scored_items', 0)})",
+    }
+
+
+def _title(text: str, summary: dict[str, Any]) -> str:
+    """Offline runs must not be mistaken for a quality result: their titles say so."""
+    return text + _STANDIN_NOTE if judged_by_standin(summary) else text
+
+
 def plot_curves(summary: dict[str, Any], path: Path) -> bool:
     """Draw every policy's `best_so_far_by_round`; False (nothing written) when no policy has one."""
     curves = {name: s.get("best_so_far_by_round") or [] for name, s in summary.items()}
@@ -35,26 +50,13 @@ def plot_curves(summary: dict[str, Any], path: Path) -> bool:
         if not curve:
             continue
         longest = max(longest, len(curve))
-        rounds = list(range(1, len(curve) + 1))
-        # Policies often share round 1 (same seed) or whole curves: vary line and marker so
-        # that a curve under another stays visible.
-        axes.plot(
-            rounds,
-            curve,
-            linestyle=_LINES[number % len(_LINES)],
-            marker=_MARKERS[number % len(_MARKERS)],
-            label=f"{name} (n={summary[name].get('scored_items', 0)})",
-        )
+        axes.plot(list(range(1, len(curve) + 1)), curve, **_policy_style(number, name, summary))
     axes.set_xlabel("round")
     axes.set_ylabel("mean best-so-far overall (0-1)")
     axes.set_xticks(list(range(1, longest + 1)))
     axes.grid(True, alpha=0.3)
     axes.legend(loc="lower right")
-    title = "Generate-Critique-Refine: best score so far by round"
-    if judged_by_standin(summary):
-        # Offline runs must not be mistaken for a quality result.
-        title += _STANDIN_NOTE
-    axes.set_title(title, fontsize=10)
+    axes.set_title(_title("Generate-Critique-Refine: best score so far by round", summary), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, format="png")
     return True
@@ -70,11 +72,7 @@ def plot_score_vs_compute(summary: dict[str, Any], path: Path) -> bool:
     FigureCanvasAgg(figure)
     by_calls, by_seconds = figure.subplots(1, 2, sharey=True)
     for number, (name, points) in enumerate(series.items()):
-        style = {
-            "linestyle": _LINES[number % len(_LINES)],
-            "marker": _MARKERS[number % len(_MARKERS)],
-            "label": f"{name} (n={summary[name].get('scored_items', 0)})",
-        }
+        style = _policy_style(number, name, summary)
         if points["generator_calls"]:
             # the best is known only once a round's images are judged: a step after each image
             by_calls.plot(*zip(*points["generator_calls"], strict=True), drawstyle="steps-post", **style)
@@ -87,10 +85,7 @@ def plot_score_vs_compute(summary: dict[str, Any], path: Path) -> bool:
         axes.grid(True, alpha=0.3)
     by_calls.legend(loc="lower right")  # the two panels share their lines
     by_calls.xaxis.get_major_locator().set_params(integer=True)
-    title = "Generate-Critique-Refine: best score against compute"
-    if judged_by_standin(summary):
-        title += _STANDIN_NOTE
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(_title("Generate-Critique-Refine: best score against compute", summary), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, format="png")
     return True
