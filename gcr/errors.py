@@ -15,7 +15,7 @@
         ├── TooManyStreamsError     429 too_many_streams: this key's open streams (retryable)
         ├── NoWorkerError           503 no_worker (retryable)
         ├── StoreUnavailableError   503 store_unavailable, artifact_store_error (retryable)
-        ├── CriticError             502/503/504 critic_* and critique_unparseable
+        ├── CriticError             502/503/504 critic_*, critique_unparseable
         └── ServerError             500 internal and the generator's codes
 
 `CODES` is the one table of error codes: for each, its HTTP status, whether a retry
@@ -152,6 +152,7 @@ CODES: dict[str, Code] = {
     "critic_timeout": Code(504, True, CriticError),
     "critic_unavailable": Code(503, True, CriticError),
     "critique_unparseable": Code(502, False, CriticError),
+    "critic_refused": Code(502, False, CriticError),
     "internal": Code(500, False, ServerError),
     "generator_error": Code(500, False, ServerError),
     "generator_out_of_memory": Code(500, False, ServerError),

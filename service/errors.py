@@ -21,6 +21,7 @@
     ├── CriticError            502  the reward model could not give a usable critique
     │   ├── CriticTimeout      504
     │   ├── CriticUnavailable  503  connection refused, 5xx or 429 after retries
+    │   ├── CriticRefused      502  the critic's server refused the request as too big (vLLM's 400s)
     │   └── CritiqueUnparseable 502 the answer was read but could not be parsed
     └── GeneratorError         500  the diffusion pipeline failed
         ├── GeneratorOutOfMemory    CUDA OOM even at batch size 1
@@ -28,8 +29,8 @@
         └── DeviceUnavailable       the configured device (cuda) is not usable: the worker exits
 
 Not GcrErrors, since no client ever sees them: `OwnershipLost` (another worker took a
-job over: stop touching it) and `TemplateError` (a critic template folder is unusable,
-raised at start-up).
+job over: stop touching it) and `ConfigurationError` (settings that cannot work, raised
+at start-up; `TemplateError`: a critic template folder is unusable).
 
 Dependencies' exceptions (redis, httpx, torch) are translated into these at the
 boundary of the client that calls them, nowhere else. A job's failure is stored
@@ -180,6 +181,9 @@ class JobFailed(GcrError):
 class CriticError(GcrError):
     code = "critic_error"
 
+    usage: dict[str, int] | None = None
+    """Tokens the critic spent on the answers it did give (an unparseable one), if any."""
+
 
 class CriticTimeout(CriticError):
     code = "critic_timeout"
@@ -187,6 +191,13 @@ class CriticTimeout(CriticError):
 
 class CriticUnavailable(CriticError):
     code = "critic_unavailable"
+
+
+class CriticRefused(CriticError):
+    """The critic's server refused the critique as it is, for a limit it was started with (vLLM:
+    the context length, images per prompt). The same request would be refused again: not retried."""
+
+    code = "critic_refused"
 
 
 class CritiqueUnparseable(CriticError):
@@ -228,5 +239,10 @@ class OwnershipLost(Exception):
     """Another worker took the job over (or it ended): stop touching it."""
 
 
-class TemplateError(ValueError):
+class ConfigurationError(ValueError):
+    """A setting, or a combination of settings, that cannot work (raised at start-up, before
+    any job is claimed; the message names the setting)."""
+
+
+class TemplateError(ConfigurationError):
     """A template folder or manifest is unusable (raised at start-up)."""

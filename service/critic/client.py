@@ -5,18 +5,23 @@ This is the only place httpx errors of the critic are seen: they become
 `CriticUnavailable` (connection refused or dropped, 5xx or 429, after
 `critic_retries` retries with exponential backoff and jitter; a 429's
 `Retry-After` is honoured up to `RETRY_AFTER_CAP_S`). Another 4xx is our
-request's or our configuration's fault (unknown model name, say): a plain
-`CriticError`, not retried.
+request's or our configuration's fault, never retried: a request past a limit the
+server was started with (vLLM's 400s for the context length and the images per
+prompt) is `CriticRefused`, whose message names the limit and the setting that moves
+it; anything else (an unknown model name, say) a plain `CriticError`.
 
 An answer the parser cannot read (or one cut off at `max_tokens`) is asked for
 once more, the same request, constrained by vLLM `structured_outputs` when
-`critic_structured_outputs` is on; a second failure raises `CritiqueUnparseable`.
+`critic_structured_outputs` is on (the default: a random-weight Qwen3-VL under the real
+`vllm serve` never wrote a parseable first answer, and always did under the bounded
+regex); a second failure raises `CritiqueUnparseable`, carrying the tokens spent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,7 +35,15 @@ from gcr.backoff import equal_jitter_s, retry_after_s
 from gcr.types import Critique, Mode
 from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import ImageInput, Template, build_messages, load_templates
-from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
+from service.errors import (
+    ConfigurationError,
+    CriticError,
+    CriticRefused,
+    CriticTimeout,
+    CriticUnavailable,
+    CritiqueUnparseable,
+    InvalidInput,
+)
 from service.retrying import retrying
 from service.settings import SharedSettings
 
@@ -59,6 +72,21 @@ class _Answer:
         self.model = model
         self.usage = usage
         self.truncated = truncated
+
+
+def _reask_regexes(settings: SharedSettings, templates: dict[str, Template]) -> dict[str, str]:
+    """The constrained re-ask's regex per template, built at start-up: a max_tokens too small
+    for a constrained answer fails here, naming the settings, not in a job."""
+    try:
+        return {
+            name: critique_regex(t.dimensions, max_tokens=settings.critic_max_tokens, score_first=t.score_first)
+            for name, t in templates.items()
+        }
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"GCR_CRITIC_MAX_TOKENS={settings.critic_max_tokens} with GCR_CRITIC_STRUCTURED_OUTPUTS on: {exc}; "
+            "raise GCR_CRITIC_MAX_TOKENS (RationalRewards writes 1-3k tokens)"
+        ) from exc
 
 
 def critique_mode(source_image: ImageInput | None, mode: Mode | None) -> Mode:
@@ -92,6 +120,7 @@ class OpenAICritic:
         for name in ("t2i", settings.critic_edit_template):
             if name not in self.templates:
                 raise ValueError(f"critic template {name!r} is missing (have: {sorted(self.templates)})")
+        self._regexes = _reask_regexes(settings, self.templates) if settings.critic_structured_outputs else {}
         self.backoff_base_s = backoff_base_s
         # An attribute, so that a test can watch the waits.
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -163,13 +192,15 @@ class OpenAICritic:
         except CritiqueUnparseable:
             pass
         if self.settings.critic_structured_outputs:
-            regex = critique_regex(template.dimensions, score_first=template.score_first)
-            body = {**body, "structured_outputs": {"regex": regex}}
+            body = {**body, "structured_outputs": {"regex": self._regexes[template.name]}}
         answer = await self._complete(body)
+        usage = _add_usage(usage, answer.usage)
         try:
-            return self._parse(answer, template, started, _add_usage(usage, answer.usage))
+            return self._parse(answer, template, started, usage).model_copy(update={"reasked": True})
         except CritiqueUnparseable as exc:
-            raise CritiqueUnparseable(f"{exc.message} (after one re-ask)", missing=exc.missing, raw=exc.raw) from exc
+            error = CritiqueUnparseable(f"{exc.message} (after one re-ask)", missing=exc.missing, raw=exc.raw)
+            error.usage = usage
+            raise error from exc
 
     def _parse(self, answer: _Answer, template: Template, started: float, usage: dict[str, int] | None) -> Critique:
         if answer.truncated:
@@ -236,7 +267,7 @@ class OpenAICritic:
             )
             raise _Retry(final, response)
         if response.status_code != 200:
-            raise CriticError(f"critic refused the request (HTTP {response.status_code}): {_error_message(response)}")
+            raise _refusal(response.status_code, _error_message(response))
         return _read_answer(response)
 
     def _wait(self, state: RetryCallState) -> float:
@@ -270,6 +301,31 @@ class OpenAICritic:
         except ValueError:
             return True
         return payload if isinstance(payload, dict) else True
+
+
+# What vLLM answers (400) for a request past the limits it was started with, and what moves each.
+_LIMITS = (
+    (
+        re.compile(r"maximum context length|exceeds the model's|input length", re.IGNORECASE),
+        "the critique is longer than the critic's context (the instruction, the template and the images): "
+        "raise vLLM's --max-model-len, or lower GCR_CRITIC_MAX_IMAGE_EDGE",
+    ),
+    (
+        re.compile(r"at most \d+ image|image\(s\) may be provided|limit_mm_per_prompt", re.IGNORECASE),
+        "the critique sends more images than the critic takes (an edit sends two: source and result): "
+        "raise vLLM's --limit-mm-per-prompt",
+    ),
+)
+
+
+def _refusal(status: int, message: str) -> CriticError:
+    """The error of a 4xx answer: `CriticRefused` naming the limit when it is one we know."""
+    for pattern, cause in _LIMITS:
+        if pattern.search(message):
+            return CriticRefused(
+                f"the critic refused the critique (HTTP {status}): {cause}. The server said: {message}"
+            )
+    return CriticError(f"critic refused the request (HTTP {status}): {message}")
 
 
 def _read_answer(response: httpx.Response) -> _Answer:

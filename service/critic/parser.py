@@ -147,14 +147,27 @@ class _Reading:
     blocks: list[_Block] = field(default_factory=list)
 
 
-def strip_thinking(raw: str) -> str:
-    """The answer without a reasoning block; '' when the model never stopped thinking."""
+def strip_thinking(raw: str, labels: dict[str, str] | None = None) -> str:
+    """The answer without a reasoning block; '' when the model never stopped thinking.
+
+    The block ends at the last `</think>` that an answer follows (a section or dimension
+    header after it): drafts of the format inside the reasoning are dropped with it, and a
+    stray `</think>` a model wrote into its answer's text (seen from a random-weight Qwen3-VL)
+    does not cut the answer off."""
     text = raw.replace("\r\n", "\n").replace("\r", "\n")
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1]
+    index = _label_index(()) if labels is None else labels
+    ends = [m.end() for m in re.finditer("</think>", text)]
+    for end in reversed(ends):
+        if any(_opens_answer(line, index) for line in text[end:].split("\n")):
+            return text[end:]
     if text.lstrip().startswith("<think>"):
         return ""
     return text
+
+
+def _opens_answer(line: str, labels: dict[str, str]) -> bool:
+    header = _classify(line, labels)
+    return header is not None and header.kind in ("section", "dimension")
 
 
 def parse_critique(
@@ -167,7 +180,7 @@ def parse_critique(
 ) -> Critique:
     """Parse a critic answer for a template declaring `dimensions` (see module docstring)."""
     labels = _label_index(dimensions)
-    reading = _read(strip_thinking(raw), labels)
+    reading = _read(strip_thinking(raw, labels), labels)
     declared = [key for key, _ in dimensions]
     scores: dict[str, DimensionScore] = {}
     missing: list[str] = []
@@ -362,21 +375,60 @@ def _join(lines: list[str]) -> str:
     return "\n".join(lines).strip()
 
 
-def _clean_request(lines: list[str] | None) -> str | None:
-    if lines is None:
-        return None
-    # Markup around the whole request (bold, quotes, brackets) is not part of it.
-    text = _join(lines).strip("*_ \n")
-    for left, right in (('"', '"'), ("“", "”"), ("[", "]")):
-        if len(text) > len(left) + len(right) and text.startswith(left) and text.endswith(right):
-            text = text[len(left) : -len(right)].strip()
+# Chat-template and reasoning tokens a model may write into its text (vLLM drops special
+# tokens from the text it returns, but not every server does, and Qwen's <think> tags are
+# ordinary added tokens): none of them is part of a request to a generator.
+_TEMPLATE_TOKEN = re.compile(
+    r"[ \t]*(?:<\|im_start\|>\s*(?:system|user|assistant)?|<\|[A-Za-z0-9_]+\|>|</?think>)[ \t]*"
+)
+_WRAPPERS = (('"', '"'), ("'", "'"), ("“", "”"), ("‘", "’"), ("«", "»"), ("[", "]"), ("`", "`"))
+
+
+def clean_request(text: str) -> str | None:
+    """A refined request as a generator should read it: without the chat-template tokens, code
+    fences, markup and quotes that a model wraps around it; None when nothing is left."""
+    text = _TEMPLATE_TOKEN.sub(" ", text)
+    lines = [line for line in text.split("\n") if not _FENCE.match(line)]
+    text = "\n".join(lines).strip()
+    while True:
+        stripped = text.strip("*_ \n\t")
+        for left, right in _WRAPPERS:
+            if len(stripped) > len(left) + len(right) and stripped.startswith(left) and stripped.endswith(right):
+                stripped = stripped[len(left) : -len(right)]
+                break
+        stripped = stripped.strip()
+        if stripped == text:
+            break
+        text = stripped
     return text or None
+
+
+def _clean_request(lines: list[str] | None) -> str | None:
+    return None if lines is None else clean_request(_join(lines))
 
 
 # --- Constrained decoding ------------------------------------------------------------
 
-_FREE = r"[^#]*\n"  # free text: no '#' so it cannot open a header; ends at a line break
+# Free text of a constrained answer: printable ASCII without '#' (it cannot open a header)
+# and '<' (no chat-template or reasoning token such as `</think>`, which a random-weight
+# model wrote into its text on a live vLLM, and after which the parser reads on), one line
+# per section. ASCII keeps a character at one byte, and a byte-level BPE token holds at
+# least one byte, so a section of N characters costs at most N tokens: the bounds below
+# then guarantee that the answer ends within `max_tokens`, however a model rambles (an
+# unbounded section ran to max_tokens on a real vLLM, and the job failed).
+_PROSE = r'[ -"$-;=-~]'
+_PROSE_START = r'[!-"$-;=-~]'  # a refined request starts with a visible character
 _SCORE = r"([1-3](\.[0-9]{1,2})?|4(\.00?)?)"
+_SCORE_CHARS = 4  # "3.25"
+_END_TOKENS = 8  # the end-of-sequence token, and slack
+MIN_SECTION_CHARS = 16
+
+# How the tokens left after the fixed text are shared among the free sections.
+_SHARE_ANALYSIS = 0.15
+_SHARE_JUSTIFICATIONS = 0.45  # split evenly among the dimensions
+_SHARE_SUMMARY = 0.1
+_SHARE_COMMENTS = 0.1
+_SHARE_REFINED = 0.2
 
 
 def _escape(text: str) -> str:
@@ -385,20 +437,63 @@ def _escape(text: str) -> str:
     return re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", text)
 
 
-def critique_regex(dimensions: Dimensions, *, score_first: bool = False) -> str:
-    """A regex of a well-formed answer, for vLLM `structured_outputs: {"regex": ...}`.
+@dataclass(frozen=True)
+class _Free:
+    """A free-text section, given `share` of the tokens the fixed text leaves."""
 
-    It follows the training format (justification then score, or the reverse for
-    the tuning variant); only `NOT_APPLICABLE_ALLOWED` may be N/A. Every answer it admits
-    parses (tested).
+    share: float
+    start_visible: bool = False
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """A piece that is regex already, at most `chars` long."""
+
+    regex: str
+    chars: int
+
+
+def critique_regex(dimensions: Dimensions, *, max_tokens: int, score_first: bool = False) -> str:
+    """A regex of a well-formed answer of at most `max_tokens` tokens, for vLLM
+    `structured_outputs: {"regex": ...}` (the constrained re-ask).
+
+    It follows the training format (justification then score, or the reverse for the
+    tuning variant); only `NOT_APPLICABLE_ALLOWED` may be N/A. Every answer it admits
+    parses, and none is longer than `max_tokens` tokens (both tested, and checked
+    against a live vLLM with the xgrammar and the guidance backends). Only what xgrammar
+    and guidance both compile is used: no look-around, no digit class, no flags.
+    `ValueError` when `max_tokens` leaves fewer than `MIN_SECTION_CHARS` for a section.
     """
-    parts = [r"# User Request Analysis\n", _FREE, r"# Detailed Judgement\n"]
+    parts: list[str | _Free | _Pattern] = [
+        "# User Request Analysis\n",
+        _Free(_SHARE_ANALYSIS),
+        "\n# Detailed Judgement\n",
+    ]
+    share = _SHARE_JUSTIFICATIONS / len(dimensions)
     for number, (key, label) in enumerate(dimensions, start=1):
-        score = rf"({_SCORE}|N/A)" if key in NOT_APPLICABLE_ALLOWED else _SCORE
-        justification = r"## Justification:" + _FREE
-        score_line = rf"## Score: {score}\n"
-        parts.append(rf"{number}\. {_escape(label)}:\n")
-        parts.extend([score_line, justification] if score_first else [justification, score_line])
-    parts += [r"# Summary:", _FREE, r"# User Request Refinement:\n"]
-    parts += [r"## Refinement Comments:", _FREE, r"## Refined Request: [^#\n]+\n?"]
-    return "".join(parts)
+        score = _Pattern(rf"({_SCORE}|N/A)" if key in NOT_APPLICABLE_ALLOWED else _SCORE, _SCORE_CHARS)
+        justification: list[str | _Free | _Pattern] = ["## Justification: ", _Free(share), "\n"]
+        score_line: list[str | _Free | _Pattern] = ["## Score: ", score, "\n"]
+        parts.append(f"{number}. {label}:\n")
+        parts.extend([*score_line, *justification] if score_first else [*justification, *score_line])
+    parts += ["# Summary: ", _Free(_SHARE_SUMMARY), "\n# User Request Refinement:\n"]
+    parts += ["## Refinement Comments: ", _Free(_SHARE_COMMENTS), "\n"]
+    parts += ["## Refined Request: ", _Free(_SHARE_REFINED, start_visible=True), _Pattern(r"\n?", 1)]
+    fixed = sum(len(p.encode()) if isinstance(p, str) else p.chars for p in parts if not isinstance(p, _Free))
+    budget = max_tokens - fixed - _END_TOKENS
+    regex = []
+    for part in parts:
+        if isinstance(part, str):
+            regex.append(_escape(part).replace("\n", r"\n"))
+            continue
+        if isinstance(part, _Pattern):
+            regex.append(part.regex)
+            continue
+        chars = int(budget * part.share)
+        if chars < MIN_SECTION_CHARS:
+            raise ValueError(
+                f"max_tokens={max_tokens} is too small for a constrained critique: its fixed text takes "
+                f"~{fixed} tokens and each free section needs at least {MIN_SECTION_CHARS}"
+            )
+        regex.append(f"{_PROSE_START}{_PROSE}{{0,{chars - 1}}}" if part.start_visible else f"{_PROSE}{{0,{chars}}}")
+    return "".join(regex)

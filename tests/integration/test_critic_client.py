@@ -246,7 +246,8 @@ async def test_structured_outputs_constrain_the_reask(standin: StandinHandle, te
         assert "structured_outputs" not in standin.stats()["last_request"]  # only a re-ask is constrained
         await critic.critique("a cat", png(), source_image=source)
     body = standin.stats()["last_request"]
-    expected = critique_regex(TEMPLATES[template].dimensions, score_first=TEMPLATES[template].score_first)
+    chosen = TEMPLATES[template]
+    expected = critique_regex(chosen.dimensions, max_tokens=settings.critic_max_tokens, score_first=chosen.score_first)
     assert body["structured_outputs"] == {"regex": expected}
     assert "guided_regex" not in body
     assert standin.stats()["by_instruction"] == {"a dog": 1, "a cat": 2}
@@ -431,7 +432,7 @@ def test_standin_answers_match_the_constrained_format(standin: StandinHandle) ->
     standin.configure({})
     for images, name in (((png(),), "t2i"), ((png(), png()), "edit")):
         answer = standin.post("/chat/completions", _chat_body(*images)).json()
-        regex = critique_regex(TEMPLATES[name].dimensions)
+        regex = critique_regex(TEMPLATES[name].dimensions, max_tokens=2048)
         assert re.fullmatch(regex, answer["choices"][0]["message"]["content"])
 
 

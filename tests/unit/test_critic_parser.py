@@ -117,11 +117,11 @@ def test_other_scale_is_rescaled_and_comma_decimal_read() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_regex_admits_the_training_format(name: str) -> None:
+def test_regex_admits_the_training_format_a_line_per_section(name: str) -> None:
     import re
 
     template = TEMPLATES[name]
-    regex = critique_regex(template.dimensions, score_first=template.score_first)
+    regex = critique_regex(template.dimensions, max_tokens=2048, score_first=template.score_first)
     lines = ["# User Request Analysis", "A request.", "# Detailed Judgement"]
     for number, (key, label) in enumerate(template.dimensions, start=1):
         score = "## Score: N/A" if key == "text_rendering" else "## Score: 3.25"
@@ -132,7 +132,6 @@ def test_regex_admits_the_training_format(name: str) -> None:
         ]
     lines += [
         "# Summary: ok",
-        "",
         "# User Request Refinement:",
         "## Refinement Comments: c",
         "## Refined Request: r",
@@ -191,3 +190,24 @@ def test_an_answer_lacking_a_required_dimension_is_incomplete(template: str, raw
         parse_critique(raw, TEMPLATES[template].dimensions)
     assert info.value.missing == [f"score: {gone}"]
     assert f"{gone} ({why})" in info.value.message and "incomplete" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("written", "request_"),
+    [
+        ('"a red apple on a table"<|im_end|>', "a red apple on a table"),
+        ("```\na red apple\n```", "a red apple"),
+        ('**"a cat on a mat"**', "a cat on a mat"),
+        ("“a cat on a mat”<|endoftext|>", "a cat on a mat"),
+        ("<|im_start|>assistant a cat", "a cat"),
+        ("<think>\n</think>\na cat", "a cat"),
+        ("`a cat`", "a cat"),
+        ("'a cat'", "a cat"),
+        ('a "quoted" word stays', 'a "quoted" word stays'),
+        ("a  double  space stays", "a  double  space stays"),
+        ("<|im_end|>", None),
+    ],
+)
+def test_a_refined_request_is_cleaned_of_what_wraps_it(written: str, request_: str | None) -> None:
+    raw = _t2i_answer("no text") + f"# User Request Refinement:\n## Refined Request: {written}"
+    assert parse_critique(raw, TEMPLATES["t2i"].dimensions).refined_request == request_

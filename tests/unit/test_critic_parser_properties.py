@@ -192,8 +192,48 @@ def test_arbitrary_text_parses_or_is_unparseable(raw: str) -> None:
 @settings(max_examples=40, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 def test_every_answer_the_regex_admits_parses(name: str, data: st.DataObject) -> None:
     template = TEMPLATES[name]
-    regex = critique_regex(template.dimensions, score_first=template.score_first)
+    regex = critique_regex(template.dimensions, max_tokens=1024, score_first=template.score_first)
     raw = data.draw(st.from_regex(re.compile(regex), fullmatch=True))
     critique = parse_critique(raw, template.dimensions)
     assert critique.score(TEXT_FAITHFULNESS) is not None
     assert 0.0 <= critique.overall <= 1.0
+
+
+SCORE_REGEX = r"([1-3](\.[0-9]{1,2})?|4(\.00?)?)"
+
+
+def _longest_answer(regex: str) -> str:
+    """The longest text `regex` admits: every bounded run at its bound, scores at 4 characters
+    ("3.25"), optional pieces taken. Built from the regex's own text, not from the code that wrote it."""
+    text = regex.replace(f"({SCORE_REGEX}|N/A)", "3.25").replace(SCORE_REGEX, "3.25")
+    text = re.sub(r"\[[^\]]*\]\[[^\]]*\]\{0,(\d+)\}", lambda m: "r" * (int(m[1]) + 1), text)
+    text = re.sub(r"\[[^\]]*\]\{0,(\d+)\}", lambda m: "x" * int(m[1]), text)
+    text = text.replace("\\n?", "\n").replace("\\n", "\n")
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+@pytest.mark.parametrize("max_tokens", [600, 1024, 2048, 20480])
+def test_no_answer_the_regex_admits_is_longer_than_max_tokens(name: str, max_tokens: int) -> None:
+    """Every free section is ASCII (a byte a character, and a byte-level BPE token holds at
+    least one byte) and bounded: the longest admitted answer, in bytes, bounds its tokens."""
+    template = TEMPLATES[name]
+    regex = critique_regex(template.dimensions, max_tokens=max_tokens, score_first=template.score_first)
+    longest = _longest_answer(regex)
+    assert re.fullmatch(regex, longest), "the longest answer is one the regex admits"
+    assert not re.fullmatch(regex, longest.replace("x", "xx", 1)), "and its free text cannot grow"
+    assert max_tokens * 0.8 < len(longest.encode()) <= max_tokens
+    parse_critique(longest, template.dimensions)
+
+
+@pytest.mark.parametrize("text", ["</think>", "<|im_end|>", "#", "é", "\n\n"])
+def test_the_regex_admits_no_tag_header_or_non_ascii_in_free_text(text: str) -> None:
+    template = TEMPLATES["t2i"]
+    regex = critique_regex(template.dimensions, max_tokens=1024)
+    answer = _longest_answer(regex).replace("xxxx", "x" + text, 1)
+    assert re.fullmatch(regex, answer) is None
+
+
+def test_a_max_tokens_too_small_for_the_skeleton_is_refused() -> None:
+    with pytest.raises(ValueError, match="too small for a constrained critique"):
+        critique_regex(TEMPLATES["edit"].dimensions, max_tokens=400)

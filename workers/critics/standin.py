@@ -208,7 +208,6 @@ def write_answer(
     lines += [
         f"# Summary: STAND-IN critic, not a real judgment: configured scores (overall {overall:.3f}) "
         f"for round {round_index + 1}, candidate {candidate + 1}.",
-        "",
         "# User Request Refinement:",
         f"## Refinement Comments: Stand-in comment on round {round_index + 1}, candidate {candidate + 1}: "
         "no image was looked at."
