@@ -29,12 +29,13 @@ from workers.worker import Worker
 class Stack:
     """Gateway under uvicorn on a loopback port, workers as tasks in this event loop."""
 
-    def __init__(self, redis_url: str, prefix: str, standin_url: str, **overrides: Any) -> None:
-        self.standin_url = standin_url
+    def __init__(self, redis_url: str, prefix: str, critic_url: str, **overrides: Any) -> None:
+        """`critic_url`: the critic's OpenAI-compatible base URL (the stand-in's, or a real vLLM's)."""
+        self.critic_url = critic_url
         defaults: dict[str, Any] = {
             "redis_url": redis_url,
             "redis_prefix": prefix,
-            "critic_base_url": standin_url,
+            "critic_base_url": critic_url,
             "critic_model": "gcr-standin-critic",
             "critic_retries": 1,
             "critic_timeout_s": 10,
@@ -79,13 +80,13 @@ class Stack:
             await self._server_task
 
     async def configure_critic(self, config: StandinConfig) -> None:
-        base = self.standin_url.removesuffix("/v1")
+        base = self.critic_url.removesuffix("/v1")
         async with httpx.AsyncClient() as http:
             response = await http.post(f"{base}/standin/config", content=config.model_dump_json())
             response.raise_for_status()
 
     async def critic_stats(self) -> dict[str, Any]:
-        base = self.standin_url.removesuffix("/v1")
+        base = self.critic_url.removesuffix("/v1")
         async with httpx.AsyncClient() as http:
             response = await http.get(f"{base}/standin/stats")
             return dict(response.json())
