@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from bench.common import Column, argument_parser, finish, print_table, run_info, write_json  # noqa: E402
+from gcr.types import PromptFit  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.generators.base import NO_HOOKS, Generator, GenRequest, StepHooks  # noqa: E402
 from workers.scheduler import GenerationScheduler  # noqa: E402
@@ -148,6 +149,9 @@ class Sized:
             steps=request.steps or self.steps,
         )
         return self.inner.resolve(sized)
+
+    def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+        return self.inner.fit_prompt(request)
 
     def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> Any:
         return self.inner.generate([self.resolve(r) for r in requests], hooks)

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from gcr.types import PromptFit  # noqa: E402
 from service.errors import GeneratorError, GeneratorOutOfMemory  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.generators.base import GenRequest  # noqa: E402
@@ -156,6 +157,9 @@ def check_oom_split(gen: DiffusersGenerator, size: int, steps: int) -> OomCheck:
 
         def resolve(self, request: GenRequest) -> GenRequest:
             return gen.resolve(request)
+
+        def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+            return gen.fit_prompt(request)
 
         def generate(self, requests: Any, hooks: Any = None) -> Any:
             nonlocal ooms

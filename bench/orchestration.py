@@ -77,7 +77,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.servers import gateway_server, standin_critic  # noqa: E402
 from gcr import AsyncClient  # noqa: E402
-from gcr.types import JobDocument  # noqa: E402
+from gcr.types import JobDocument, PromptFit  # noqa: E402
 from service.critic.client import OpenAICritic  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402
@@ -127,6 +127,9 @@ class RecordingGenerator:
         self.calls: list[Call] = []
         # Keyed by id() of the resolved request; the request is kept so its id stays unique.
         self._arrivals: dict[int, tuple[GenRequest, float]] = {}
+
+    def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+        return self.inner.fit_prompt(request)
 
     def resolve(self, request: GenRequest) -> GenRequest:
         resolved = self.inner.resolve(request)

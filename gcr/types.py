@@ -200,6 +200,9 @@ class Critique(BaseModel):
     model: str = ""
     latency_ms: float = 0.0
     usage: dict[str, int] | None = None
+    reasked: bool = Field(
+        False, description="The first answer could not be read; this one answers the (constrained) re-ask."
+    )
 
     def score(self, dimension: str) -> float | None:
         entry = self.dimensions.get(dimension)
@@ -252,11 +255,56 @@ class ImageRef(BaseModel):
     candidate: int
 
 
+class TokenUsage(BaseModel):
+    """Tokens the reward model read and wrote (vLLM's `usage`), summed over critiques."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+            total_tokens=self.total_tokens + other.total_tokens,
+        )
+
+    @classmethod
+    def of(cls, usage: dict[str, int] | None) -> TokenUsage:
+        """From an OpenAI-style `usage` block (missing counts are 0)."""
+        usage = usage or {}
+        prompt, completion = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        return cls(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=int(usage.get("total_tokens", prompt + completion)),
+        )
+
+
+class PromptFit(BaseModel):
+    """How much of a round's text the generator's text encoder reads, measured with the
+    pipeline's own tokenizer (the one that reads the most: T5 in FLUX, CLIP in SD)."""
+
+    encoder: str = Field(description="The tokenizer's class, e.g. `T5TokenizerFast`, `CLIPTokenizer`.")
+    limit: int = Field(description="Tokens the encoder reads, special tokens included.")
+    tokens: int = Field(description="Tokens of the text the round was asked to generate from.")
+    cut: bool = Field(
+        False, description="The text was longer than the encoder reads: the round's `prompt` is the part it read."
+    )
+    dropped: str | None = Field(None, description="The words left out when `cut`.")
+
+
 class Round(BaseModel):
     """One finished round: written to Redis before the next round starts."""
 
     index: int
-    prompt: str = Field(description="The text the generator received: a prompt, or an edit's instruction.")
+    prompt: str = Field(
+        description="The text the generator received: a prompt, or an edit's instruction (when `prompt_fit.cut`, "
+        "the part of the refinement its text encoder reads)."
+    )
+    prompt_fit: PromptFit | None = Field(
+        None, description="How much of the text the generator's encoder reads; null for generators without one."
+    )
     action: Action = Field("generate", description="`generate` from text, or `edit` an image.")
     model: str | None = Field(None, description="The model the round ran on.")
     edited_from: ImageRef | None = Field(
@@ -264,10 +312,15 @@ class Round(BaseModel):
     )
     reason: str | None = Field(None, description="Why the round took its action (the strategy's rule).")
     candidates: list[Candidate]
-    chosen: int | None = Field(None, description="Index of the round's best candidate.")
+    chosen: int | None = Field(
+        None, description="Index of the round's best candidate; null when no candidate could be judged."
+    )
     overall: Score | None = None
     delta: Score | None = Field(None, description="This round's overall minus the best before it.")
     timings: RoundTimings = Field(default_factory=RoundTimings)
+    critic_usage: TokenUsage | None = Field(
+        None, description="Tokens the reward model read and wrote for this round's critiques, failed ones included."
+    )
     started_at: float
     finished_at: float
 
@@ -294,6 +347,7 @@ class JobSummary(BaseModel):
     first_round_overall: Score | None = None
     best_overall: Score | None = None
     gain: Score | None = Field(None, description="Best overall minus round 1's overall.")
+    critic_usage: TokenUsage | None = Field(None, description="The rounds' critic tokens, summed.")
 
 
 class JobDocument(BaseModel):

@@ -68,7 +68,9 @@ class SharedSettings(BaseSettings):
     critic_retries: int = Field(3, ge=0, description="Retries on connection errors, 429 and 5xx.")
     critic_max_image_edge: int = Field(1024, ge=64, description="Images are downscaled to this long edge.")
     critic_structured_outputs: bool = Field(
-        False, description="Constrain the re-ask of an unparseable answer with vLLM `structured_outputs`."
+        True,
+        description="Constrain the re-ask of an unparseable answer with vLLM `structured_outputs` (a bounded "
+        "regex; turn off for servers that refuse the field).",
     )
     critic_templates_dir: Path | None = Field(None, description="Folder of your own templates, replacing ours.")
     critic_edit_template: Literal["edit", "edit_tuning"] = Field(
@@ -219,6 +221,12 @@ class WorkerSettings(SharedSettings):
     progress_interval_s: float = Field(0.25, ge=0, description="Least time between two progress events of a job.")
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Port of the worker's /metrics and /livez (its liveness probe); 0: off."
+    )
+    critic_outage_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a round's critique waits, asking again with backoff, for a critic that is "
+        "unreachable or timing out (a vLLM restart takes minutes) before the job ends with what it has.",
     )
     critic_wait_before_load: bool = Field(
         False,

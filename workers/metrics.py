@@ -23,6 +23,12 @@ STAGE_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
 )
 CRITIC_INFLIGHT = Gauge("gcr_critic_inflight", "Critic requests in flight.")
+CRITIC_TOKENS = Counter(
+    "gcr_critic_tokens_total", "Tokens the reward model read (prompt) and wrote (completion).", ["kind"]
+)
+PROMPTS_CUT = Counter(
+    "gcr_prompts_cut_total", "Round prompts shortened to what the generator's text encoder reads."
+)
 CRITIC_ERRORS = Counter("gcr_critic_errors_total", "Critic calls that failed after retries.", ["code"])
 JOBS_INFLIGHT = Gauge("gcr_worker_jobs_inflight", "Jobs this worker is running.")
 JOBS_FINISHED = Counter("gcr_worker_jobs_finished_total", "Jobs this worker finished.", ["status", "reason"])

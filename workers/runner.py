@@ -34,9 +34,11 @@ from gcr.types import (
     JobEvent,
     JobSummary,
     Mode,
+    PromptFit,
     Round,
     RoundTimings,
     StopReason,
+    TokenUsage,
 )
 from service.errors import CriticError, GcrError, GeneratorError, OwnershipLost, StoreUnavailable
 from service.jobs.queue import Claim
@@ -55,6 +57,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("gcr.worker")
 
 CANCEL_POLL_S = 0.25
+# A critique whose critic is away is asked again after 1, 2, 4, ... seconds, at most this far apart.
+CRITIC_WAIT_FIRST_S = 1.0
+CRITIC_WAIT_CAP_S = 8.0
 
 
 class Critic(Protocol):
@@ -76,6 +81,7 @@ class JobRunner:
         critique_slots: int,
         progress_interval_s: float,
         notifier: WebhookNotifier | None = None,
+        critic_outage_s: float = 0.0,
     ) -> None:
         self.store = store
         self.scheduler = scheduler
@@ -86,6 +92,8 @@ class JobRunner:
         self.progress_interval_s = progress_interval_s
         self.notifier = notifier
         self._critique_slots = asyncio.Semaphore(critique_slots)
+        self.critic_outage_s = critic_outage_s
+        """How long a critique waits for a critic that is unreachable or timing out."""
 
     async def run(self, doc: JobDocument, claim: Claim) -> None:
         """Run a job this worker has just started (status running, owned by us) from the entry
@@ -242,14 +250,15 @@ class _Job:
     async def run_round(self, decision: Continue, mode: str) -> Round | None:
         index = decision.round_index
         started = time.time()
-        await self.set(stage="generating")
-        await self.emit("stage", round=index, stage="generating", prompt=decision.prompt)
         source = await self.source_for(decision)
+        prompt, fit = self.fit_prompt(decision.prompt, decision.seeds[0], mode, source)
+        await self.set(stage="generating")
+        await self.emit("stage", round=index, stage="generating", prompt=prompt)
         t0 = time.monotonic()
         async with self.watching_cancel():
             results = await self.r.scheduler.generate(
                 [
-                    self.gen_request(decision.prompt, seed, mode, source, preview=self.preview_sink(index, candidate))
+                    self.gen_request(prompt, seed, mode, source, preview=self.preview_sink(index, candidate))
                     for candidate, seed in enumerate(decision.seeds)
                 ],
                 on_step=self.progress_listener(index),
@@ -260,7 +269,7 @@ class _Job:
         self.generator_calls += len(results)
         if await self.check_cancel():
             return None
-        images = await self.store_images(index, decision, results)
+        images = await self.store_images(index, prompt, decision, results)
         if not images:
             error = next(r.error for r in results if r.error is not None)
             raise error
@@ -270,11 +279,12 @@ class _Job:
         await self.set(stage="critiquing")
         await self.emit("stage", round=index, stage="critiquing")
         t1 = time.monotonic()
-        critiques = await asyncio.gather(*(self.critique(png) for png in images.values()))
+        critiques = await asyncio.gather(*(self.critique(index, png) for png in images.values()))
         critique_s = time.monotonic() - t1
         metrics.STAGE_SECONDS.labels("critique").observe(critique_s)
 
         candidates = []
+        usage = TokenUsage()
         for (c, seed), result in zip(enumerate(decision.seeds), results, strict=True):
             candidate = Candidate(index=c, seed=seed)
             if result.error is not None:
@@ -284,19 +294,23 @@ class _Job:
                 candidate.has_image = True
                 if isinstance(outcome, Critique):
                     candidate.critique, candidate.overall = outcome, outcome.overall
+                    usage += TokenUsage.of(outcome.usage)
                 else:
                     candidate.error = _job_error(outcome)
+                    usage += TokenUsage.of(outcome.usage)
             candidates.append(candidate)
+        metrics.CRITIC_TOKENS.labels("prompt").inc(usage.prompt_tokens)
+        metrics.CRITIC_TOKENS.labels("completion").inc(usage.completion_tokens)
+        # No candidate judged (the critique failed for good): the round is still stored, its
+        # images unjudged and downloadable; `LoopPolicy.decide` then ends the job as failed.
         chosen = choose_candidate(candidates)
-        if chosen is None:
-            raise next(o for o in critiques if isinstance(o, GcrError))
+        overall = None if chosen is None else candidates[chosen].overall
         best_before = self.policy.best_before(self.rounds)
-        overall = candidates[chosen].overall
-        assert overall is not None
         edited = decision.edit_from
         return Round(
             index=index,
-            prompt=decision.prompt,
+            prompt=prompt,
+            prompt_fit=fit,
             action="edit" if mode == "edit" else "generate",
             model=self.r.model,
             edited_from=None if edited is None else ImageRef(round=edited.round, candidate=edited.candidate),
@@ -304,15 +318,37 @@ class _Job:
             candidates=candidates,
             chosen=chosen,
             overall=overall,
-            delta=None if best_before is None else overall - best_before,
+            delta=None if best_before is None or overall is None else overall - best_before,
             timings=RoundTimings(
                 queue_wait_ms=1000 * max(r.queued_s for r in results),
                 generate_ms=1000 * generate_s,
                 critique_ms=1000 * critique_s,
             ),
+            critic_usage=usage,
             started_at=started,
             finished_at=time.time(),
         )
+
+    def fit_prompt(
+        self, prompt: str, seed: int, mode: str, source: Image.Image | None
+    ) -> tuple[str, PromptFit | None]:
+        """`prompt` as the generator's text encoder reads it: a refinement longer than that is
+        shortened to the words it reads, and the round records the cut (`prompt_fit`), never
+        handed over whole to be cut in silence."""
+        fitted = self.r.scheduler.generator.fit_prompt(self.gen_request(prompt, seed, mode, source))
+        if fitted is None:
+            return prompt, None
+        text, fit = fitted
+        if fit.cut:
+            metrics.PROMPTS_CUT.inc()
+            log.info(
+                "job %s: the generator's %s reads %d of the prompt's %d tokens; generating from the words it reads",
+                self.id,
+                fit.encoder,
+                fit.limit,
+                fit.tokens,
+            )
+        return text, fit
 
     def gen_request(
         self,
@@ -409,7 +445,9 @@ class _Job:
         with contextlib.suppress(GcrError):
             await self.emit(type_, **data)
 
-    async def store_images(self, index: int, decision: Continue, results: list[GenResult]) -> dict[int, bytes]:
+    async def store_images(
+        self, index: int, prompt: str, decision: Continue, results: list[GenResult]
+    ) -> dict[int, bytes]:
         images: dict[int, bytes] = {}
         for c, (seed, result) in enumerate(zip(decision.seeds, results, strict=True)):
             if result.image is None:
@@ -419,7 +457,7 @@ class _Job:
                 "gcr:round": str(index),
                 "gcr:candidate": str(c),
                 "gcr:seed": str(seed),
-                "gcr:prompt": decision.prompt,
+                "gcr:prompt": prompt,
                 "gcr:model": self.r.scheduler.generator.name,
             }
             png = await asyncio.to_thread(encode_png, result.image, text)
@@ -427,7 +465,33 @@ class _Job:
             images[c] = png
         return images
 
-    async def critique(self, png: bytes) -> Critique | CriticError:
+    async def critique(self, round_index: int, png: bytes) -> Critique | CriticError:
+        """Judge one image. While the critic is unreachable or timing out (a restart, an
+        overload), the critique is asked again with backoff for up to `critic_outage_s`:
+        the image is made and stored, and only its judgment waits. What still fails, or
+        fails for good (refused, unparseable), is returned as the candidate's error."""
+        waited_since: float | None = None
+        attempt = 0
+        while True:
+            outcome = await self._critique_once(png)
+            if not isinstance(outcome, CriticError) or not outcome.retryable:
+                return outcome
+            now = time.monotonic()
+            waited_since = waited_since or now
+            if now - waited_since >= self.r.critic_outage_s or await self.check_cancel():
+                return outcome
+            if attempt == 0:
+                log.warning(
+                    "job %s: %s; the critique waits up to %.0fs for the critic",
+                    self.id,
+                    outcome.message,
+                    self.r.critic_outage_s,
+                )
+                await self._emit_quietly("stage", round=round_index, stage="critiquing", waiting=outcome.message)
+            await asyncio.sleep(min(CRITIC_WAIT_CAP_S, CRITIC_WAIT_FIRST_S * 2**attempt))
+            attempt += 1
+
+    async def _critique_once(self, png: bytes) -> Critique | CriticError:
         async with self.r._critique_slots:
             metrics.CRITIC_INFLIGHT.inc()
             self.critic_calls += 1
@@ -452,7 +516,9 @@ class _Job:
             prompt=pick.prompt,
         )
 
-    async def finish(self, reason: StopReason, error: GcrError | None = None) -> bool:
+    async def finish(self, reason: StopReason, error: GcrError | JobError | None = None) -> bool:
+        if reason == "failed" and error is None:
+            error = _unjudged_error(self.rounds)
         best = self.best_candidate(self.rounds)
         if reason == "cancelled":
             status = "cancelled"
@@ -470,6 +536,7 @@ class _Job:
             first_round_overall=first,
             best_overall=best.overall if best else None,
             gain=None if best is None or first is None else best.overall - first,
+            critic_usage=sum((r.critic_usage or TokenUsage() for r in self.rounds), TokenUsage()),
         )
         critic_models = {c.critique.model for r in self.rounds for c in r.candidates if c.critique}
         await self.set(
@@ -479,14 +546,32 @@ class _Job:
             finished_at=time.time(),
             best=best,
             summary=summary,
-            error=_job_error(error) if error else None,
+            error=_as_job_error(error),
             critic_model=", ".join(sorted(critic_models)) or None,
         )
         metrics.JOBS_FINISHED.labels(status, reason).inc()
-        await self.r.store.publish_end(self.id, status, reason, _job_error(error) if error else None)
+        await self.r.store.publish_end(self.id, status, reason, _as_job_error(error))
         log.info("job %s %s (%s) after %d rounds", self.id, status, reason, len(self.rounds))
         return True
 
 
 def _job_error(exc: GcrError | GeneratorError) -> JobError:
     return JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
+
+
+def _as_job_error(error: GcrError | JobError | None) -> JobError | None:
+    return error if error is None or isinstance(error, JobError) else _job_error(error)
+
+
+def _unjudged_error(rounds: list[Round]) -> JobError:
+    """Why the last round has no judged candidate: its first candidate's error, said so."""
+    last = rounds[-1] if rounds else None
+    errors = [c.error for c in last.candidates if c.error is not None] if last else []
+    if not errors:
+        return JobError(code="internal", message="the job stopped as failed without a recorded error")
+    first = errors[0]
+    message = (
+        f"round {last.index + 1}'s images could not be judged ({first.message}); "  # type: ignore[union-attr]
+        "they are kept, and the job ends with the best of the rounds before"
+    )
+    return first.model_copy(update={"message": message})

@@ -90,6 +90,7 @@ class Worker:
             settings.max_inflight_critiques,
             settings.progress_interval_s,
             self.notifier,
+            critic_outage_s=settings.critic_outage_s,
         )
         # OpenAICritic.probe (GET /models); a critic without one recovers through a trial job.
         self._probe: Callable[[], Awaitable[Any]] | None = getattr(critic, "probe", None)

@@ -62,10 +62,12 @@ def rounds_table(doc: JobDocument) -> Table:
         table.add_column(column)
     for r in doc.rounds:
         scores = ", ".join("err" if c.overall is None else f"{c.overall:.3f}" for c in r.candidates)
+        # A prompt shortened to what the generator's encoder reads says so (docs/loop.md).
+        cut = f" [cut to {r.prompt_fit.limit} tokens]" if r.prompt_fit is not None and r.prompt_fit.cut else ""
         table.add_row(
             str(r.index + 1),
             describe_action(r),
-            r.prompt[:60] + ("…" if len(r.prompt) > 60 else ""),
+            r.prompt[:60] + ("…" if len(r.prompt) > 60 else "") + cut,
             scores,
             "" if r.chosen is None else str(r.chosen + 1),
             "" if r.delta is None else f"{r.delta:+.3f}",

@@ -208,3 +208,43 @@ async def test_edit_rounds_show_action_model_reason_and_the_image_they_edited(st
     await expect(page.locator("svg.chart rect")).to_have_count(2)  # edit rounds' points are squares
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "studio-edit-rounds.png"), full_page=True)
+
+
+async def test_a_cut_prompt_and_an_unjudged_round_say_so(stack: Stack, browser: object) -> None:
+    from playwright.async_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    job_id = await finished_job(stack, [0.42, 0.61], threshold=0.9)
+    # Round 2 as a worker writes it when its refinement was longer than CLIP reads and its
+    # critique then failed for good: the prompt it read, the cut, the image unjudged.
+    client = connect(stack.settings.redis_url)
+    try:
+        key = Keys(stack.settings.redis_prefix).rounds(job_id)
+        stored = json.loads(await client.lindex(key, 1))
+        stored["prompt"] = "a red fox in fresh snow at dawn"
+        stored["prompt_fit"] = {"encoder": "CLIPTokenizer", "limit": 77, "tokens": 95, "cut": True,
+                                "dropped": "with long blue shadows"}  # fmt: skip
+        stored.update({"chosen": None, "overall": None, "delta": None})
+        error = {"code": "critique_unparseable", "message": "no score (after one re-ask)", "retryable": False}
+        stored["candidates"][0].update({"critique": None, "overall": None, "error": error})
+        await client.lset(key, 1, json.dumps(stored))
+    finally:
+        await client.aclose()
+
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(f"{stack.url}/studio/jobs/{job_id}")
+    rounds = page.locator("article.round")
+    await expect(rounds).to_have_count(2, timeout=15_000)
+    cut = rounds.nth(1).locator(".prompt-cut")
+    await expect(cut).to_contain_text("Shortened to the 77 tokens the generator's CLIPTokenizer reads (the text had 95)")
+    await expect(cut.locator("del")).to_have_text("with long blue shadows")
+    await expect(rounds.nth(0).locator(".prompt-cut")).to_have_count(0)
+    second = rounds.nth(1).locator(".candidate")
+    await expect(second.locator(".error")).to_have_text("critique_unparseable: no score (after one re-ask)")
+    await expect(second.locator("img")).to_have_js_property("complete", True)
+    assert await second.locator("img").evaluate("img => img.naturalWidth") > 0  # the unjudged image is shown
+    # One point, round 1's: an unjudged round is not plotted as a 0.
+    await expect(page.locator("svg.chart circle")).to_have_count(1)
+    await expect(page.locator("svg.chart")).to_have_attribute(
+        "aria-label", "Overall score by round: round 1 0.420, round 2 –; threshold 0.9"
+    )

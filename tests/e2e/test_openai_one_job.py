@@ -46,7 +46,7 @@ async def test_a_wait_that_runs_out_makes_one_job_not_three(
 async def test_a_failed_job_makes_one_job_even_when_its_error_is_retryable(stack: Stack) -> None:
     # Every critique fails with a 503: the job ends failed with the retryable `critic_unavailable`.
     await stack.configure_critic(StandinConfig(faults=[Fault(kind="status", status=503, times=100)]))
-    await stack.start_worker()
+    await stack.start_worker(critic_outage_s=0)  # no wait for the critic to come back
     async with _default_client(stack) as client:
         with pytest.raises(openai.APIStatusError) as failed:
             await client.images.generate(prompt="a doomed one", extra_body={"gcr": {"loop": {"max_rounds": 1}}})

@@ -123,7 +123,7 @@ async def test_edits_stream_in_the_asked_format(stack: Stack, output_format: str
 
 async def test_a_job_that_fails_ends_the_stream_with_the_packages_error(stack: Stack) -> None:
     await stack.configure_critic(StandinConfig(faults=[Fault(kind="status", status=503, times=100)]))
-    await stack.start_worker()
+    await stack.start_worker(critic_outage_s=0)  # no wait for the critic to come back
     async with openai_client(stack) as client:
         stream = await client.images.generate(
             prompt="a doomed kite", stream=True, partial_images=1, extra_body={"gcr": {"loop": {"max_rounds": 1}}}

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gcr.types import PromptFit
 from service.errors import GenerationInterrupted, GeneratorError, GeneratorOutOfMemory
 from service.settings import Settings
 from workers.generators.base import NO_HOOKS, GenRequest, StepHooks
@@ -105,6 +106,9 @@ class _OomAbove:
 
     def resolve(self, request: GenRequest) -> GenRequest:
         return self._inner.resolve(request)
+
+    def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+        return None
 
     def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         self.calls.append(len(requests))

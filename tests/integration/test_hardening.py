@@ -72,7 +72,8 @@ async def test_no_critic_credential_or_internal_address_reaches_a_client(
     redis_url: str, redis_prefix: str, standin_url: str
 ) -> None:
     dead_critic = f"http://gcr-user:s3cret-pass@127.0.0.1:{free_port()}/v1"
-    async with Stack(redis_url, redis_prefix, standin_url, critic_base_url=dead_critic, critic_retries=0) as stack:
+    overrides = {"critic_base_url": dead_critic, "critic_retries": 0, "critic_outage_s": 0}
+    async with Stack(redis_url, redis_prefix, standin_url, **overrides) as stack:
         await stack.start_worker()
         async with httpx.AsyncClient(base_url=stack.url) as http:
             critique = await http.post("/critique", json={"instruction": "a blue square", "image": _png()})

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gcr.types import PRIORITIES
+from gcr.types import PRIORITIES, PromptFit
 from service.jobs.connection import connect
 from service.jobs.keys import Keys
 from service.jobs.queue import FAIRNESS, JobQueue
@@ -53,6 +53,9 @@ class RecordingGenerator:
         return dataclasses.replace(
             request, width=request.width or 64, height=request.height or 64, steps=request.steps or 4
         )
+
+    def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+        return None
 
     def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         assert len(requests) <= self.max_batch

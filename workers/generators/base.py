@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gcr.types import PromptFit
 from service.errors import GeneratorError
 
 if TYPE_CHECKING:
@@ -106,6 +107,11 @@ class Generator(Protocol):
     def generate(self, requests: Sequence[GenRequest], hooks: StepHooks = NO_HOOKS) -> list[Image.Image]:
         """Blocking: make one image per request, in order. Raises `GeneratorError`
         (`GeneratorOutOfMemory` on CUDA OOM, `GenerationInterrupted` when `hooks.interrupt` stopped it)."""
+        ...
+
+    def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+        """The request's prompt as the backend's text encoder reads it, and how it fits
+        (`workers.generators.prompt_fit`); None for a backend that reads any length."""
         ...
 
 

@@ -55,11 +55,13 @@ from workers.generators.decoding import can_decode, decode_one_by_one, prepare_v
 from workers.generators.loading import FolderDefaults, load_pipeline, one_line, runtime_info, takes_image
 from workers.generators.model_defaults import ModelDefaults, lookup
 from workers.generators.previews import preview_data_uri
+from workers.generators.prompt_fit import fit_prompt, reading_encoder
 from workers.generators.sizing import edit_size
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from gcr.types import PromptFit
     from service.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,12 @@ class DiffusersGenerator:
             negative_prompt=negative,
             extra=extra,
         )
+
+    def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+        """The prompt as this pipeline's widest text encoder reads it (`prompt_fit`)."""
+        sequence_length = request.extra.get("max_sequence_length") or self._known.max_sequence_length
+        encoder = reading_encoder(self._pipe, self._params, sequence_length)
+        return None if encoder is None else fit_prompt(encoder, request.prompt)
 
     def _native_size(self) -> int:
         vae_scale = int(getattr(self._pipe, "vae_scale_factor", 8))

@@ -30,6 +30,7 @@ from workers.generators.base import (
 from workers.generators.sizing import edit_size
 
 if TYPE_CHECKING:
+    from gcr.types import PromptFit
     from service.settings import WorkerSettings
 
 PREFIX = "sim:"
@@ -62,6 +63,10 @@ class SimulatedGenerator:
         self.max_batch = settings.max_batch
         self.runtime: dict[str, Any] = {"device": "none (simulated generator)"}
         self._edit_max_edge = settings.edit_max_edge
+
+    def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
+        """It draws any prompt whole: no text encoder, no limit."""
+        return None
 
     def resolve(self, request: GenRequest) -> GenRequest:
         """Fill the size (64x64 for t2i, the source's for edits, as the real backend) and steps."""

@@ -203,7 +203,12 @@ async def _events(
             break
         for entry_id, event in events:
             after = entry_id
-            if event.type == "round" and isinstance(event.data.get("round"), dict):
+            # A round whose images could not be judged has no chosen image to stream.
+            if (
+                event.type == "round"
+                and isinstance(event.data.get("round"), dict)
+                and event.data["round"].get("chosen") is not None
+            ):
                 round_ = event.data["round"]
                 rounds[int(round_["index"])] = round_
                 for index in plan.on_round(int(round_["index"])):

@@ -61,8 +61,12 @@ function chart(doc) {
   add("line", { class: "threshold", x1: left, x2: plotRight, y1: y(threshold), y2: y(threshold), stroke: "#cf222e", "stroke-dasharray": "5 4" });
   add("text", { class: "threshold-label", x: plotRight + 6, y: y(threshold) + 4, "font-size": 11, fill: "#cf222e" }, `threshold ${threshold}`);
   if (points.length) {
-    add("polyline", { class: "score-line", points: points.map((p, i) => `${x(i)},${y(p || 0)}`).join(" "), fill: "none", stroke: "#0969da", "stroke-width": 2 });
+    // A round whose images could not be judged has no score: no point, never a 0.
+    const judged = points.map((p, i) => [p, i]).filter(([p]) => p !== null);
+    add("polyline", { class: "score-line", points: judged.map(([p, i]) => `${x(i)},${y(p)}`).join(" "), fill: "none", stroke: "#0969da", "stroke-width": 2 });
     points.forEach((p, i) => {
+      add("text", { x: x(i), y: height - 8, "text-anchor": "middle", "font-size": 11 }, `round ${i + 1}`);
+      if (p === null) return;
       // An edit round's point is a square, a generate round's a disc.
       const marker = edits[i]
         ? add("rect", { x: x(i) - 4, y: y(p || 0) - 4, width: 8, height: 8, fill: "#8250df" })
@@ -70,7 +74,6 @@ function chart(doc) {
       const title = document.createElementNS(ns, "title");
       title.textContent = `round ${i + 1} (${edits[i] ? "edit" : "generate"}): ${score(p)}`;
       marker.append(title);
-      add("text", { x: x(i), y: height - 8, "text-anchor": "middle", "font-size": 11 }, `round ${i + 1}`);
     });
   }
   return svg;
@@ -180,9 +183,19 @@ async function render(doc) {
       await actionLine(doc, round),
       el("p", { class: "prompt-label muted" }, edit ? "Edit instruction" : "Prompt"),
       el("div", { class: "prompt" }, comparable ? wordDiff(before.prompt, round.prompt) : round.prompt),
+      promptCut(round),
       el("div", { class: "candidates" }, candidates)));
   }
   document.getElementById("rounds").replaceChildren(...cards);
+}
+
+// A prompt the generator's text encoder could not read whole was shortened to what it reads (docs/loop.md).
+function promptCut(round) {
+  const fit = round.prompt_fit;
+  if (!fit || !fit.cut) return null;
+  return el("p", { class: "prompt-cut muted" },
+    `Shortened to the ${fit.limit} tokens the generator's ${fit.encoder} reads (the text had ${fit.tokens}); left out: `,
+    el("del", {}, fit.dropped || "part of the first word"));
 }
 
 function renderLive(running) {
