@@ -1,9 +1,14 @@
 """`gcr up --dev`: the whole stack in one process, offline.
 
 Redis (started here only if none answers), the gateway, a text-to-image worker and
-an edit worker on tiny random-weight diffusers pipelines (SD and FLUX Kontext), and
-the STAND-IN critic, which answers in the RationalRewards format with scripted
-scores: it is not a real judgment, and every critique it writes says so.
+an edit worker on tiny random-weight diffusers pipelines (SD and FLUX Kontext), and a
+critic, one of:
+- `standin` (the default): the STAND-IN critic, which answers in the RationalRewards
+  format with scripted scores: it is not a real judgment, and every critique it writes
+  says so;
+- `vllm`: the real `vllm serve` (vLLM's CPU build, `./scripts/setup-vllm`) on a tiny
+  random-weight Qwen3-VL, started as docker-compose.yml starts vLLM
+  (`service.cli.vllm_dev`): the real server and protocol, random judgments.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import redis as redis_sync
 import uvicorn
 
 from service import servers
 from service.cli.console import console, submit_and_follow
+from service.cli.vllm_dev import VllmServer, deployed_args, serve_args, vllm_binary
 from service.gateway.app import create_app
 from service.jobs.connection import delete_prefix
 from service.servers import free_port
@@ -46,6 +52,9 @@ DEMO_PROMPT = "a red bicycle leaning against a blue wall, morning light"
 DEMO_SCHEDULE = [0.42, 0.61, 0.83]
 DEMO_REQUEST = {"prompt": DEMO_PROMPT, "loop": {"max_rounds": 4, "threshold": 0.75, "strategy": "auto"}}
 DEV_EDIT_GENERATOR = "tiny:kontext"
+CriticKind = Literal["standin", "vllm"]
+# The tiny critic writes noise until max_tokens; a smaller budget keeps a CPU critique near 3 s.
+DEV_VLLM_MAX_TOKENS = 1024
 
 
 def redis_answers(url: str) -> bool:
@@ -112,6 +121,7 @@ async def run_dev_stack(
     critic_latency_s: float = 0.0,
     once: bool = False,
     edit_generator: str | None = DEV_EDIT_GENERATOR,
+    critic: CriticKind = "standin",
 ) -> int:
     """`gcr up --dev [--demo]`: serve until interrupted. With `demo`, first run the demo job and
     keep serving, so that its links (the studio page, the images) work; with `once` too,
@@ -123,14 +133,19 @@ async def run_dev_stack(
     if main is not None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    stack = dev_stack(generator, port=port, critic_latency_s=critic_latency_s, edit_generator=edit_generator)
+    stack = dev_stack(
+        generator, port=port, critic_latency_s=critic_latency_s, edit_generator=edit_generator, critic=critic
+    )
     async with stack as url:
         pace = f", {critic_latency_s:g} s per critique" if critic_latency_s else ""
         editing = f", edit generator {edit_generator}" if edit_generator else ""
+        judge = (
+            "the real vllm serve on a tiny random-weight Qwen3-VL (random judgments)"
+            if critic == "vllm"
+            else f"stand-in critic (scripted scores, NOT a real judge{pace})"
+        )
         console.print(
-            f"gcr dev stack: gateway {url}, generator {generator}{editing}, "
-            f"stand-in critic (scripted scores, NOT a real judge{pace}), auth off",
-            soft_wrap=True,
+            f"gcr dev stack: gateway {url}, generator {generator}{editing}, {judge}, auth off", soft_wrap=True
         )
         console.print(f"studio: {url}/studio   API docs: {url}/docs", soft_wrap=True)
         if demo:
@@ -158,6 +173,7 @@ async def dev_stack(
     settings: Settings | None = None,
     critic_latency_s: float | None = None,
     edit_generator: str | None = DEV_EDIT_GENERATOR,
+    critic: CriticKind = "standin",
 ) -> AsyncIterator[str]:
     """The `gcr up --dev` stack for the length of an `async with`; yields the gateway URL.
 
@@ -170,10 +186,13 @@ async def dev_stack(
     stand-in (`standin`, default: the demo schedule for every instruction), taking
     `critic_latency_s` per critique when given. The
     worker installs no signal handlers: Ctrl-C stays with the caller.
+    With `critic="vllm"` it is the real `vllm serve` on the tiny Qwen3-VL instead
+    (`VllmMissing` says how to install it).
     """
     from service.critic.client import OpenAICritic
     from workers.critics.standin import running_standin
     from workers.critics.standin_config import StandinConfig, StandinRule
+    from workers.critics.tiny_model import SERVED_NAME
     from workers.generators import load_generator
     from workers.worker import Worker
 
@@ -185,15 +204,25 @@ async def dev_stack(
     with contextlib.ExitStack() as resources:
         redis_url = resources.enter_context(local_redis(base.redis_url))
         resources.callback(_delete_keys, redis_url, prefix)
-        # A thread-hosted stand-in, as the tests use: it keeps answering while this loop is busy.
-        critic_url = resources.enter_context(running_standin(config))
+        if critic == "vllm":
+            server = await asyncio.to_thread(_start_vllm, base.cache_dir)
+            resources.callback(server.stop)
+            critic_settings = {
+                "critic_base_url": server.base_url,
+                "critic_model": SERVED_NAME,
+                "critic_max_tokens": DEV_VLLM_MAX_TOKENS,
+                "critic_structured_outputs": True,
+            }
+        else:
+            # A thread-hosted stand-in, as the tests use: it keeps answering while this loop is busy.
+            critic_settings = {"critic_base_url": resources.enter_context(running_standin(config))}
+            critic_settings["critic_model"] = config.model
         stack_settings = base.model_copy(
             update={
                 "redis_url": redis_url,
                 "redis_prefix": prefix,
                 "generator": generator,
-                "critic_base_url": critic_url,
-                "critic_model": config.model,
+                **critic_settings,
                 "critic_edit_model": None,
                 "critic_api_key": None,
                 "auth_disabled": True,
@@ -201,7 +230,7 @@ async def dev_stack(
                 "rate_limit_per_s": 0,
             }
         )
-        critic = OpenAICritic(stack_settings)
+        critic_client = OpenAICritic(stack_settings)
         roles = {"worker": generator, "edit-worker": edit_generator}
         workers: list[Worker] = []
         for role, role_generator in roles.items():
@@ -210,7 +239,7 @@ async def dev_stack(
                     update={"generator": role_generator, "worker_id": f"{prefix}-{role}"}
                 )
                 backend = await asyncio.to_thread(load_generator, worker_settings)
-                workers.append(Worker(worker_settings, backend, critic))
+                workers.append(Worker(worker_settings, backend, critic_client))
         worker_tasks = [asyncio.create_task(worker.run(drain_grace_s=2.0)) for worker in workers]
         gateway: uvicorn.Server | None = None
         gateway_task: asyncio.Task[None] | None = None
@@ -230,7 +259,29 @@ async def dev_stack(
                 if running is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await asyncio.wait_for(running, timeout=10)
-            await critic.aclose()
+            await critic_client.aclose()
+
+
+def _start_vllm(cache_dir: Path) -> VllmServer:
+    """The real `vllm serve` on the tiny critic (built into `cache_dir` once), ready to answer."""
+    from workers.critics.tiny_model import SERVED_NAME, build_tiny_critic
+
+    vllm_binary()  # before building anything: VllmMissing says how to install it
+    model = cache_dir / "tiny-critic"
+    if not (model / "config.json").exists():
+        build_tiny_critic(model)
+    server = VllmServer(
+        serve_args(deployed_args("compose"), model, free_port(), SERVED_NAME), cache_dir / "vllm-dev.log"
+    )
+    console.print(f"starting vllm serve on the tiny critic (about a minute on a CPU; log: {server.log_path})")
+    server.start()
+    try:
+        ready_s = server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    log.info("vllm serve answered after %.0f s", ready_s)
+    return server
 
 
 async def _until_visible(worker: Worker, task: asyncio.Task[None], timeout_s: float = 30) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from gcr.types import STRATEGIES, Critique, Mode
-from service.errors import GcrError
+from service.errors import ConfigurationError, GcrError
 from service.settings import GatewaySettings, SharedSettings, WorkerSettings
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ def worker() -> None:
         asyncio.run(run_worker(settings))
     except GcrError as exc:
         raise click.ClickException(exc.message) from exc
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 async def run_worker(settings: WorkerSettings) -> None:
@@ -334,7 +336,7 @@ def model_defaults(model: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--dev", is_flag=True, help="The offline stack: tiny pipeline and stand-in critic (the only one so far).")
+@click.option("--dev", is_flag=True, help="The offline stack: tiny pipelines and a local critic (the only one so far).")
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--generator", default="tiny:sd", show_default=True, help="GCR_GENERATOR for the worker.")
 @click.option(
@@ -352,16 +354,33 @@ def model_defaults(model: str, as_json: bool) -> None:
     help="Seconds the stand-in critic takes per critique; RationalRewards on a GPU takes 10-60.",
 )
 @click.option("--once", is_flag=True, help="With --demo: exit with the demo job's status instead of serving on.")
+@click.option(
+    "--critic",
+    type=click.Choice(["standin", "vllm"]),
+    default="standin",
+    show_default=True,
+    help="standin: scripted scores; vllm: the real `vllm serve` on a tiny random-weight Qwen3-VL "
+    "(vLLM's CPU build: ./scripts/setup-vllm).",
+)
 def up(
-    dev: bool, port: int, generator: str, edit_generator: str, demo: bool, critic_latency: float, once: bool
+    dev: bool,
+    port: int,
+    generator: str,
+    edit_generator: str,
+    demo: bool,
+    critic_latency: float,
+    once: bool,
+    critic: str,
 ) -> None:
-    """Run the whole stack on this machine: Redis (if none answers), gateway, worker, stand-in critic."""
+    """Run the whole stack on this machine: Redis (if none answers), gateway, workers, a critic."""
     from service.cli.devstack import run_dev_stack
 
     if not dev:
         raise click.UsageError(
             "gcr up runs the offline stack only: add --dev. On a GPU host use docker compose (docs/gpu.md)."
         )
+    if critic == "vllm" and critic_latency:
+        raise click.UsageError("--critic-latency paces the stand-in critic; a real vLLM takes the time it takes")
     _logging("text")
     try:
         code = asyncio.run(
@@ -372,6 +391,7 @@ def up(
                 critic_latency_s=critic_latency,
                 once=once,
                 edit_generator=None if edit_generator == "none" else edit_generator,
+                critic="vllm" if critic == "vllm" else "standin",
             )
         )
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: the stack cleaned up
@@ -412,7 +432,7 @@ def keys_new(tenant: str) -> None:
 
 @main.group()
 def dev() -> None:
-    """Developer tools: tiny test pipelines, the stand-in critic."""
+    """Developer tools: tiny test pipelines, the tiny critic model, the stand-in critic."""
 
 
 @dev.command("build-tiny-pipeline")
@@ -424,6 +444,21 @@ def build_tiny_pipeline(directory: Path, kind: str) -> None:
 
     path = build(kind, directory)
     click.echo(f"built tiny {kind} pipeline in {path}; serve it with GCR_GENERATOR={path}")
+
+
+@dev.command("build-tiny-critic")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def build_tiny_critic(directory: Path) -> None:
+    """Build a tiny random-weight Qwen3-VL (RationalRewards' architecture) into DIRECTORY, for
+    `vllm serve` in tests: it proves the protocol and the server, its judgments are noise."""
+    from workers.critics.tiny_model import SERVED_NAME
+    from workers.critics.tiny_model import build_tiny_critic as build
+
+    path = build(directory)
+    click.echo(
+        f"built the tiny critic in {path}; serve it with: vllm serve {path} --served-model-name {SERVED_NAME} "
+        f"(GCR_CRITIC_MODEL={SERVED_NAME})"
+    )
 
 
 @dev.command("standin-critic")
