@@ -66,9 +66,10 @@ def bare_app() -> Any:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from gcr.types import GenerateRequest, JobDocument
+    from gcr.types import GenerateRequest
     from service.jobs.connection import connect
     from service.jobs.keys import Keys
+    from service.jobs.records import StoredJob
     from service.settings import Settings
 
     settings = Settings()
@@ -76,12 +77,11 @@ def bare_app() -> Any:
     redis = connect(settings.redis_url)
     ttl = settings.result_ttl_s
     # The hash fields of a real queued job, encoded once: per request only id and time change.
-    sample = JobDocument(
+    sample = StoredJob(
         id="x", status="queued", spec=GenerateRequest(prompt="p"), stage="queued", created_at=0.0, owner="anonymous"
     )
     dumped = sample.model_dump(mode="json", exclude={"rounds", "queue_position", "links"})
     template = {key: json.dumps(value) for key, value in dumped.items() if value is not None}
-    template["owner"] = json.dumps(sample.owner)
 
     async def submit(request: Request) -> Response:
         body = json.loads(await request.body())
@@ -228,14 +228,14 @@ class Series:
 async def _heartbeats(redis_url: str, prefix: str, first: asyncio.Event) -> None:
     from service.jobs.connection import connect
     from service.jobs.keys import Keys
-    from service.jobs.queue import JobQueue
+    from service.jobs.registry import WorkerHeartbeat, WorkerRegistry
 
     client = connect(redis_url)
-    queue = JobQueue(client, Keys(prefix))
-    info = {"id": "bench-idle-worker", "state": "ready", "model": IDLE_MODEL, "modes": ["t2i"], "generator": "none"}
+    registry = WorkerRegistry(client, Keys(prefix))
+    beat = WorkerHeartbeat(id="bench-idle-worker", model=IDLE_MODEL, modes=["t2i"], generator="none")
     try:
         while True:
-            await queue.heartbeat("bench-idle-worker", info, ttl_s=10)
+            await registry.heartbeat(beat, ttl_s=10)
             first.set()
             await asyncio.sleep(2)
     finally:

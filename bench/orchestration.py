@@ -83,7 +83,7 @@ from service.settings import Settings  # noqa: E402
 from workers.critics.standin_config import StandinConfig  # noqa: E402
 from workers.generators.base import NO_HOOKS, Generator, GenRequest, StepHooks  # noqa: E402
 from workers.generators.simulated import SimulatedGenerator  # noqa: E402
-from workers.worker import Worker  # noqa: E402
+from workers.worker import Worker, connect_worker  # noqa: E402
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -342,7 +342,7 @@ async def run_workload(
     )
     generator = RecordingGenerator(SimulatedGenerator(settings.generator or "", settings))
     critic = OpenAICritic(settings)
-    worker = Worker(settings, generator, critic)
+    worker = Worker(settings, generator, critic, connect_worker(settings, generator))
     worker_task = asyncio.create_task(worker.run(drain_grace_s=5.0), name=f"bench-worker-{name}")
     loop = {"max_rounds": w.rounds, "threshold": 1.0, "patience": None}
     # Generous: even one job at a time would be done well within it. A job that stalls

@@ -36,7 +36,7 @@ from service.servers import serving  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from workers.critics.standin import running_standin  # noqa: E402
 from workers.generators import load_generator  # noqa: E402
-from workers.worker import Worker  # noqa: E402
+from workers.worker import Worker, connect_worker  # noqa: E402
 
 LOOP = {"max_rounds": 2, "candidates_per_round": 2, "threshold": 1.0, "patience": None}
 
@@ -65,7 +65,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "artifact_url" in Settings.model_fields:  # absent from code that kept images in Redis
             values["artifact_url"] = f"file://{artifacts}"
         settings = Settings(**values)
-        worker = Worker(settings, load_generator(settings), OpenAICritic(settings))
+        generator = load_generator(settings)
+        worker = Worker(settings, generator, OpenAICritic(settings), connect_worker(settings, generator))
         task = asyncio.create_task(worker.run(drain_grace_s=1))
         async with serving(create_app(settings)) as url, AsyncClient(url) as client:
             for _ in range(200):

@@ -7,6 +7,7 @@
         ├── InvalidInputError       422 invalid_input (and 413 payload_too_large, 415 unsupported_media_type)
         │   └── UnknownModelError   422 unknown_model: `choices` are the served models
         ├── AuthenticationError     401 unauthorized
+        ├── PermissionDeniedError   403 forbidden: a valid key without the right (admin routes)
         ├── NotFoundError           404 not_found
         ├── ConflictError           409 conflict (retryable)
         ├── RequestTimeoutError     408 request_timeout
@@ -16,7 +17,7 @@
         ├── NoWorkerError           503 no_worker (retryable)
         ├── StoreUnavailableError   503 store_unavailable, artifact_store_error (retryable)
         ├── CriticError             502/503/504 critic_*, critique_unparseable
-        └── ServerError             500 internal and the generator's codes
+        └── ServerError             500 internal, store_error and the generator's codes
 
 `CODES` is the one table of error codes: for each, its HTTP status, whether a retry
 can help, and the class the SDK raises. The gateway's exceptions (service/errors.py)
@@ -90,6 +91,9 @@ class UnknownModelError(InvalidInputError): ...
 class AuthenticationError(APIStatusError): ...
 
 
+class PermissionDeniedError(APIStatusError): ...
+
+
 class NotFoundError(APIStatusError): ...
 
 
@@ -137,6 +141,7 @@ CODES: dict[str, Code] = {
     "bad_request": Code(400, False, InvalidInputError),
     "method_not_allowed": Code(405, False, InvalidInputError),
     "unauthorized": Code(401, False, AuthenticationError),
+    "forbidden": Code(403, False, PermissionDeniedError),
     "not_found": Code(404, False, NotFoundError),
     "artifact_gone": Code(410, False, NotFoundError),
     "conflict": Code(409, True, ConflictError),
@@ -146,6 +151,7 @@ CODES: dict[str, Code] = {
     "too_many_streams": Code(429, True, TooManyStreamsError),
     "no_worker": Code(503, True, NoWorkerError),
     "store_unavailable": Code(503, True, StoreUnavailableError),
+    "store_error": Code(500, False, ServerError),
     "artifact_store_error": Code(503, True, StoreUnavailableError),
     "job_still_running": Code(504, False, APIStatusError),
     "critic_error": Code(502, False, CriticError),

@@ -1,9 +1,10 @@
 """The wire contract shared by the gateway, the worker and the CLI.
 
-HTTP bodies, the job document stored in Redis, rounds, critiques and events all
-live here. What clients send forbids unknown fields. The stored document tolerates
-unknown top-level fields, but its `spec` is the client's request and stays strict:
-add spec fields with defaults, and roll out gateways before relying on them.
+HTTP bodies, the job document, rounds, critiques and events all live here: what clients
+send and see. What clients send forbids unknown fields. The service stores a job as a
+record that extends the document (`service.jobs.records`); the document tolerates unknown
+top-level fields, but its `spec` is the client's request and stays strict: add spec
+fields with defaults, and roll out gateways before relying on them.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ Score = Annotated[float, PlainSerializer(_rounded, return_type=float, when_used=
 """A score as JSON carries it: 4 decimals (0.42, not 0.41999999999999993). The mean that
 makes an overall is computed in full; only what is written out is rounded."""
 MAX_SEED = 2**32 - 1
+
+
+def source_image_problem(mode: str, has_source: bool) -> str | None:
+    """Why a source image does not fit the mode (an edit needs one, text-to-image takes none);
+    None when it does. The one rule, for jobs and critiques alike."""
+    if mode == "edit" and not has_source:
+        return "mode `edit` needs a source_image"
+    if mode == "t2i" and has_source:
+        return "mode `t2i` takes no source_image; use mode `edit` to edit an image"
+    return None
 
 
 def known_dimensions(scores: dict[str, float]) -> dict[str, float]:
@@ -235,8 +246,7 @@ class JobError(BaseModel):
 class Candidate(BaseModel):
     index: int
     seed: int
-    has_image: bool = Field(False, description="Its image was stored (the worker writes this, never a URL).")
-    image_url: str | None = Field(None, description="Absolute link to its PNG, made by the gateway.")
+    image_url: str | None = Field(None, description="Absolute link to its PNG; null when it made no image.")
     overall: Score | None = None
     critique: Critique | None = None
     error: JobError | None = None
@@ -371,10 +381,6 @@ class JobDocument(BaseModel):
     critic_model: str | None = None
     generator_model: str | None = None
     cancel_requested: bool = False
-    owner: str | None = Field(None, exclude=True, description="Tenant that submitted the job (never returned).")
-    base_url: str | None = Field(
-        None, exclude=True, description="Base URL the client submitted to: webhooks link back through it."
-    )
     queue_position: int | None = Field(None, description="0-based position among queued jobs, while queued.")
     links: dict[str, str] = Field(default_factory=dict)
 

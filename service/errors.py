@@ -8,12 +8,14 @@
     ├── NotFound               404  unknown id (or another key's id)
     │   └── ArtifactGone       410  the job is there, its image is not (any more)
     ├── Unauthorized           401  missing or unknown API key
+    ├── Forbidden              403  a valid key without the right (an admin route)
     ├── Conflict               409  the same Idempotency-Key is being processed right now
     ├── QueueFull              429  the queue cap is reached; retry later
     ├── RateLimited            429  this key's token bucket is empty; retry after Retry-After
     ├── TooManyStreams         429  this key (or the gateway) holds its limit of open streams and waits
     ├── InternalError          500  a bug: the catch-all answer (with a request id to find it in the logs)
-    ├── StoreUnavailable       503  Redis cannot be reached
+    ├── StoreUnavailable       503  Redis cannot be reached (or is full, read-only, loading)
+    ├── StoreError             500  Redis refused a command for good (WRONGTYPE, a script error)
     ├── ArtifactStoreError     503  the artifact store (disk, S3) refused a read or write
     ├── NoWorker               503  no live worker serves the job's mode; nothing would run it
     ├── JobStillRunning        504  a waiting call (OpenAI images API) timed out; the job goes on
@@ -62,10 +64,11 @@ class GcrError(Exception):
         super().__init__(message)
         self.message = message
         self.field = field
-        self.headers: dict[str, str] = {}
-        """Extra response headers (e.g. the job id a waiting call gave up on)."""
         self.choices: list[str] | None = None
         """The accepted values, for an error about a name (the error body's `choices`)."""
+        self.job_id: str | None = None
+        """The job that exists and that this error is about: its answer names it (`X-Gcr-Job-Id`),
+        and on the OpenAI API says not to retry (a retry there would submit a second job)."""
 
 
 class InvalidInput(GcrError):
@@ -77,8 +80,8 @@ class UnknownModel(InvalidInput):
 
     code = "unknown_model"
 
-    def __init__(self, message: str, *, served: list[str]) -> None:
-        super().__init__(message, field="model")
+    def __init__(self, message: str, *, served: list[str], field: str = "model") -> None:
+        super().__init__(message, field=field)
         self.choices = served
 
 
@@ -103,6 +106,12 @@ class ArtifactGone(NotFound):
     """The job exists, but one of its images is no longer stored (it expired, or was removed)."""
 
     code = "artifact_gone"
+
+
+class Forbidden(GcrError):
+    """A valid key asked for what it may not (an admin route without an admin key)."""
+
+    code = "forbidden"
 
 
 class Conflict(GcrError):
@@ -136,6 +145,13 @@ class StoreUnavailable(GcrError):
     code = "store_unavailable"
 
 
+class StoreError(GcrError):
+    """Redis answered, and refused a command for good (WRONGTYPE, a script error): retrying
+    will not help. A worker that keeps hitting one with a job dead-letters the job."""
+
+    code = "store_error"
+
+
 class InternalError(GcrError):
     """Something failed that gcr has no name for (a bug); the log has the traceback."""
 
@@ -162,7 +178,7 @@ class JobStillRunning(GcrError):
 
     def __init__(self, message: str, *, job_id: str) -> None:
         super().__init__(message, field="job_id")
-        self.headers["X-Gcr-Job-Id"] = job_id
+        self.job_id = job_id
 
 
 class JobFailed(GcrError):
@@ -175,7 +191,7 @@ class JobFailed(GcrError):
         super().__init__(message, field="job_id")
         self.code = code
         self.retryable = retryable
-        self.headers["X-Gcr-Job-Id"] = job_id
+        self.job_id = job_id
 
 
 class CriticError(GcrError):

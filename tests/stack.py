@@ -18,12 +18,12 @@ from service.errors import GcrError
 from service.gateway.app import create_app
 from service.jobs.connection import connect
 from service.jobs.keys import Keys
-from service.jobs.queue import JobQueue
+from service.jobs.registry import WorkerHeartbeat, WorkerRegistry
 from service.servers import free_port
 from service.settings import Settings
 from workers.critics.standin_config import StandinConfig
 from workers.generators import load_generator
-from workers.worker import Worker
+from workers.worker import Worker, connect_worker
 
 
 class Stack:
@@ -100,20 +100,20 @@ class Stack:
         The gateway refuses jobs that no live worker serves; tests that need jobs to stay
         queued (cancel while queued, queue caps, workers started later) register this
         instead of a real worker. Its info says what it is."""
-        queue = JobQueue(self._redis(), Keys(self.settings.redis_prefix))
+        registry = WorkerRegistry(self._redis(), Keys(self.settings.redis_prefix))
         # By default it announces the stack's model: a real worker started later claims what it let in.
         model = model or self.settings.model_name or self.settings.generator
-        info = {"id": worker_id, "state": "ready", "model": model, "modes": list(modes), "generator": "none"}
+        heartbeat = WorkerHeartbeat(id=worker_id, model=model, modes=list(modes), generator="none")
 
         async def beat() -> None:
             # Stopped by an event, never cancelled mid-command (see workers/runner.py).
             while not self._stopping.is_set():
                 with contextlib.suppress(GcrError):
-                    await queue.heartbeat(worker_id, info, ttl_s=5)
+                    await registry.heartbeat(heartbeat, ttl_s=5)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), min(0.5, self.settings.worker_stale_s / 3))
 
-        await queue.heartbeat(worker_id, info, ttl_s=5)
+        await registry.heartbeat(heartbeat, ttl_s=5)
         self._background.append(asyncio.create_task(beat()))
 
     def _redis(self) -> Any:
@@ -121,11 +121,12 @@ class Stack:
             self._redis_client = connect(self.settings.redis_url)
         return self._redis_client
 
-    async def start_worker(self, *, wait: bool = True, **overrides: Any) -> Worker:
+    async def start_worker(self, *, wait: bool = True, redis_client: Any = None, **overrides: Any) -> Worker:
+        """A worker of the stack's settings with `overrides`; `redis_client` replaces its Redis client."""
         settings = self.settings.model_copy(update={"worker_id": f"w{len(self.workers)}", **overrides})
         generator = await asyncio.to_thread(load_generator, settings)
         critic = OpenAICritic(settings)
-        worker = Worker(settings, generator, critic)
+        worker = Worker(settings, generator, critic, connect_worker(settings, generator, redis_client))
         task = asyncio.create_task(worker.run(drain_grace_s=2.0))
         self.workers.append((worker, task, critic))
         if wait:

@@ -7,8 +7,8 @@ asks the policy between stages. Semantics (DESIGN.md, "The loop"):
 - Every candidate is judged against the ORIGINAL instruction, so overall scores
   compare across rounds; the policy only ever sees those scores.
 - A round's chosen candidate is its best by overall score, ties broken by text
-  faithfulness, then by the lower candidate index.
-- The job's result is the best chosen candidate over ALL rounds (earliest wins a tie).
+  faithfulness, then by the lower candidate index; the job's result is the best chosen
+  candidate over ALL rounds, the earliest winning a tie (`service.jobs.ranking`).
 - Acceptance: the chosen candidate's overall >= threshold AND every configured
   per-dimension minimum is met (an N/A dimension with a minimum fails it).
 - Checks, in order: accepted, max_rounds, deadline, patience (no_improvement),
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gcr.types import MAX_SEED, TEXT_FAITHFULNESS, Candidate, Critique, LoopParams, Round, StopReason
+from gcr.types import MAX_SEED, Critique, LoopParams, Round, StopReason
+from service.jobs.ranking import ranked
 
 # How many earlier rounds' refinement comments `history=True` carries, and how long each may be.
 HISTORY_ROUNDS = 3
@@ -75,20 +76,6 @@ def edit_instruction(critique: Critique) -> str:
     return critique.refinement_comments.strip() or (critique.refined_request or "").strip()
 
 
-def _rank(candidate: Candidate) -> tuple[float, float, int]:
-    assert candidate.overall is not None and candidate.critique is not None
-    tf = candidate.critique.score(TEXT_FAITHFULNESS)
-    return (candidate.overall, tf if tf is not None else 0.0, -candidate.index)
-
-
-def choose_candidate(candidates: Sequence[Candidate]) -> int | None:
-    """Index of the best critiqued candidate of a round, or None when none was critiqued."""
-    scored = [c for c in candidates if c.overall is not None and c.critique is not None]
-    if not scored:
-        return None
-    return max(scored, key=_rank).index
-
-
 class LoopPolicy:
     """Decides the loop of one job from its params, base seed and instruction."""
 
@@ -116,19 +103,14 @@ class LoopPolicy:
         return True
 
     def best(self, rounds: Sequence[Round]) -> Pick | None:
-        """The best chosen candidate over all rounds; the earliest wins a tie."""
-        best: Pick | None = None
-        best_rank: tuple[float, float] | None = None
-        for round_ in rounds:
-            if round_.chosen is None:
-                continue
-            candidate = round_.candidates[round_.chosen]
-            rank = _rank(candidate)[:2]
-            if best_rank is None or rank > best_rank:
-                assert candidate.overall is not None
-                best = Pick(round_.index, candidate.index, candidate.overall, round_.prompt)
-                best_rank = rank
-        return best
+        """The best chosen candidate over all rounds; the earliest wins a tie (`service.jobs.ranking`,
+        the one ranking the OpenAI API's answers use too)."""
+        picks = ranked(rounds)
+        if not picks:
+            return None
+        round_, candidate = picks[0]
+        assert candidate.overall is not None
+        return Pick(round_.index, candidate.index, candidate.overall, round_.prompt)
 
     def best_before(self, rounds: Sequence[Round]) -> float | None:
         pick = self.best(rounds)

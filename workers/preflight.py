@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 from service.errors import GcrError
 from service.jobs.connection import connect
 from service.jobs.keys import Keys
-from service.jobs.queue import JobQueue
+from service.jobs.registry import WorkerHeartbeat, WorkerRegistry
 from service.settings import WorkerSettings
 from workers.generators.memory import MemoryProbe, Verdict, check, cuda_probe, is_edit_model, megapixels_for
 
@@ -44,34 +43,31 @@ async def hold_until_it_fits(
         log.info("memory check for %s: %s", model, verdict.message)
         return verdict
     redis = connect(settings.redis_url, settings.redis_max_connections, settings.redis_pool_timeout_s)
-    queue = JobQueue(redis, Keys(settings.redis_prefix))
+    registry = WorkerRegistry(redis, Keys(settings.redis_prefix))
     try:
         while not verdict.fits:
             log.error("not loading %s: %s; checking again in %.0fs", model, verdict.message, settings.memory_retry_s)
-            info = unfit_info(settings, model, device, verdict.message)
+            beat = unfit_heartbeat(settings, model, device, verdict.message)
             until = time.monotonic() + settings.memory_retry_s
             while time.monotonic() < until:
                 with contextlib.suppress(GcrError):
-                    await queue.heartbeat(
-                        settings.worker_id, {**info, "at": time.time()}, ttl_s=settings.heartbeat_s * 3
-                    )
+                    await registry.heartbeat(beat.model_copy(update={"at": time.time()}), settings.heartbeat_s * 3)
                 await asyncio.sleep(min(settings.heartbeat_s, max(0.0, until - time.monotonic())))
             verdict = await asyncio.to_thread(check, settings, model, device, megapixels, probe)
         log.info("memory check for %s: %s", model, verdict.message)
         with contextlib.suppress(GcrError):
-            await queue.forget_worker(settings.worker_id)
+            await registry.forget(settings.worker_id)
         return verdict
     finally:
         await redis.aclose()
 
 
-def unfit_info(settings: WorkerSettings, model: str, device: str, reason: str) -> dict[str, Any]:
-    return {
-        "id": settings.worker_id,
-        "state": "unfit",
-        "reason": f"{model} does not fit on {device}: {reason}",
-        "model": settings.model_name or model,
-        "generator": model,
-        "modes": [],
-        "device": device,
-    }
+def unfit_heartbeat(settings: WorkerSettings, model: str, device: str, reason: str) -> WorkerHeartbeat:
+    return WorkerHeartbeat(
+        id=settings.worker_id,
+        state="unfit",
+        reason=f"{model} does not fit on {device}: {reason}",
+        model=settings.model_name or model,
+        generator=model,
+        runtime={"device": device},
+    )

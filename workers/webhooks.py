@@ -33,8 +33,10 @@ from typing import Any, Literal
 import httpx
 from standardwebhooks import Webhook
 
-from gcr.types import JobDocument, WebhookStatus
+from gcr.types import WebhookStatus
 from service.errors import GcrError, InvalidInput
+from service.jobs.presenter import base_of, present
+from service.jobs.records import StoredJob
 from service.jobs.store import JobStore
 from service.netguard import check_public_url
 from service.retrying import retrying
@@ -63,25 +65,22 @@ def signed_headers(secret: str | None, message_id: str, body: bytes) -> dict[str
 
 
 def payload(
-    doc: JobDocument, public_url: str | None, event: WebhookEvent = "completed", round_index: int | None = None
+    job: StoredJob, public_url: str | None, event: WebhookEvent = "completed", round_index: int | None = None
 ) -> dict[str, Any]:
-    """The webhook body: the event, the job's summary (and for `round`, that round). Links are
-    absolute: GCR_PUBLIC_URL, else the base URL the client submitted to (stored on the job)."""
-    base = (public_url or doc.base_url or "").rstrip("/")
-    best = None
-    if doc.best is not None:
-        link = f"{base}/jobs/{doc.id}/images/{doc.best.round}/{doc.best.candidate}"
-        best = {**doc.best.model_dump(), "image_url": link}
+    """The webhook body: the event, the job's summary (and for `round`, that round), as the
+    presenter shows the job: links absolute, from GCR_PUBLIC_URL, else the base URL the
+    client submitted to."""
+    doc = present(job, base_of(job, public_url))
     body: dict[str, Any] = {
         "event": event,
         "id": doc.id,
         "status": doc.status,
         "stop_reason": doc.stop_reason,
-        "best": best,
+        "best": doc.best.model_dump() if doc.best else None,
         "summary": doc.summary.model_dump() if doc.summary else None,
         "error": doc.error.model_dump() if doc.error else None,
         "finished_at": doc.finished_at,
-        "job_url": f"{base}/jobs/{doc.id}",
+        "job_url": doc.links["self"],
         "rounds": len(doc.rounds),
     }
     if event == "round" and round_index is not None:
@@ -110,11 +109,11 @@ class WebhookNotifier:
         self._tasks: set[asyncio.Task[WebhookStatus]] = set()
         self._http = httpx.AsyncClient(timeout=settings.webhook_timeout_s, follow_redirects=False)
 
-    def notify(self, doc: JobDocument, event: WebhookEvent = "completed", round_index: int | None = None) -> None:
+    def notify(self, job: StoredJob, event: WebhookEvent = "completed", round_index: int | None = None) -> None:
         """Deliver `event` in the background if the job has a callback and its filter takes it."""
-        if doc.spec.callback_url is None or event not in doc.spec.webhook_events_filter:
+        if job.spec.callback_url is None or event not in job.spec.webhook_events_filter:
             return
-        task = asyncio.create_task(self.deliver(doc, doc.spec.callback_url, event, round_index))
+        task = asyncio.create_task(self.deliver(job, job.spec.callback_url, event, round_index))
         self._tasks.add(task)
         task.add_done_callback(self._forget)
 
@@ -133,40 +132,40 @@ class WebhookNotifier:
         await self._http.aclose()
 
     async def deliver(
-        self, doc: JobDocument, url: str, event: WebhookEvent = "completed", round_index: int | None = None
+        self, job: StoredJob, url: str, event: WebhookEvent = "completed", round_index: int | None = None
     ) -> WebhookStatus:
         """Deliver with retries; the `completed` delivery's outcome is recorded on the job."""
         status = WebhookStatus(state="pending")
         try:
-            await self._attempt(doc, url, status, event, round_index)
+            await self._attempt(job, url, status, event, round_index)
         except Exception as exc:
             # Not an HTTP failure (httpx lets a bad port out as ValueError or an exception
             # group, for one): retrying will not help, but the job must still say it failed.
-            log.exception("webhook for job %s could not be sent", doc.id)
+            log.exception("webhook for job %s could not be sent", job.id)
             status.last_error = f"{type(exc).__name__}: {exc}"
         if status.state != "delivered":
             status.state = "failed"
             log.warning(
                 "%s webhook for job %s failed after %d attempt(s): %s",
                 event,
-                doc.id,
+                job.id,
                 status.attempts,
                 status.last_error,
             )
         if event != "completed":
             return status
         try:
-            await self.store.force_update(doc.id, webhook=status)
+            await self.store.record_webhook(job.id, status)
         except GcrError as exc:
-            log.warning("could not record webhook status of job %s: %s", doc.id, exc.message)
+            log.warning("could not record webhook status of job %s: %s", job.id, exc.message)
         return status
 
     async def _attempt(
-        self, doc: JobDocument, url: str, status: WebhookStatus, event: WebhookEvent, round_index: int | None
+        self, job: StoredJob, url: str, status: WebhookStatus, event: WebhookEvent, round_index: int | None
     ) -> None:
         """POST until delivered or out of attempts, keeping `status` current after each."""
-        body = json.dumps(payload(doc, self.settings.public_url, event, round_index)).encode()
-        message_id = delivery_id(doc.id, event, round_index)
+        body = json.dumps(payload(job, self.settings.public_url, event, round_index)).encode()
+        message_id = delivery_id(job.id, event, round_index)
         delivery = retrying(
             on=_NotDelivered,
             first_s=self.settings.webhook_backoff_s,

@@ -194,7 +194,7 @@ async def dev_stack(
     from workers.critics.standin_config import StandinConfig, StandinRule
     from workers.critics.tiny_model import SERVED_NAME
     from workers.generators import load_generator
-    from workers.worker import Worker
+    from workers.worker import Worker, connect_worker
 
     base = settings or Settings()
     config = standin or StandinConfig(rules=[StandinRule(instruction="", rounds=list(DEMO_SCHEDULE))])
@@ -239,7 +239,9 @@ async def dev_stack(
                     update={"generator": role_generator, "worker_id": f"{prefix}-{role}"}
                 )
                 backend = await asyncio.to_thread(load_generator, worker_settings)
-                workers.append(Worker(worker_settings, backend, critic_client))
+                workers.append(
+                    Worker(worker_settings, backend, critic_client, connect_worker(worker_settings, backend))
+                )
         worker_tasks = [asyncio.create_task(worker.run(drain_grace_s=2.0)) for worker in workers]
         gateway: uvicorn.Server | None = None
         gateway_task: asyncio.Task[None] | None = None

@@ -117,7 +117,7 @@ async def run_worker(settings: WorkerSettings) -> None:
     from workers.generators.loading import resolve_device
     from workers.health import HealthServer
     from workers.preflight import checked_model, hold_until_it_fits
-    from workers.worker import Worker, served_model
+    from workers.worker import Worker, connect_worker, served_model
 
     log = logging.getLogger("gcr.worker")
     loop = asyncio.get_running_loop()
@@ -144,7 +144,7 @@ async def run_worker(settings: WorkerSettings) -> None:
             await hold_until_it_fits(settings, model, device)
     generator = await asyncio.to_thread(load_generator, settings)
     log.info("loaded generator %s (modes %s)", generator.name, sorted(generator.modes))
-    worker = Worker(settings, generator, critic)
+    worker = Worker(settings, generator, critic, connect_worker(settings, generator))
     _on_stop_signals(loop, lambda _signum: worker.stop())
     health = None
     if settings.worker_metrics_port:

@@ -32,7 +32,7 @@ from prometheus_client import Counter
 from tenacity import RetryCallState
 
 from gcr.backoff import equal_jitter_s, retry_after_s
-from gcr.types import Critique, Mode
+from gcr.types import Critique, Mode, source_image_problem
 from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import ImageInput, Template, build_messages, load_templates
 from service.errors import (
@@ -93,10 +93,9 @@ def critique_mode(source_image: ImageInput | None, mode: Mode | None) -> Mode:
     """The mode a critique is judged in: the one asked for, else edit with a source image
     and t2i without; a source image that does not fit the mode is refused."""
     mode = mode or ("edit" if source_image is not None else "t2i")
-    if mode == "edit" and source_image is None:
-        raise InvalidInput("an edit critique needs the source image", field="source_image")
-    if mode == "t2i" and source_image is not None:
-        raise InvalidInput("a t2i critique takes no source image", field="source_image")
+    problem = source_image_problem(mode, source_image is not None)
+    if problem is not None:
+        raise InvalidInput(problem, field="source_image")
     return mode
 
 

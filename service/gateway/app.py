@@ -28,10 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gcr.types import ErrorBody, ErrorResponse
 from service.errors import GcrError, RateLimited, Unauthorized
 from service.gateway import http_metrics
+from service.gateway.bodies import JSON_OVERHEAD_BYTES
 from service.gateway.body_limit import BodyLimitMiddleware
+from service.gateway.fleet import Fleet
+from service.gateway.job_service import JobService
 from service.gateway.routers import admin, critique, health, jobs, openai_compat, studio
 from service.gateway.state import GatewayState
-from service.gateway.submit import JSON_OVERHEAD_BYTES
 from service.settings import GatewaySettings
 
 log = logging.getLogger("gcr.gateway")
@@ -91,7 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GcrError)
     async def gcr_error(request: Request, exc: GcrError) -> JSONResponse:
         http_metrics.ERRORS.labels(exc.code).inc()
-        headers = dict(exc.headers)
+        headers: dict[str, str] = {}
         if isinstance(exc, RateLimited):
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         elif exc.status_code in (429, 503):
@@ -104,8 +106,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 500:  # our failure, not the job's or a dependency's: make it findable
             body.request_id = headers["x-request-id"] = _request_id(request)
             log.error("%s answered 500 %s (request %s): %s", request.url.path, exc.code, body.request_id, exc.message)
-        if "x-should-retry" in exc.headers:  # the route knows better (a job exists: no retry)
-            body.retryable = exc.headers["x-should-retry"] == "true"
+        if exc.job_id is not None:
+            headers["X-Gcr-Job-Id"] = exc.job_id
+            if request.url.path.startswith("/v1/"):
+                # One call, one job: once it exists, no OpenAI-API answer invites a retry, which
+                # would submit a second job (the native API's clients send an Idempotency-Key).
+                body.retryable = False
         return _error_response(request, exc.status_code, body, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -147,6 +153,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = GatewayState(settings)
         app.state.gcr = state
+        app.state.fleet = Fleet(settings, state.registry, state.queue)
+        app.state.jobs = JobService(settings, state.store, state.lifecycle, app.state.fleet)
         if settings.auth_disabled:
             log.warning("AUTH IS DISABLED (GCR_AUTH_DISABLED=true): anyone who reaches this port can use it")
         elif not settings.api_keys and not settings.admin_keys:
@@ -203,7 +211,7 @@ async def _expire_unclaimed(state: GatewayState) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            for job_id in await state.store.expire_unclaimed(state.settings.queue_timeout_s):
+            for job_id in await state.lifecycle.expire_unclaimed(state.settings.queue_timeout_s):
                 log.warning("job %s expired: no worker claimed it in %.0fs", job_id, state.settings.queue_timeout_s)
         except GcrError as exc:
             log.warning("could not expire unclaimed jobs: %s", exc.message)

@@ -12,7 +12,7 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from service.errors import Unauthorized
+from service.errors import Forbidden, Unauthorized
 from service.settings import GatewaySettings
 
 ANONYMOUS = "anonymous"
@@ -64,3 +64,9 @@ def authenticate(settings: GatewaySettings, authorization: str | None) -> Princi
     if tenant is None:
         raise Unauthorized("unknown API key")
     return Principal(tenant, key_id=digest[:16])
+
+
+def require_admin(caller: Principal) -> None:
+    """Admin routes: a valid key that is not an admin's is authenticated but not allowed (403)."""
+    if not caller.admin:
+        raise Forbidden("this route needs an admin key (GCR_ADMIN_KEYS); this key is not one")

@@ -1,4 +1,5 @@
-"""What every router depends on: the replica's state, the authenticated caller, a valid job id."""
+"""What every router depends on: the replica's connections, its job service and fleet, the
+authenticated caller, a valid job id."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from fastapi import Depends, Header, Path, Query, Request
 from gcr.types import ErrorResponse
 from service.errors import NotFound
 from service.gateway.auth import Principal, authenticate
+from service.gateway.fleet import Fleet
+from service.gateway.job_service import JobService
 from service.gateway.state import GatewayState
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 404, 408, 409, 422, 429, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 408, 409, 422, 429, 502, 503, 504)
 }
 UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 415)}
 
@@ -25,6 +28,20 @@ async def get_state(request: Request) -> GatewayState:
 
 
 State = Annotated[GatewayState, Depends(get_state)]
+
+
+async def get_jobs(request: Request) -> JobService:
+    jobs: JobService = request.app.state.jobs
+    return jobs
+
+
+async def get_fleet(request: Request) -> Fleet:
+    fleet: Fleet = request.app.state.fleet
+    return fleet
+
+
+Jobs = Annotated[JobService, Depends(get_jobs)]
+Workers = Annotated[Fleet, Depends(get_fleet)]
 
 
 async def get_principal(

@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gcr.types import Candidate, GenerateRequest, JobDocument, Round
+from gcr.types import GenerateRequest, JobDocument, TokenUsage
 from service.errors import InvalidInput
-from service.gateway.submit import validation_error
+from service.gateway.bodies import validation_error
 
 ResponseFormat = Literal["b64_json", "url"]
 OutputFormat = Literal["png", "jpeg", "webp"]
@@ -134,12 +134,6 @@ def job_request(body: ImageGenerationRequest, mode: str) -> GenerateRequest:
         raise validation_error(exc) from exc
 
 
-def ranked(doc: JobDocument) -> list[tuple[Round, Candidate]]:
-    """Every critiqued candidate with an image, best first (ties: the earlier round)."""
-    scored = [(r, c) for r in doc.rounds for c in r.candidates if c.overall is not None and c.has_image]
-    return sorted(scored, key=lambda rc: (-(rc[1].overall or 0.0), rc[0].index, rc[1].index))
-
-
 def encode(png: bytes, output_format: OutputFormat, compression: int | None) -> bytes:
     """The stored PNG in the format asked for (`compression`: jpeg/webp quality, default 100)."""
     if output_format == "png":
@@ -159,14 +153,11 @@ def b64(data: bytes) -> str:
 
 def usage(doc: JobDocument) -> dict[str, Any]:
     """OpenAI's `usage`, counted as the tokens the reward model read and wrote over all of the
-    job's critiques (a diffusion generator spends no tokens). The critic reports no split of
-    its input between text and image, so `input_tokens_details.text_tokens` holds it all."""
-    read = wrote = 0
-    for round_ in doc.rounds:
-        for candidate in round_.candidates:
-            spent = (candidate.critique.usage if candidate.critique else None) or {}
-            read += int(spent.get("prompt_tokens", 0))
-            wrote += int(spent.get("completion_tokens", 0))
+    job's critiques, failed ones included (a diffusion generator spends no tokens). The critic
+    reports no split of its input between text and image, so `input_tokens_details.text_tokens`
+    holds it all."""
+    spent = sum((r.critic_usage or TokenUsage() for r in doc.rounds), TokenUsage())
+    read, wrote = spent.prompt_tokens, spent.completion_tokens
     return {
         "input_tokens": read,
         "input_tokens_details": {"image_tokens": 0, "text_tokens": read},

@@ -7,6 +7,7 @@ allocating its pixels. Accepted images are normalised to RGB PNG.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -16,17 +17,23 @@ import warnings
 from PIL import Image
 
 from service.errors import InvalidInput
+from service.settings import GatewaySettings
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
-def check_mode_images(mode: str, has_source: bool) -> None:
-    """An edit needs a source image; text-to-image takes none."""
-    if mode == "edit" and not has_source:
-        raise InvalidInput("mode `edit` needs a source_image", field="source_image")
-    if mode == "t2i" and has_source:
-        raise InvalidInput("mode `t2i` takes no source_image; use mode `edit` to edit an image", field="source_image")
+def check_text(text: str, *, field: str, limit: int) -> None:
+    """A prompt or an instruction no longer than the gateway takes (GCR_MAX_PROMPT_CHARS)."""
+    if len(text) > limit:
+        raise InvalidInput(f"{field} has {len(text)} characters; the limit is {limit}", field=field)
+
+
+async def checked_png(data: bytes, *, field: str, settings: GatewaySettings) -> bytes:
+    """A client's image checked (format, size, pixels) and normalised to RGB PNG, off the event loop."""
+    return await asyncio.to_thread(
+        check_image, data, field=field, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+    )
 
 
 def decode_base64_image(value: str, *, field: str, max_bytes: int) -> bytes:

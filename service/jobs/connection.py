@@ -9,12 +9,16 @@
   may have been applied, and its caller decides (jobs resume from their checkpoint).
 - What clients see says that the store is unavailable, never its address; the cause,
   with the host, stays in the exception chain and the logs.
+- An error reply is not unavailability: Redis full, read-only or loading is
+  (`StoreUnavailable`, retried); WRONGTYPE or a Lua error is not (`StoreError`: the same
+  command fails again, and a worker dead-letters the job that keeps hitting it).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
@@ -22,7 +26,7 @@ import redis as redis_sync
 import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
 
-from service.errors import StoreUnavailable
+from service.errors import StoreError, StoreUnavailable
 from service.jobs.keys import Keys
 
 P = ParamSpec("P")
@@ -59,17 +63,42 @@ def connect(url: str, max_connections: int = 200, pool_timeout_s: float = 10.0) 
     return redis.Redis.from_pool(pool)
 
 
-def unavailable(exc: Exception) -> StoreUnavailable:
+# Refusals that pass: Redis is full, a replica during a failover, a script or a load that
+# will end. Any other error reply (WRONGTYPE, a Lua error) says the same command will fail
+# again: `StoreError`, never retried as if Redis were away.
+_TRANSIENT_REFUSALS = {
+    "OOM": "the job store is full (Redis reached its maxmemory); retry once it frees memory",
+    "READONLY": "the job store is read-only (a Redis failover in progress); retry shortly",
+    "BUSY": "the job store is busy running a script; retry shortly",
+    "LOADING": "the job store is loading its data; retry shortly",
+    "MASTERDOWN": "the job store's primary is down; retry shortly",
+    "TRYAGAIN": "the job store asked to try again; retry shortly",
+    "CLUSTERDOWN": "the job store's cluster is down; retry shortly",
+    "NOREPLICAS": "the job store has too few replicas to write; retry shortly",
+}
+
+
+def refusal_kind(exc: redis_exceptions.ResponseError) -> str:
+    """The error reply's code: its first word (`WRONGTYPE`, `OOM`, `ERR`, ...), also when
+    redis-py wraps it in a pipeline's message ("Command # 2 (...) of pipeline caused error: ...")."""
+    message = str(exc)
+    wrapped = re.search(r"of pipeline caused error: (\S+)", message)
+    return wrapped[1] if wrapped else (message.split(" ", 1)[0] or "ERR")
+
+
+def unavailable(exc: Exception) -> StoreUnavailable | StoreError:
     """Ours, for the client: no address, no credentials (the cause stays chained)."""
     if isinstance(exc, redis_exceptions.ResponseError):
-        # OOM under noeviction, READONLY after a failover, ...: Redis answered but refused.
-        kind = str(exc).split(" ", 1)[0] or "an error"
-        return StoreUnavailable(f"the job store refused the command ({kind}); retry shortly")
+        kind = refusal_kind(exc)
+        if kind in _TRANSIENT_REFUSALS:
+            return StoreUnavailable(_TRANSIENT_REFUSALS[kind])
+        return StoreError(f"the job store refused a command for good ({kind}); see the logs")
     return StoreUnavailable("the job store (Redis) is unavailable; retry shortly")
 
 
 def translate_errors(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Decorate a store method: Redis being unreachable becomes `StoreUnavailable`."""
+    """Decorate a store method: Redis being unreachable becomes `StoreUnavailable`, a
+    permanent error reply `StoreError`."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 
 CONSUMER_GROUP = "workers"
+WEBHOOK_GROUP = "webhooks"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,16 @@ class Keys:
     def queued_index(self) -> str:
         """Sorted set of queued job ids by enqueue order: queue position and the queue cap."""
         return f"{self.prefix}:queued"
+
+    def queued_since(self) -> str:
+        """Sorted set of queued job ids by when they were queued (created, or handed to another
+        model): what `expire_unclaimed` scans, so a hop's wait counts from the hop."""
+        return f"{self.prefix}:queued-since"
+
+    def webhook_outbox(self) -> str:
+        """Stream of jobs whose `completed` webhook no worker sent (cancelled while queued,
+        expired unclaimed): any worker's notifier delivers them (consumer group `WEBHOOK_GROUP`)."""
+        return f"{self.prefix}:webhook-outbox"
 
     def heartbeats(self) -> str:
         """Sorted set: worker id -> time of its last heartbeat."""

@@ -40,7 +40,8 @@ UNHEALTHY_AFTER_S = 10.0  # failing this long, the gateway reports itself unread
 WATCH_GRACE_S = 2.0  # a watch without waiters is read this long before it is dropped
 
 
-def _id(entry_id: str) -> tuple[int, int]:
+def stream_position(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (`1700000000000-0`) as (ms, seq), which compare in stream order."""
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
@@ -96,13 +97,13 @@ class EventListener:
 
         True when woken (re-read to see what came), False on timeout."""
         self._ensure_running()
-        waiter = _Waiter(_id(after))
+        waiter = _Waiter(stream_position(after))
         key = self._keys.events(job_id)
         watch = self._watches.get(key)
         new = watch is None
         if watch is None:
             watch = self._watches[key] = _Watch(cursor=after)
-        elif _id(watch.cursor) > waiter.after:
+        elif stream_position(watch.cursor) > waiter.after:
             # The listener already passed entries this waiter has not read.
             waiter.woken.set()
         watch.waiters.add(waiter)  # before any await: a watch without waiters may be pruned
@@ -184,7 +185,7 @@ class EventListener:
                 if watch is None:
                     continue
                 watch.cursor = last
-                newest = _id(last)
+                newest = stream_position(last)
                 for waiter in watch.waiters:
                     if waiter.after < newest:
                         waiter.woken.set()

@@ -16,11 +16,8 @@ but a fixed share looks at `normal` or `low` first, so no priority starves.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
@@ -150,14 +147,22 @@ class JobQueue:
         for priority, key in ((p, k) for p in PRIORITIES for k in self._streams(p)):
             if len(claims) >= count:
                 break
-            reply = await self.redis.xautoclaim(
-                key,
-                CONSUMER_GROUP,
-                consumer,
-                int(min_idle_s * 1000),
-                start_id="0-0",
-                count=count - len(claims),
-            )
+            try:
+                reply = await self.redis.xautoclaim(
+                    key,
+                    CONSUMER_GROUP,
+                    consumer,
+                    int(min_idle_s * 1000),
+                    start_id="0-0",
+                    count=count - len(claims),
+                )
+            except redis_exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis restarted without its data: nothing is pending; make the groups again,
+                # or every later claim would fail the same way.
+                await self.ensure_groups()
+                continue
             entries = reply[1]
             deleted = reply[2] if len(reply) > 2 else []
             for entry_id, payload in entries:
@@ -231,27 +236,3 @@ class JobQueue:
     @idempotent_read
     async def ping(self) -> None:
         await self.redis.ping()
-
-    # --- worker liveness -------------------------------------------------------------------
-    @translate_errors
-    async def heartbeat(self, worker_id: str, info: dict[str, Any], ttl_s: float) -> None:
-        now = time.time()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.heartbeats(), {worker_id: now})
-            pipe.zremrangebyscore(self.keys.heartbeats(), "-inf", now - 3600)
-            pipe.set(self.keys.worker_info(worker_id), json.dumps(info), ex=max(1, int(ttl_s)))
-            await pipe.execute()
-
-    @translate_errors
-    async def forget_worker(self, worker_id: str) -> None:
-        await self.redis.zrem(self.keys.heartbeats(), worker_id)
-        await self.redis.delete(self.keys.worker_info(worker_id))
-
-    @idempotent_read
-    async def live_workers(self, stale_s: float) -> list[dict[str, Any]]:
-        """Workers whose last heartbeat is within `stale_s`, with what they reported."""
-        ids = await self.redis.zrangebyscore(self.keys.heartbeats(), time.time() - stale_s, "+inf")
-        if not ids:
-            return []
-        infos = await self.redis.mget([self.keys.worker_info(i.decode()) for i in ids])
-        return [json.loads(raw) if raw else {"id": i.decode()} for i, raw in zip(ids, infos, strict=True)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from itertools import combinations, pairwise
 from typing import Any
 
@@ -30,6 +31,19 @@ def crosses(segment: tuple[tuple[float, float], tuple[float, float]], box: Box) 
         box[0] <= x1 + (x2 - x1) * t <= box[0] + box[2] and box[1] <= y1 + (y2 - y1) * t <= box[1] + box[3]
         for t in (n / 400 for n in range(401))
     )
+
+
+async def rewrite_rounds(stack: Stack, job_id: str, change: Callable[[int, dict[str, Any]], None]) -> None:
+    """Rewrite a job's stored rounds in place (as another version of the worker wrote them)."""
+    client = connect(stack.settings.redis_url)
+    try:
+        key = Keys(stack.settings.redis_prefix).rounds(job_id)
+        for index, raw in enumerate(await client.lrange(key, 0, -1)):
+            stored = json.loads(raw)
+            change(index, stored)
+            await client.lset(key, index, json.dumps(stored))
+    finally:
+        await client.aclose()
 
 
 async def finished_job(stack: Stack, scores: list[float], threshold: float) -> str:
@@ -158,17 +172,13 @@ async def test_edit_rounds_show_action_model_reason_and_the_image_they_edited(st
         2: {"action": "edit", "model": "qwen-image-edit", "edited_from": {"round": 1, "candidate": 0},
             "reason": "auto: best 0.61 ≥ edit_above 0.4", "prompt": "sharpen the fox's fur"},
     }  # fmt: skip
-    client = connect(stack.settings.redis_url)
-    try:
-        key = Keys(stack.settings.redis_prefix).rounds(job_id)
-        for index, raw in enumerate(await client.lrange(key, 0, -1)):
-            stored = json.loads(raw)
-            for name in ("action", "model", "edited_from", "reason"):
-                stored.pop(name, None)
-            stored.update(edits[index] or {})
-            await client.lset(key, index, json.dumps(stored))
-    finally:
-        await client.aclose()
+
+    def as_written(index: int, stored: dict[str, Any]) -> None:
+        for name in ("action", "model", "edited_from", "reason"):
+            stored.pop(name, None)
+        stored.update(edits[index] or {})
+
+    await rewrite_rounds(stack, job_id, as_written)
 
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     await page.goto(f"{stack.url}/studio/jobs/{job_id}")
@@ -217,26 +227,26 @@ async def test_a_cut_prompt_and_an_unjudged_round_say_so(stack: Stack, browser: 
     job_id = await finished_job(stack, [0.42, 0.61], threshold=0.9)
     # Round 2 as a worker writes it when its refinement was longer than CLIP reads and its
     # critique then failed for good: the prompt it read, the cut, the image unjudged.
-    client = connect(stack.settings.redis_url)
-    try:
-        key = Keys(stack.settings.redis_prefix).rounds(job_id)
-        stored = json.loads(await client.lindex(key, 1))
+
+    def cut_and_unjudged(index: int, stored: dict[str, Any]) -> None:
+        if index != 1:
+            return
         stored["prompt"] = "a red fox in fresh snow at dawn"
         stored["prompt_fit"] = {"encoder": "CLIPTokenizer", "limit": 77, "tokens": 95, "cut": True,
                                 "dropped": "with long blue shadows"}  # fmt: skip
         stored.update({"chosen": None, "overall": None, "delta": None})
         error = {"code": "critique_unparseable", "message": "no score (after one re-ask)", "retryable": False}
         stored["candidates"][0].update({"critique": None, "overall": None, "error": error})
-        await client.lset(key, 1, json.dumps(stored))
-    finally:
-        await client.aclose()
+
+    await rewrite_rounds(stack, job_id, cut_and_unjudged)
 
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     await page.goto(f"{stack.url}/studio/jobs/{job_id}")
     rounds = page.locator("article.round")
     await expect(rounds).to_have_count(2, timeout=15_000)
     cut = rounds.nth(1).locator(".prompt-cut")
-    await expect(cut).to_contain_text("Shortened to the 77 tokens the generator's CLIPTokenizer reads (the text had 95)")
+    shortened = "Shortened to the 77 tokens the generator's CLIPTokenizer reads (the text had 95)"
+    await expect(cut).to_contain_text(shortened)
     await expect(cut.locator("del")).to_have_text("with long blue shadows")
     await expect(rounds.nth(0).locator(".prompt-cut")).to_have_count(0)
     second = rounds.nth(1).locator(".candidate")

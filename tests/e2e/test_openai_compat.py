@@ -83,3 +83,26 @@ async def test_a_job_that_outlasts_the_wait_names_the_job_to_poll(
         job_id = slow.response.headers["X-Gcr-Job-Id"]
         assert job_id in body["message"]
         assert (await stack.wait(job_id)).status == "succeeded"
+
+
+async def test_v1_answers_the_image_the_job_names_its_best_when_scores_tie(stack: Stack) -> None:
+    """Two candidates of equal overall score: the loop's tie-break (text faithfulness) picks the
+    second, and /v1 answers with that one, as `gcr.best` says (it used to answer the first)."""
+    from workers.critics.standin_config import StandinConfig
+
+    tie = [
+        {"overall": 0.5, "scores": {"text_faithfulness": 2.0, "physical_quality": 4.0}},
+        {"overall": 0.5, "scores": {"text_faithfulness": 4.0, "physical_quality": 2.0}},
+    ]
+    await stack.configure_critic(StandinConfig.model_validate({"rules": [{"instruction": "tie", "rounds": [tie]}]}))
+    await stack.start_worker()
+    async with _client(stack) as client:
+        result = await client.images.generate(
+            prompt="a tie", extra_body={"gcr": {"loop": {"max_rounds": 1, "candidates_per_round": 2}}}
+        )
+    gcr = result.model_extra["gcr"]  # type: ignore[index]
+    assert (gcr["best"]["round"], gcr["best"]["candidate"]) == (0, 1)
+    doc = await stack.client.get(gcr["job_id"])
+    assert doc.rounds[0].chosen == 1 and doc.best is not None and doc.best.candidate == 1
+    assert result.data is not None and result.data[0].b64_json is not None
+    assert base64.b64decode(result.data[0].b64_json) == await stack.client.image(doc.id, 0, 1)

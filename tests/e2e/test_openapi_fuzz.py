@@ -19,7 +19,7 @@ from schemathesis.checks import not_a_server_error, positive_data_acceptance
 from service.gateway.app import create_app
 from service.jobs.connection import connect, delete_prefix
 from service.jobs.keys import Keys
-from service.jobs.queue import JobQueue
+from service.jobs.registry import WorkerHeartbeat, WorkerRegistry
 from service.servers import config, free_port, serving_in_thread
 from service.settings import Settings
 from workers.critics.standin import running_standin
@@ -54,8 +54,8 @@ def gateway_url(redis_url: str) -> Iterator[str]:
 
 async def _idle_worker_heartbeat(redis_url: str, prefix: str) -> None:
     client = connect(redis_url)
-    info = {"id": "idle-fuzz-worker", "state": "ready", "model": "sim:0.0", "modes": ["t2i", "edit"]}
-    await JobQueue(client, Keys(prefix)).heartbeat("idle-fuzz-worker", info, ttl_s=3600)
+    beat = WorkerHeartbeat(id="idle-fuzz-worker", model="sim:0.0", modes=["t2i", "edit"])
+    await WorkerRegistry(client, Keys(prefix)).heartbeat(beat, ttl_s=3600)
     await client.aclose()
 
 

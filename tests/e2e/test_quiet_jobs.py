@@ -25,7 +25,7 @@ import gcr
 from gcr import _base as sdk_core
 from service.evaluation.cli import eval_command
 from service.evaluation.records import read_jsonl
-from service.gateway.routers import jobs as jobs_router
+from service.gateway import follow as follow_module
 from service.jobs import listener as listener_module
 from tests.e2e.test_crash_safety import ROOT
 from tests.stack import Stack
@@ -49,7 +49,7 @@ async def quiet(
 ) -> AsyncIterator[Stack]:
     # The gateway's own waits, shorter than a critique too: a stream's blocking read
     # (10 s) and the event listener's (5 s). They are constants, not settings.
-    monkeypatch.setattr(jobs_router, "SSE_BLOCK_MS", 400)
+    monkeypatch.setattr(follow_module, "BLOCK_MS", 400)
     monkeypatch.setattr(listener_module, "LISTEN_BLOCK_MS", 300)
     async with Stack(redis_url, redis_prefix, standin_url, **QUIET) as running:
         await running.configure_critic(

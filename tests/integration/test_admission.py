@@ -38,8 +38,9 @@ async def test_a_job_nobody_serves_is_refused_at_submit_with_the_reason(stack: S
         assert ready["modes"]["t2i"] == {"ready": True, "workers": ["w0"]}
         assert ready["modes"]["edit"]["ready"] is False and "mode 'edit'" in ready["modes"]["edit"]["reason"]
         worker = ready["workers"][0]
-        assert worker["state"] == "ready" and worker["device"] == "cpu" and worker["dtype"] == "float32"
-        assert worker["torch"] and "cuda" in worker
+        runtime = worker["runtime"]
+        assert worker["state"] == "ready" and runtime["device"] == "cpu" and runtime["dtype"] == "float32"
+        assert runtime["torch"] and "cuda" in runtime
 
 
 async def test_a_queued_job_no_worker_claims_expires_with_that_reason(

@@ -66,10 +66,13 @@ async def test_another_tenants_job_answers_404_everywhere(secured: Stack) -> Non
             assert theirs.json()["error"]["code"] == "not_found"
             assert (await http.request(method, path, headers=bearer(ALICE))).status_code == 200, path
 
-        # the admin key sees every tenant's jobs; a tenant key may not list
+        # the admin key sees every tenant's jobs; a tenant key is known, but may not list (403)
         listing = await http.get("/admin/jobs", headers=bearer(ADMIN))
         assert listing.status_code == 200 and [j["id"] for j in listing.json()["jobs"]] == [job_id]
-        assert (await http.get("/admin/jobs", headers=bearer(ALICE))).status_code == 401
+        for path in ("/admin/jobs", "/admin/queue"):
+            refused = await http.get(path, headers=bearer(ALICE))
+            assert refused.status_code == 403 and refused.json()["error"]["code"] == "forbidden", path
+        assert (await http.get("/admin/jobs", headers=bearer("gcr_not-a-key"))).status_code == 401
         stats = await http.get("/admin/queue", headers=bearer(ADMIN))
         assert stats.status_code == 200 and stats.json()["workers"]
 
@@ -207,9 +210,9 @@ async def test_idempotent_retry_after_a_failed_store_creates_the_job(stack: Stac
     """The key is freed when the job could not be stored, so the client's retry works."""
     await stack.register_idle_worker()
     from service.errors import StoreUnavailable
-    from service.jobs.store import JobStore
+    from service.jobs.lifecycle import JobLifecycle
 
-    original = JobStore.create
+    original = JobLifecycle.create
     calls = {"n": 0}
 
     async def flaky(self, doc, source_png=None, queue_max=0):  # type: ignore[no-untyped-def]
@@ -218,7 +221,7 @@ async def test_idempotent_retry_after_a_failed_store_creates_the_job(stack: Stac
             raise StoreUnavailable("Redis is unavailable: injected")
         return await original(self, doc, source_png, queue_max)
 
-    monkeypatch.setattr(JobStore, "create", flaky)
+    monkeypatch.setattr(JobLifecycle, "create", flaky)
     async with httpx.AsyncClient(base_url=stack.url) as http:
         first = await http.post("/generate", json={"prompt": "retry me"}, headers={"Idempotency-Key": "k2"})
         again = await http.post("/generate", json={"prompt": "retry me"}, headers={"Idempotency-Key": "k2"})

@@ -34,7 +34,7 @@ async def test_fault_fails_the_job_with_a_clear_error(stack: Stack, fault: Fault
     [round_] = doc.rounds
     assert round_.chosen is None and round_.overall is None and doc.best is None
     [candidate] = round_.candidates
-    assert candidate.has_image and candidate.critique is None
+    assert candidate.image_url is not None and candidate.critique is None
     assert candidate.error is not None and candidate.error.code == code
     assert (await stack.client.image(doc.id, 0, 0)).startswith(b"\x89PNG")
 

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
-
 from service.settings import Settings
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule

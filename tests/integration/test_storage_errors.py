@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -89,3 +90,48 @@ async def test_an_edit_submitted_to_a_full_disk_is_a_retryable_503_and_stores_no
             assert await client.zcard(Keys(redis_prefix).all_jobs()) == 0
         finally:
             await client.aclose()
+
+
+async def test_a_job_redis_refuses_for_good_is_dead_lettered_not_retried_forever(stack: Stack) -> None:
+    """WRONGTYPE is not Redis being away: the worker tries a few times, then dead-letters the job
+    with a clear error (it used to resume it without end, as if Redis were down)."""
+    await stack.register_idle_worker()
+    job_id = await stack.submit("a poisoned job", loop={"max_rounds": 1})
+    keys = Keys(stack.settings.redis_prefix)
+    client = redis.Redis.from_url(stack.settings.redis_url)
+    try:
+        # The job's rounds key holds a string: every command that reads the rounds is refused.
+        await client.set(keys.rounds(job_id), "not a list")
+        await stack.start_worker(max_attempts=2)
+        async with asyncio.timeout(20):
+            while await client.hget(keys.job(job_id), "status") != b'"failed"':
+                await asyncio.sleep(0.1)
+        error = json.loads(await client.hget(keys.job(job_id), "error"))
+        assert error["code"] == "dead_letter"
+        assert "refuses this job's commands" in error["message"] and "WRONGTYPE" in error["message"]
+        # The gateway cannot read it either, and says so: a 500, never a 503 to retry forever.
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            answer = await http.get(f"/jobs/{job_id}")
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "store_error"
+        assert "WRONGTYPE" in answer.json()["error"]["message"]
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("reply", "code", "message"),
+    [
+        ("OOM command not allowed when used memory > 'maxmemory'.", "store_unavailable", "full"),
+        ("READONLY You can't write against a read only replica.", "store_unavailable", "read-only"),
+        ("WRONGTYPE Operation against a key holding the wrong kind of value", "store_error", "WRONGTYPE"),
+        ("ERR Error running script (call to f_1): @user_script:1: oops", "store_error", "ERR"),
+    ],
+)
+def test_redis_error_replies_are_told_apart(reply: str, code: str, message: str) -> None:
+    from redis.exceptions import ResponseError
+
+    from service.jobs.connection import unavailable
+
+    error = unavailable(ResponseError(reply))
+    assert error.code == code and message in error.message
+    assert error.retryable == (code == "store_unavailable")

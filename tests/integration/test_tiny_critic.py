@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,11 +35,11 @@ def test_it_is_a_qwen3_vl_with_qwens_tokens_and_template(tmp_path: Path) -> None
     assert sum(rope["mrope_section"]) == config["text_config"]["head_dim"] // 2 and rope["mrope_interleaved"]
     assert config["vision_config"]["out_hidden_size"] == config["text_config"]["hidden_size"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    ids = [int(tokenizer.convert_tokens_to_ids(token)) for token in SPECIAL_TOKENS]  # type: ignore[arg-type]
     assert ids == list(range(ids[0], ids[0] + len(SPECIAL_TOKENS)))  # appended in Qwen's order
     assert config["image_token_id"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert config["vision_start_token_id"] == tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    messages = [
+    messages: list[Any] = [
         {"role": "system", "content": "judge"},
         {"role": "user", "content": [{"type": "text", "text": "a cat"}, {"type": "image_url", "image_url": {}}]},
     ]

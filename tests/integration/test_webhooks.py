@@ -24,6 +24,8 @@ from starlette.routing import Route
 from gcr.types import GenerateRequest, JobDocument
 from service.jobs.connection import connect
 from service.jobs.keys import Keys
+from service.jobs.lifecycle import JobLifecycle
+from service.jobs.records import StoredJob
 from service.jobs.store import JobStore
 from service.servers import serving
 from service.settings import Settings
@@ -188,13 +190,14 @@ async def test_malformed_callback_urls_answer_422(
                 assert error["code"] == "invalid_input" and error["field"] == "callback_url", url
 
 
-async def _stored_job(store: JobStore, job_id: str, callback_url: str) -> JobDocument:
+async def _stored_job(store: JobStore, job_id: str, callback_url: str) -> StoredJob:
     """A finished job that holds `callback_url` as it was stored (e.g. before a stricter check)."""
     spec = GenerateRequest.model_construct(
         **{**GenerateRequest(prompt="p", model="sim:0.0").__dict__, "callback_url": callback_url}
     )
-    doc = JobDocument(id=job_id, status="succeeded", spec=spec, created_at=time.time(), finished_at=time.time())
-    await store.create(doc)
+    job = StoredJob(id=job_id, status="queued", spec=spec, created_at=time.time())
+    await JobLifecycle(store.redis, store.keys, store.ttl_s).create(job)
+    assert await JobLifecycle(store.redis, store.keys, store.ttl_s).cancel(job_id) == "cancelled"
     return await store.get(job_id)
 
 
@@ -244,3 +247,23 @@ async def test_any_delivery_error_is_recorded_and_the_task_ends_cleanly(
     assert status.last_error is not None and type(error).__name__ in status.last_error
     recorded = (await store.get(doc.id)).webhook
     assert recorded is not None and recorded.state == "failed" and recorded.last_error == status.last_error
+
+
+async def test_a_job_cancelled_while_queued_gets_its_webhook_from_a_worker_at_once(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    """A cancelled queued job leaves the queue at once; its `completed` webhook is owed to the
+    outbox, and a worker of any model sends it (it used to wait until a worker of the job's
+    own model claimed the stale entry)."""
+    async with (
+        receiving() as rec,
+        Stack(redis_url, redis_prefix, standin_url, webhook_allow_private=True) as stack,
+    ):
+        await stack.register_idle_worker(model="nobody-runs-this")
+        job_id = await stack.submit("never runs", model="nobody-runs-this", callback_url=rec.url)
+        await stack.client.cancel(job_id)
+        await stack.start_worker()  # another model's worker
+        doc = await _finished(stack, job_id)
+    assert doc.status == "cancelled" and doc.webhook is not None and doc.webhook.state == "delivered"
+    [(body, headers)] = rec.received
+    assert json.loads(body)["status"] == "cancelled" and headers["webhook-id"] == f"msg_{job_id}_completed"

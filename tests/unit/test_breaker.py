@@ -28,6 +28,12 @@ class Scripted:
             raise outcome
         return Critique(dimensions={}, overall=0.5)
 
+    async def probe(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
 
 async def test_opens_after_consecutive_failures_then_fails_fast() -> None:
     inner = Scripted(CriticUnavailable("down"), CriticUnavailable("down"))

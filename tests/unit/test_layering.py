@@ -147,3 +147,24 @@ def test_the_gateway_app_imports_nothing_from_workers() -> None:
     """At run time too: building the app loads no workers/, torch or diffusers module."""
     code = "from service.gateway.app import create_app\nfrom service.settings import Settings\ncreate_app(Settings())"
     assert modules_loaded_by(code, ("workers", "torch", "diffusers")) == []
+
+
+def test_each_owner_stands_in_its_layer() -> None:
+    """The modules that own a piece of state, each where both sides can reach it or only one."""
+    owners = {
+        "service.jobs.lifecycle": "jobs",  # every job state change
+        "service.jobs.records": "jobs",  # the stored job, apart from the wire document
+        "service.jobs.presenter": "jobs",  # the document clients and webhook receivers see
+        "service.jobs.ranking": "jobs",  # one ranking for the loop and /v1
+        "service.jobs.registry": "jobs",  # the typed heartbeat, written by workers, read by the fleet
+        "service.gateway.job_service": "gateway",
+        "service.gateway.fleet": "gateway",
+        "service.gateway.follow": "gateway",
+        "workers.rounds": "worker",
+        "workers.job_events": "worker",
+        "workers.critics.protocol": "worker",
+    }
+    for module, layer in owners.items():
+        assert (ROOT / (module.replace(".", "/") + ".py")).exists(), module
+        assert layer_of(module) == layer, module
+    assert "gateway" not in ALLOWED["worker"] and "worker" not in ALLOWED["gateway"]

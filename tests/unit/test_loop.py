@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gcr.types import Candidate, Critique, DimensionScore, LoopParams, Round, overall_score
-from workers.loop import Continue, LoopPolicy, Stop, choose_candidate
+from service.jobs.ranking import choose
+from workers.loop import Continue, LoopPolicy, Stop
 
 INSTRUCTION = "a red cube on a table"
 
@@ -28,7 +29,7 @@ def make_round(index: int, overalls: list[float], prompt: str = "p", **kwargs: A
     for c, overall in enumerate(overalls):
         crit = critique(overall, refined=f"refined r{index} c{c}", **kwargs)
         candidates.append(Candidate(index=c, seed=c, critique=crit, overall=crit.overall))
-    chosen = choose_candidate(candidates)
+    chosen = choose(candidates)
     return Round(
         index=index,
         prompt=prompt,
@@ -141,7 +142,7 @@ def test_chosen_candidate_breaks_ties_by_text_faithfulness() -> None:
         Candidate(index=1, seed=1, critique=critique(0.5, tf=3.0), overall=0.5),
         Candidate(index=2, seed=2, critique=critique(0.4), overall=0.4),
     ]
-    assert choose_candidate(candidates) == 1
+    assert choose(candidates) == 1
 
 
 def test_history_carries_earlier_refinement_comments() -> None:

@@ -6,14 +6,21 @@ from typing import Any
 
 import pytest
 
-from service.errors import InvalidInput, NoWorker, UnknownModel
+from service.errors import ConfigurationError, NoWorker, UnknownModel
 from service.gateway import fleet
+from service.jobs.registry import WorkerHeartbeat
 from service.settings import Settings
 from workers.worker import served_model
 
 
-def worker(model: str, *modes: str, state: str = "ready", **extra: Any) -> dict[str, Any]:
-    return {"id": f"{model}-{len(modes)}-{state}", "model": model, "modes": list(modes), "state": state, **extra}
+def worker(model: str, *modes: str, state: str = "ready", **extra: Any) -> WorkerHeartbeat:
+    return WorkerHeartbeat.model_validate(
+        {"id": f"{model}-{len(modes)}-{state}", "model": model, "modes": list(modes), "state": state, **extra}
+    )
+
+
+def like(beat: WorkerHeartbeat, **changes: Any) -> WorkerHeartbeat:
+    return beat.model_copy(update=changes)
 
 
 FLUX = worker("flux", "t2i")
@@ -26,13 +33,13 @@ def test_a_named_model_that_a_live_worker_serves_is_taken_as_named() -> None:
 
 
 def test_without_a_model_the_job_goes_to_the_model_most_workers_serve_for_its_mode() -> None:
-    assert fleet.route([FLUX, SDXL, {**SDXL, "id": "s2"}, KONTEXT], "t2i", None, {}, 15) == "sdxl"
-    assert fleet.route([FLUX, SDXL, {**SDXL, "id": "s2"}, KONTEXT], "edit", None, {}, 15) == "kontext"
+    assert fleet.route([FLUX, SDXL, like(SDXL, id="s2"), KONTEXT], "t2i", None, {}, 15) == "sdxl"
+    assert fleet.route([FLUX, SDXL, like(SDXL, id="s2"), KONTEXT], "edit", None, {}, 15) == "kontext"
     assert fleet.route([SDXL, FLUX], "t2i", None, {}, 15) == "flux", "a tie goes to the first name"
 
 
 def test_a_configured_default_wins_over_the_most_served_model() -> None:
-    workers = [FLUX, SDXL, {**SDXL, "id": "s2"}]
+    workers = [FLUX, SDXL, like(SDXL, id="s2")]
     assert fleet.route(workers, "t2i", None, {"t2i": "flux"}, 15) == "flux"
 
 
@@ -78,7 +85,7 @@ def test_a_configured_default_nobody_serves_is_a_503_naming_it() -> None:
 
 def test_the_model_list_counts_ready_workers_and_marks_defaults() -> None:
     unfit = worker("flux", state="unfit", reason="no room")
-    workers = [FLUX, {**FLUX, "id": "f2", "defaults": {"steps": 4}}, SDXL, KONTEXT, unfit]
+    workers = [FLUX, like(FLUX, id="f2", defaults={"steps": 4}), SDXL, KONTEXT, unfit]
     listed = {m["id"]: m for m in fleet.model_list(workers, {}, created=0)}
     assert list(listed) == ["flux", "kontext", "sdxl"]
     assert listed["flux"]["object"] == "model" and listed["flux"]["owned_by"] == "gcr"
@@ -89,26 +96,25 @@ def test_the_model_list_counts_ready_workers_and_marks_defaults() -> None:
 def test_model_readiness_reports_unready_models_with_their_reasons() -> None:
     unfit = worker("flux-dev", state="unfit", reason="no room")
     report = fleet.model_readiness([FLUX, unfit])
-    assert report["flux"] == {"ready": True, "modes": ["t2i"], "workers": [FLUX["id"]]}
+    assert report["flux"] == {"ready": True, "modes": ["t2i"], "workers": [FLUX.id]}
     assert report["flux-dev"]["ready"] is False and report["flux-dev"]["reasons"] == ["no room"]
 
 
 def test_a_worker_whose_generator_name_cannot_route_asks_for_a_model_name() -> None:
     assert served_model(Settings(), "black-forest-labs/FLUX.1-schnell") == "black-forest-labs/FLUX.1-schnell"
     assert served_model(Settings(model_name="flux"), "/models/my flux") == "flux"
-    with pytest.raises(InvalidInput, match="set GCR_MODEL_NAME"):
+    with pytest.raises(ConfigurationError, match="set GCR_MODEL_NAME"):
         served_model(Settings(), "/models/my flux")
 
 
 def test_a_size_is_refused_only_when_every_ready_worker_of_the_model_caps_below_it() -> None:
     capped = worker("flux", "t2i", max_pixels=1024 * 1024, defaults={"width": 1024, "height": 1024})
-    big = {**capped, "id": "big", "max_pixels": 2048 * 2048}
-    uncapped = {**capped, "id": "free"}
-    del uncapped["max_pixels"]
+    big = like(capped, id="big", max_pixels=2048 * 2048)
+    uncapped = like(capped, id="free", max_pixels=None)
     assert fleet.pixel_cap([capped], "flux", "t2i", 2048, 2048) == 1024 * 1024
     assert fleet.pixel_cap([capped], "flux", "t2i", 1024, 1024) is None
     assert fleet.pixel_cap([capped], "flux", "t2i", 2048, None) == 1024 * 1024, "the other side is the default"
     assert fleet.pixel_cap([capped, big], "flux", "t2i", 2048, 2048) is None
     assert fleet.pixel_cap([capped, uncapped], "flux", "t2i", 2048, 2048) is None
-    assert fleet.pixel_cap([capped, {**big, "state": "unfit"}], "flux", "t2i", 2048, 2048) == 1024 * 1024
+    assert fleet.pixel_cap([capped, like(big, state="unfit")], "flux", "t2i", 2048, 2048) == 1024 * 1024
     assert fleet.pixel_cap([SDXL], "flux", "t2i", 2048, 2048) is None

@@ -164,7 +164,7 @@ async def test_a_critique_that_fails_for_good_keeps_its_images(
         assert doc.error is not None and doc.error.code == "critique_unparseable"
         assert "could not be judged" in doc.error.message and "after one re-ask" in doc.error.message
         [round_] = doc.rounds
-        assert round_.chosen is None and round_.candidates[0].has_image
+        assert round_.chosen is None and round_.candidates[0].image_url is not None
         assert round_.critic_usage is not None and round_.critic_usage.completion_tokens > 0
         assert (await stack.client.image(doc.id, 0, 0)).startswith(b"\x89PNG")
 

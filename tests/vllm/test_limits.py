@@ -85,7 +85,7 @@ async def test_too_many_images_fail_the_job_clearly_and_are_not_retried(stack: S
     assert "--limit-mm-per-prompt" in doc.error.message and "At most 1 image(s)" in doc.error.message
     assert retries() == before
     [round_] = doc.rounds  # the edit was made and kept, unjudged
-    assert round_.chosen is None and round_.candidates[0].has_image
+    assert round_.chosen is None and round_.candidates[0].image_url is not None
 
 
 async def test_a_critique_longer_than_the_context_fails_the_job_clearly(stack: Stack) -> None:

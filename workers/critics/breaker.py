@@ -11,10 +11,11 @@ worker stops claiming jobs, and its heartbeat tells /readyz the critic is down.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from gcr.types import Critique, Mode
 from service.errors import CriticError, CriticTimeout, CriticUnavailable
-from workers.runner import Critic
+from workers.critics.protocol import Critic
 
 
 class CircuitBreaker:
@@ -85,3 +86,9 @@ class GuardedCritic:
             raise
         self.breaker.success()
         return result
+
+    async def probe(self) -> dict[str, Any] | bool:
+        return await self.inner.probe()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -7,9 +7,10 @@ longer, and then the image follows a prompt that nobody sees.
 
 The rule (docs/loop.md, "What the generator reads"): the pipeline's main text encoder
 decides: T5 (or Qwen2.5-VL) where the pipeline has one beside CLIP, since FLUX and SD3
-take only a pooled summary from CLIP; CLIP in SD and SDXL. A text longer than it reads is shortened to the whole words it reads, before the
-pipeline sees it, and the round records the cut (`PromptFit`): the round's prompt is
-then exactly what the generator read, and the dropped words are kept beside it.
+take only a pooled summary from CLIP; CLIP in SD and SDXL. A text longer than it reads
+is shortened to the whole words it reads, before the pipeline sees it, and the round
+records the cut (`PromptFit`): the round's prompt is then exactly what the generator
+read, and the dropped words are kept beside it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def reading_encoder(pipe: Any, call_params: Any, max_sequence_length: int | None
     sequence_length = max_sequence_length
     if sequence_length is None and sequence_default is not None and isinstance(sequence_default.default, int):
         sequence_length = sequence_default.default
-    clip, main = [], []
+    clip: list[_Encoder] = []
+    main: list[_Encoder] = []
     for attribute in _TOKENIZER_ATTRIBUTES:
         tokenizer = getattr(pipe, attribute, None)
         if tokenizer is None or not callable(tokenizer):

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Query, Request
 
 from gcr.types import JobList
 from service.gateway import links
-from service.gateway.deps import ERROR_RESPONSES, Before, Caller, State
+from service.gateway.auth import require_admin
+from service.gateway.deps import ERROR_RESPONSES, Before, Caller, Jobs, State, Workers
+from service.jobs.presenter import present
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -17,19 +19,20 @@ router = APIRouter(prefix="/admin", tags=["admin"])
 async def admin_jobs(
     request: Request,
     state: State,
+    jobs: Jobs,
     caller: Caller,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     before: Before = None,
 ) -> JobList:
-    """Admin keys only: every tenant's jobs, newest first."""
-    state.require_admin(caller)
+    """Admin keys only (403 for another key): every tenant's jobs, newest first."""
+    require_admin(caller)
     base = links.base_url(request, state.settings)
-    return JobList(jobs=[links.render(doc, base) for doc in await state.recent_jobs(limit, before)])
+    return JobList(jobs=[present(job, base) for job in await jobs.recent(caller, limit, before, everyone=True)])
 
 
 @router.get("/queue", responses=ERROR_RESPONSES)
-async def admin_queue(state: State, caller: Caller) -> dict[str, Any]:
-    """Admin keys only: per model the jobs waiting, claimed and its ready workers; each model's
-    streams by mode and priority (entries, pending); the live workers."""
-    state.require_admin(caller)
-    return await state.queue_stats()
+async def admin_queue(fleet: Workers, caller: Caller) -> dict[str, Any]:
+    """Admin keys only (403 for another key): per model the jobs waiting, claimed and its ready
+    workers; each model's streams by mode and priority (entries, pending); the live workers."""
+    require_admin(caller)
+    return await fleet.queue_stats()

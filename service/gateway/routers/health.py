@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -10,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.errors import GcrError
 from service.gateway import http_metrics
-from service.gateway.deps import State
+from service.gateway.deps import State, Workers
 
 router = APIRouter(tags=["health"])
 
@@ -22,15 +23,22 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "not ready"}})
-async def readyz(state: State) -> JSONResponse:
-    """Readiness: Redis answers, a worker heartbeat is recent and the critic is up; per mode too."""
-    report = await state.readiness()
+async def readyz(state: State, fleet: Workers) -> JSONResponse:
+    """Readiness: Redis answers, a worker heartbeat is recent, the critic is up, and this
+    replica's event listener reads (streams and waits need it); per mode and model too."""
+    report = await fleet.readiness()
+    report["listener"] = "ok" if state.listener.healthy else "down"
+    report["streams"] = {"open": state.streams.open, "limit": state.streams.limit}
+    if report["ready"] and not state.listener.healthy:
+        report["ready"] = False
+        report["reason"] = "this gateway's event listener cannot read Redis: streams and waits would hang"
+    report["checked_at"] = time.time()
     return JSONResponse(report, status_code=200 if report["ready"] else 503)
 
 
 @router.get("/metrics", response_class=Response)
-async def metrics(state: State) -> Response:
+async def metrics(fleet: Workers) -> Response:
     """Prometheus metrics of this gateway replica, and the queue per model."""
     with contextlib.suppress(GcrError):  # Redis away: the request metrics still answer
-        http_metrics.record_queue(await state.queue_stats())
+        http_metrics.record_queue(await fleet.queue_stats())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

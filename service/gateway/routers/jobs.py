@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -12,17 +11,18 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from gcr.types import TERMINAL_STATUSES, JobDocument, JobEvent, JobList
-from service.errors import InvalidInput, NotFound, StoreUnavailable
+from service.errors import InvalidInput, StoreUnavailable
 from service.gateway import links
-from service.gateway.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Before, Caller, JobId, State
-from service.gateway.state import GatewayState
+from service.gateway.bodies import parse_generate_body
+from service.gateway.deps import ERROR_RESPONSES, UPLOAD_ERRORS, Before, Caller, JobId, Jobs, State
+from service.gateway.follow import follow
 from service.gateway.streams import HeldEventSource
-from service.gateway.submit import parse_generate_body, submit
+from service.jobs.listener import stream_position as position
+from service.jobs.presenter import job_url, present, present_round_json
+from service.jobs.store import JobStore
 
 router = APIRouter(tags=["jobs"])
 
-SSE_BLOCK_MS = 10_000  # below redis_client.SOCKET_TIMEOUT_S
-SSE_BLIP_S = 30.0  # how long a stream waits for Redis to come back before it gives up
 MAX_PREFER_WAIT_S = 60.0
 _STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 MAX_STREAM_PART = 2**64 - 1
@@ -76,6 +76,7 @@ def prefer_wait_s(prefer: str | None) -> float | None:
 async def generate(
     request: Request,
     state: State,
+    jobs: Jobs,
     caller: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     prefer: Annotated[str | None, Header(max_length=200, description="`wait=N`: answer when done, N s at most")] = None,
@@ -87,55 +88,56 @@ async def generate(
     this key or the gateway holds its limit of open waits). 429 with Retry-After when the queue is full;
     503 `no_worker` when no live worker serves the job's mode (it would never run). The same
     `Idempotency-Key` with the same body returns the same job (200)."""
-    settings = state.settings
-    spec, source = await parse_generate_body(request, settings)
-    base = links.base_url(request, settings)
-    doc, created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
+    spec, source = await parse_generate_body(request, state.settings)
+    base = links.base_url(request, state.settings)
+    job, created = await jobs.submit(caller, spec, source, base_url=base, idempotency_key=idempotency_key)
     status = 202 if created else 200
     wait_s = prefer_wait_s(prefer)
     if wait_s and not state.streams.available(caller.key_id):
         # The job exists: a 429 now would invite a retry. `Prefer` is a preference, so it is
         # not applied (no Preference-Applied header) and the job is answered as queued.
         wait_s = None
+    headers = {"Location": job_url(base, job.id)}
     if wait_s:
-        with state.streams.held(caller.key_id):
-            doc = await state.wait_for_end(doc.id, wait_s)
-        if doc.status in TERMINAL_STATUSES:
+        try:
+            with state.streams.held(caller.key_id):
+                job = await jobs.wait_for_end(job.id, wait_s)
+            headers["Preference-Applied"] = f"wait={wait_s:g}"
+        except StoreUnavailable:
+            # The job exists and runs on: answer it as it was stored (no retry, no second job),
+            # without Preference-Applied; the client polls its Location.
+            pass
+        if job.status in TERMINAL_STATUSES:
             status = 201
-    headers = {"Location": links.job_url(base, doc.id)}
-    if wait_s:
-        headers["Preference-Applied"] = f"wait={wait_s:g}"
-    return document(links.render(doc, base), status, headers)
+    return document(present(job, base), status, headers)
 
 
 @router.get("/jobs", response_model=JobList, responses=ERROR_RESPONSES)
 async def list_jobs(
     request: Request,
     state: State,
+    jobs: Jobs,
     caller: Caller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     before: Before = None,
 ) -> JobList:
     """Your jobs (this key's tenant), newest first; page with `before` (a `created_at`)."""
     base = links.base_url(request, state.settings)
-    docs = await state.recent_jobs(limit, before, tenant=caller.tenant)
-    return JobList(jobs=[links.render(doc, base) for doc in docs])
+    return JobList(jobs=[present(job, base) for job in await jobs.recent(caller, limit, before)])
 
 
 @router.get("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-async def get_job(job_id: JobId, request: Request, state: State, caller: Caller) -> Response:
+async def get_job(job_id: JobId, request: Request, state: State, jobs: Jobs, caller: Caller) -> Response:
     """The job: status, effective spec, every round with scores and images, the best candidate."""
-    doc = await state.owned_job(job_id, caller)
-    return document(links.render(doc, links.base_url(request, state.settings)))
+    job = await jobs.get(job_id, caller)
+    return document(present(job, links.base_url(request, state.settings)))
 
 
 @router.delete("/jobs/{job_id}", response_model=JobDocument, responses=ERROR_RESPONSES)
-async def cancel_job(job_id: JobId, request: Request, state: State, caller: Caller) -> Response:
+async def cancel_job(job_id: JobId, request: Request, state: State, jobs: Jobs, caller: Caller) -> Response:
     """Cancel: a queued job never runs; a running one stops at its next stage boundary."""
-    await state.check_owner(job_id, caller)
-    if await state.store.cancel(job_id) == "missing":
-        raise NotFound.job(job_id)
-    return document(links.render(await state.store.get(job_id), links.base_url(request, state.settings)))
+    job = await jobs.cancel(job_id, caller)
+    return document(present(job, links.base_url(request, state.settings)))
 
 
 @router.get("/jobs/{job_id}/events", responses=ERROR_RESPONSES)
@@ -143,6 +145,7 @@ async def job_events(
     job_id: JobId,
     request: Request,
     state: State,
+    jobs: Jobs,
     caller: Caller,
     last_event_id: Annotated[str | None, Header(max_length=64)] = None,
 ) -> Response:
@@ -152,9 +155,9 @@ async def job_events(
     every GCR_SSE_KEEPALIVE_S. 429 `too_many_streams` when this key (or the gateway) holds
     its limit of open streams."""
     after = stream_position(last_event_id)
-    await state.check_owner(job_id, caller)
+    await jobs.check_owner(job_id, caller)
     last = await state.store.last_event(job_id)
-    if last is not None and _position(last[0]) < after:
+    if last is not None and position(last[0]) < after:
         raise InvalidInput(
             f"Last-Event-ID {last_event_id} is ahead of this job's events (the newest is {last[0]})",
             field="Last-Event-ID",
@@ -167,20 +170,15 @@ async def job_events(
     base = links.base_url(request, state.settings)
     slot = state.streams.take(caller.key_id)  # decided before the stream starts
     try:
-        if last is not None and last[1].type == "end" and _position(last[0]) == after:
+        if last is not None and last[1].type == "end" and position(last[0]) == after:
             # The client saw the end and reconnected anyway: end again rather than wait forever.
             body: AsyncIterator[dict[str, str]] = _replay_end(*last)
         else:
-            body = event_stream(state, job_id, last_event_id or "0-0", base)
+            body = event_stream(state.store, job_id, last_event_id or "0-0", base)
         return HeldEventSource(slot.release, body, ping=state.settings.sse_keepalive_s)
     except BaseException:
         slot.release()
         raise
-
-
-def _position(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq)
 
 
 def stream_position(last_event_id: str | None) -> tuple[int, int]:
@@ -188,12 +186,12 @@ def stream_position(last_event_id: str | None) -> tuple[int, int]:
     (two unsigned 64-bit integers: a larger one made Redis refuse the read, a 503)."""
     if last_event_id is None:
         return (0, 0)
-    position = _position(last_event_id) if _STREAM_ID.match(last_event_id) else None
-    if position is None or max(position) > MAX_STREAM_PART:
+    parsed = position(last_event_id) if _STREAM_ID.match(last_event_id) else None
+    if parsed is None or max(parsed) > MAX_STREAM_PART:
         raise InvalidInput(
             "Last-Event-ID must be an event id this stream sent (like 1700000000000-0)", field="Last-Event-ID"
         )
-    return position
+    return parsed
 
 
 async def _replay_end(entry_id: str, event: JobEvent) -> AsyncIterator[dict[str, str]]:
@@ -205,11 +203,13 @@ async def _replay_end(entry_id: str, event: JobEvent) -> AsyncIterator[dict[str,
     responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
     response_class=Response,
 )
-async def job_image(job_id: JobId, round_index: int, candidate: int, state: State, caller: Caller) -> Response:
+async def job_image(
+    job_id: JobId, round_index: int, candidate: int, state: State, jobs: Jobs, caller: Caller
+) -> Response:
     """PNG bytes of one candidate image (`round_index` and `candidate` count from 0); with
     GCR_ARTIFACT_REDIRECT on an S3 store, a 307 to a short-lived presigned URL instead.
     410 when the job is there but the image is not any more."""
-    await state.check_owner(job_id, caller)
+    await jobs.check_owner(job_id, caller)
     if state.settings.artifact_redirect:
         key = await state.store.image_key(job_id, round_index, candidate)
         url = await state.artifacts.presigned(key)
@@ -224,9 +224,9 @@ async def job_image(job_id: JobId, round_index: int, candidate: int, state: Stat
     responses={200: {"content": {"image/png": {}}}, **ERROR_RESPONSES},
     response_class=Response,
 )
-async def job_source(job_id: JobId, state: State, caller: Caller) -> Response:
+async def job_source(job_id: JobId, state: State, jobs: Jobs, caller: Caller) -> Response:
     """PNG bytes of an edit job's source image."""
-    await state.check_owner(job_id, caller)
+    await jobs.check_owner(job_id, caller)
     return Response(await state.store.get_source_image(job_id), media_type="image/png")
 
 
@@ -237,39 +237,15 @@ def _sse(event: JobEvent, entry_id: str | None = None) -> dict[str, str]:
     return message
 
 
-async def event_stream(state: GatewayState, job_id: str, after: str, base: str) -> AsyncIterator[dict[str, str]]:
-    """The job's events from `after` on, round images linked. A Redis blip is ridden out (reads
-    resume from the last id sent, for up to SSE_BLIP_S); past that the error becomes an `error`
-    event, then `end`."""
-    lost_since: float | None = None
-    delay = 0.1
-    while True:
-        try:
-            events = await state.store.read_events(job_id, after=after, block_ms=SSE_BLOCK_MS)
-            exists = bool(events) or await state.store.exists(job_id)
-        except StoreUnavailable as exc:
-            now = time.monotonic()
-            lost_since = lost_since or now
-            if now - lost_since > SSE_BLIP_S:
-                # The status line is already sent: the error becomes an event, then the end marker.
-                yield _sse(
-                    JobEvent(
-                        type="error", job_id=job_id, at=time.time(), data={"code": exc.code, "message": exc.message}
-                    )
-                )
-                yield _sse(JobEvent(type="end", job_id=job_id, at=time.time(), data={"status": "unknown"}))
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-            continue
-        lost_since, delay = None, 0.1
-        for entry_id, event in events:
-            after = entry_id
+async def event_stream(store: JobStore, job_id: str, after: str, base: str) -> AsyncIterator[dict[str, str]]:
+    """The job's events from `after` on, round images linked (`follow`: a Redis blip is ridden
+    out; past that the error becomes an `error` event, then `end`: the status line is sent)."""
+    try:
+        async for entry_id, event in follow(store, job_id, after):
             if event.type == "round" and isinstance(event.data.get("round"), dict):
-                event.data["round"] = links.render_round(job_id, event.data["round"], base)
+                event.data["round"] = present_round_json(job_id, event.data["round"], base)
             yield _sse(event, entry_id)
-            if event.type == "end":
-                return
-        if not exists:
-            yield _sse(JobEvent(type="end", job_id=job_id, at=time.time(), data={"status": "expired"}))
-            return
+    except StoreUnavailable as exc:
+        now = time.time()
+        yield _sse(JobEvent(type="error", job_id=job_id, at=now, data={"code": exc.code, "message": exc.message}))
+        yield _sse(JobEvent(type="end", job_id=job_id, at=now, data={"status": "unknown"}))

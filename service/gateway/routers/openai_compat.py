@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Annotated, Any, TypeVar
 
@@ -30,10 +29,14 @@ from fastapi import APIRouter, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from gcr.types import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
+from gcr.types import TERMINAL_STATUSES, OpenAIErrorResponse
 from service.errors import GcrError, InternalError, InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
-from service.gateway import fleet, links
-from service.gateway.deps import Caller, State
+from service.gateway import links
+from service.gateway.auth import Principal
+from service.gateway.bodies import validation_error
+from service.gateway.deps import Caller, Jobs, State, Workers
+from service.gateway.follow import follow
+from service.gateway.job_service import JobService
 from service.gateway.openai_images import (
     GcrOptions,
     ImageGenerationRequest,
@@ -43,14 +46,15 @@ from service.gateway.openai_images import (
     b64,
     encode,
     job_request,
-    ranked,
     size_of,
     stream_event,
     usage,
 )
 from service.gateway.state import GatewayState
 from service.gateway.streams import HeldEventSource
-from service.gateway.submit import submit, validation_error
+from service.jobs.presenter import image_url, job_url, present
+from service.jobs.ranking import ranked
+from service.jobs.records import StoredJob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -58,61 +62,59 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 log = logging.getLogger("gcr.gateway")
 
-STREAM_BLOCK_MS = 10_000
-NO_RETRY = {"x-should-retry": "false"}
 T = TypeVar("T")
 
 
 async def _for_job(job_id: str, work: Awaitable[T]) -> T:
-    """Run `work` for an existing job: whatever goes wrong, the answer names the job and tells
-    clients not to retry (a retry would submit a second job)."""
+    """Run `work` for an existing job: whatever goes wrong, the error names the job (the error
+    handler then tells clients not to retry: a retry would submit a second job)."""
     try:
         return await work
     except GcrError as exc:
-        exc.headers.update({**NO_RETRY, "X-Gcr-Job-Id": job_id})
+        exc.job_id = job_id
         raise
     except Exception as exc:
         log.exception("answering for job %s failed", job_id)
         error = InternalError(f"the gateway failed while answering for job {job_id}; the job goes on: poll it")
-        error.headers.update({**NO_RETRY, "X-Gcr-Job-Id": job_id})
+        error.job_id = job_id
         raise error from exc
 
 
-def _gcr_extra(doc: JobDocument, base: str) -> dict[str, Any]:
-    rendered = links.render(doc, base)
+def _gcr_extra(job: StoredJob, base: str) -> dict[str, Any]:
+    doc = present(job, base)
     return {
         "job_id": doc.id,
-        "job_url": links.job_url(base, doc.id),
+        "job_url": job_url(base, doc.id),
         "status": doc.status,
         "stop_reason": doc.stop_reason,
         "rounds": len(doc.rounds),
-        "best": rendered.best.model_dump() if rendered.best else None,
+        "best": doc.best.model_dump() if doc.best else None,
     }
 
 
-def _no_image(doc: JobDocument) -> JobFailed:
+def _no_image(doc: StoredJob) -> JobFailed:
     reason = doc.error.message if doc.error else f"it ended {doc.status} without an image"
     code = doc.error.code if doc.error else "no_image"
     retryable = bool(doc.error and doc.error.retryable)
     return JobFailed(f"job {doc.id}: {reason}", code=code, job_id=doc.id, retryable=retryable)
 
 
-async def _answer(request: Request, state: GatewayState, doc: JobDocument, body: ImageGenerationRequest) -> Response:
+async def _answer(request: Request, state: GatewayState, doc: StoredJob, body: ImageGenerationRequest) -> Response:
     base = links.base_url(request, state.settings)
     if doc.status not in TERMINAL_STATUSES:
         raise JobStillRunning(
             f"job {doc.id} is still {doc.status} after {state.settings.openai_wait_s:g}s; "
-            f"poll GET {links.job_url(base, doc.id)} (or follow its /events)",
+            f"poll GET {job_url(base, doc.id)} (or follow its /events)",
             job_id=doc.id,
         )
-    picks = ranked(doc)[: body.n]
+    picks = ranked(doc.rounds)[: body.n]
     if not picks:
         raise _no_image(doc)
     data = []
     for round_, candidate in picks:
         item: dict[str, Any] = {"revised_prompt": round_.prompt}
         if body.response_format == "url":
-            item["url"] = links.image_url(base, doc.id, round_.index, candidate.index)
+            item["url"] = image_url(base, doc.id, round_.index, candidate.index)
         else:
             png = await state.store.get_image(doc.id, round_.index, candidate.index)
             item["b64_json"] = b64(await asyncio.to_thread(encode, png, body.output_format, body.output_compression))
@@ -130,8 +132,9 @@ async def _answer(request: Request, state: GatewayState, doc: JobDocument, body:
 
 async def _run(
     request: Request,
-    state: State,
-    caller: Caller,
+    state: GatewayState,
+    jobs: JobService,
+    caller: Principal,
     body: ImageGenerationRequest,
     mode: str,
     source: bytes | None,
@@ -143,7 +146,7 @@ async def _run(
     # job exists, so a 429 too_many_streams can be retried without making a second job.
     slot = state.streams.take(caller.key_id)
     try:
-        doc, _created = await submit(state, caller, spec, source, base_url=base, idempotency_key=idempotency_key)
+        doc, _created = await jobs.submit(caller, spec, source, base_url=base, idempotency_key=idempotency_key)
     except BaseException:
         slot.release()
         raise
@@ -155,7 +158,7 @@ async def _run(
 
     async def finish() -> Response:
         try:
-            done = await state.wait_for_end(doc.id, state.settings.openai_wait_s)
+            done = await jobs.wait_for_end(doc.id, state.settings.openai_wait_s)
         finally:
             slot.release()
         return await _answer(request, state, done, body)
@@ -163,7 +166,7 @@ async def _run(
     return await _for_job(doc.id, finish())
 
 
-async def _stream(state: GatewayState, doc: JobDocument, body: ImageGenerationRequest, base: str) -> AsyncIterator[Any]:
+async def _stream(state: GatewayState, doc: StoredJob, body: ImageGenerationRequest, base: str) -> AsyncIterator[Any]:
     """The job's rounds as OpenAI stream events; an error becomes an `error` event (OpenAI's
     shape: the `openai` package raises it), since the status line is already sent."""
     try:
@@ -179,7 +182,7 @@ async def _stream(state: GatewayState, doc: JobDocument, body: ImageGenerationRe
 
 
 async def _events(
-    state: GatewayState, doc: JobDocument, body: ImageGenerationRequest, base: str
+    state: GatewayState, doc: StoredJob, body: ImageGenerationRequest, base: str
 ) -> AsyncIterator[dict[str, Any]]:
     mode, size = doc.spec.mode, size_of(doc)
     plan = PartialPlan(body.partial_images, doc.spec.loop.max_rounds)
@@ -195,31 +198,17 @@ async def _events(
         sent += 1
         return stream_event("partial_image", mode, image, body, size, extra)
 
-    after = "0-0"
-    ended = False
-    while not ended:
-        events = await state.store.read_events(doc.id, after=after, block_ms=STREAM_BLOCK_MS)
-        if not events and not await state.store.exists(doc.id):
-            break
-        for entry_id, event in events:
-            after = entry_id
-            # A round whose images could not be judged has no chosen image to stream.
-            if (
-                event.type == "round"
-                and isinstance(event.data.get("round"), dict)
-                and event.data["round"].get("chosen") is not None
-            ):
-                round_ = event.data["round"]
-                rounds[int(round_["index"])] = round_
-                for index in plan.on_round(int(round_["index"])):
-                    yield await partial(index)
-            elif event.type == "end":
-                ended = True
-                break
+    async for _entry, event in follow(state.store, doc.id):
+        # A round whose images could not be judged has no chosen image to stream.
+        round_ = event.data.get("round") if event.type == "round" else None
+        if isinstance(round_, dict) and round_.get("chosen") is not None:
+            rounds[int(round_["index"])] = round_
+            for index in plan.on_round(int(round_["index"])):
+                yield await partial(index)
     for index in plan.at_end():
         yield await partial(index)
     final = await state.store.get(doc.id)
-    picks = ranked(final)
+    picks = ranked(final.rounds)
     if not picks:
         raise _no_image(final)
     best_round, best = picks[0]
@@ -234,18 +223,20 @@ async def images_generations(
     body: ImageGenerationRequest,
     request: Request,
     state: State,
+    jobs: Jobs,
     caller: Caller,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Response:
     """OpenAI `images.generate`: runs the whole loop, answers with the best image(s) of all rounds
     (or streams each round's image with `stream`)."""
-    return await _run(request, state, caller, body, "t2i", None, idempotency_key)
+    return await _run(request, state, jobs, caller, body, "t2i", None, idempotency_key)
 
 
 @router.post("/images/edits", responses=OPENAI_ERRORS)
 async def images_edits(
     request: Request,
     state: State,
+    jobs: Jobs,
     caller: Caller,
     image: Annotated[list[UploadFile], Form(description="The source image (PNG, JPEG or WebP); one.")],
     prompt: Annotated[str, Form(min_length=1)],
@@ -294,12 +285,11 @@ async def images_edits(
         body = ImageGenerationRequest.model_validate({**fields, "gcr": options})
     except ValidationError as exc:
         raise validation_error(exc) from exc
-    return await _run(request, state, caller, body, "edit", source, idempotency_key)
+    return await _run(request, state, jobs, caller, body, "edit", source, idempotency_key)
 
 
 @router.get("/models", responses={401: {"model": OpenAIErrorResponse}, 429: {"model": OpenAIErrorResponse}})
-async def list_models(state: State, _caller: Caller) -> dict[str, Any]:
+async def list_models(fleet: Workers, _caller: Caller) -> dict[str, Any]:
     """OpenAI's model list: the generator models live workers serve, with gcr's details in `gcr`
     (modes, ready workers, the modes it is the default for, its generation defaults)."""
-    workers = await state.fleet(fresh=True)
-    return {"object": "list", "data": fleet.model_list(workers, state.settings.default_models, int(time.time()))}
+    return {"object": "list", "data": await fleet.model_list()}

@@ -1,0 +1,26 @@
+"""What a worker needs of a critic: judge an image, say whether it answers, close.
+
+`service.critic.client.OpenAICritic` (RationalRewards over vLLM, or any OpenAI-compatible
+vision endpoint) is the real one; `workers.critics.breaker.GuardedCritic` wraps one in a
+circuit breaker. Tests pass their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from gcr.types import Critique, Mode
+
+
+class Critic(Protocol):
+    async def critique(
+        self, instruction: str, image: bytes, source_image: bytes | None = None, mode: Mode | None = None
+    ) -> Critique:
+        """Judge `image` against `instruction` (and `source_image` for an edit); raises `CriticError`."""
+        ...
+
+    async def probe(self) -> dict[str, Any] | bool:
+        """Whether the critic answers now (its model list, or True); False when it does not. Never raises."""
+        ...
+
+    async def aclose(self) -> None: ...
