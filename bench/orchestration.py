@@ -1,4 +1,4 @@
-"""Orchestration benchmark: many GCR jobs over one simulated GPU and one simulated critic.
+"""Orchestration benchmark: many GCR jobs over simulated GPUs (one per worker) and one simulated critic.
 
     python bench/orchestration.py --jobs 16 --rounds 3 --t-gen 1.0 --t-critic 1.0 --json out.json
 
@@ -8,8 +8,8 @@ What runs, all on loopback:
 - the REAL gateway (`service.gateway.app`) under uvicorn, in a subprocess, as `gcr serve` runs it;
 - the stand-in critic (`workers.critics.standin`, an OpenAI-compatible HTTP server) in a
   subprocess, answering each critique after `--t-critic` seconds (its `latency_s`);
-- the REAL worker (`workers.worker.Worker`, with its claim loop, scheduler, runner,
-  heartbeats and Redis writes) in THIS process, so that the benchmark can watch its
+- the REAL workers (`workers.worker.Worker`, with their claim loops, scheduler, runner,
+  heartbeats and Redis writes) in THIS process, so that the benchmark can watch their
   generator calls, on `SimulatedGenerator` (`sim:T_GEN:PER_IMAGE`): a call of b images
   takes `t_gen + per_image * (b - 1)` seconds.
 Jobs are submitted through the gateway's HTTP API and polled there until they end. Every
@@ -21,11 +21,17 @@ exactly what a sleep in the executor thread (generator) or in the critic server 
 HTTP request that answers late) costs. What is measured is therefore the orchestration
 around them: claiming, scheduling, batching, Redis writes, events, HTTP to the critic.
 
-Two runs of the same kind of job:
-1. concurrent: `--jobs` J jobs, worker with max_inflight_jobs=J and `--max-batch` B;
-2. sequential baseline: `--seq-jobs` jobs (default min(J, 4)) with max_inflight_jobs=1
-   and max_batch=1: one job at a time, generate then critique (a naive loop). Its rate is
-   also computed as 1 / (t_gen + t_critic) rounds/s.
+Runs, all with default settings unless an option names one (`max_inflight_jobs` and
+`max_inflight_critiques` are ceilings: the workers' demand and critique limit decide
+under them):
+1. concurrent: `--jobs` J jobs on `--workers` workers (default 1) with `--max-batch` B;
+   `--critic-ceiling C` makes the stand-in answer at most C critiques at once (the rest
+   queue, as vLLM's do past its batch knee, and show on its `/metrics`);
+2. sequential baseline (one worker only): `--seq-jobs` jobs (default min(J, 4)) with
+   max_inflight_jobs=1 and max_batch=1: one job at a time, generate then critique (a
+   naive loop). Its rate is also computed as 1 / (t_gen + t_critic) rounds/s.
+`--ratios 1,10,30,60` runs a sweep instead: one concurrent run per ratio, with
+t_critic = ratio x t_gen.
 
 Definitions (one candidate per round, so rounds/s = images/s):
 - window: from the start of the first generator call to the end of the last one. The
@@ -33,16 +39,25 @@ Definitions (one candidate per round, so rounds/s = images/s):
   critiques of the last rounds are left, with nothing for the GPU to do whatever the
   scheduler does; the window leaves out that fill and drain of a finite batch of jobs.
 - busy_fraction: seconds inside generator calls (timed in the executor thread, where
-  a GPU would be busy) over the window.
-- rounds_per_s: the sustained rate, start to start: the rounds of every generator call
-  but the last, over the time from the first call's start to the last call's start.
-  That span holds whole cycles of generate and critique in both runs, so neither the
-  fill nor the drain of a finite batch of jobs biases it (rounds over the window
-  would leave the last critiques out, favouring the run that idles the GPU more).
-  The end-to-end rate (first submit to last job finished) is reported beside it.
+  a GPU would be busy) over the window (the lowest worker's).
+- busy_while_queued: the same share from a worker's first call until the last job was
+  claimed, while jobs still waited in the shared queue: after that only the jobs
+  already running are left, whatever a worker does. The figure the slow-critic target
+  reads: a generator must not idle while work waits for it.
+- rounds_per_s: the sustained rate: rounds judged from the first round judged until the
+  last job was claimed (or until the last round judged, when every job was claimed
+  before any round was judged), neither the fill nor the drain of a finite batch. The
+  end-to-end rate (first submit to last job finished) is reported beside it.
 - speedup_vs_sequential: rounds_per_s over the sequential run's.
-- ratio_to_bound: rounds_per_s over 1 / max(t_gen per image at the batch sizes
-  reached (over the same calls), t_critic / max_inflight_critiques).
+- bound: min(the generators' capacity at the batch sizes they reached (each worker's
+  calls but its last), the critic's capacity, `--critic-ceiling` / t_critic);
+  ratio_to_bound: rounds_per_s over it.
+- latency: a job's time in a worker (started_at → finished_at), p50 and p95, against
+  the lowest a job could take (each round one call at the mean batch plus one
+  critique); and the same p95 over the jobs claimed once a first job finished (steady
+  state: the workers had measured whole round trips; the jobs before ride the start-up
+  ramp, where slow start overshoots the critic's knee once).
+- most_jobs_held: the most jobs any worker held at once.
 - overhead per round: a job's time in the worker (started_at → finished_at) minus the
   simulated stage times it waited for, over its rounds; from the sequential run, where
   nothing else competes (and, for the concurrent run, minus its GPU queueing too).
@@ -54,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 import uuid
@@ -65,6 +81,8 @@ from typing import TYPE_CHECKING, Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
 
 from bench.common import (  # noqa: E402
     Column,
@@ -172,13 +190,23 @@ class Workload:
     t_critic: float
     per_image: float
     max_batch: int
-    inflight: int
-    critic_concurrency: int
     batch_window_ms: float
+    inflight: int | None = None
+    """max_inflight_jobs; None: the setting's default (the worker's demand decides under it)."""
+    critic_concurrency: int | None = None
+    """max_inflight_critiques; None: the setting's default (the adaptive limit decides under it)."""
+    critic_ceiling: int | None = None
+    """The stand-in critic's throughput ceiling (critiques answered at once); None: none."""
+    workers: int = 1
 
     def call_seconds(self, batch: int) -> float:
         """Simulated time of one generator call of `batch` images."""
         return self.t_gen + self.per_image * (batch - 1)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 @dataclass
@@ -187,27 +215,33 @@ class RunResult:
 
     workload: Workload
     docs: list[JobDocument]
-    calls: list[Call]
+    worker_calls: list[list[Call]]
+    max_held: list[int]
     first_submit: float  # time.time()
+    clock_offset: float  # time.time() - time.perf_counter(): the calls' clock to the documents'
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def calls(self) -> list[Call]:
+        return sorted((c for calls in self.worker_calls for c in calls), key=lambda c: c.start)
 
     @property
     def window_s(self) -> float:
         return max(c.end for c in self.calls) - min(c.start for c in self.calls)
 
-    def steady_calls(self) -> list[Call]:
-        """The calls the sustained rate counts: all but the last (all when there is one)."""
-        ordered = sorted(self.calls, key=lambda c: c.start)
-        return ordered[:-1] if len(ordered) > 1 and ordered[-1].start > ordered[0].start else ordered
-
     @property
     def steady_rounds_per_s(self) -> float:
-        """Rounds of all calls but the last, over first call start → last call start."""
-        counted = self.steady_calls()
-        images = sum(len(c.prompts) for c in counted)
-        if len(counted) == len(self.calls):  # one call: nothing to go on but the window
-            return images / self.window_s
-        return images / (max(c.start for c in self.calls) - counted[0].start)
+        """Rounds judged per second, from the first round judged until the last job was claimed
+        (while jobs waited for a worker: neither the fill nor the drain of a finite batch of
+        jobs), or until the last round judged when every job was claimed before a round was
+        judged. A round counts once judged: generations the critic has not judged yet do not."""
+        finishes = sorted(r.finished_at for d in self.docs for r in d.rounds)
+        last_claim = max(d.started_at or 0.0 for d in self.docs)
+        end = last_claim if last_claim > finishes[0] else finishes[-1]
+        counted = [f for f in finishes if f <= end]
+        if len(counted) < 2 or end <= finishes[0]:
+            return len(finishes) / max(self.window_s, 1e-9)
+        return (len(counted) - 1) / (counted[-1] - counted[0])
 
     @property
     def rounds_done(self) -> int:
@@ -255,36 +289,99 @@ class RunResult:
         critique = sum(r.timings.critique_ms / 1000 - w.t_critic for r in rounds)
         return {"generate_stage_s": generate / n, "critique_stage_s": critique / n}
 
+    def busy_while_queued(self) -> float:
+        """The generators' busy share (mean over workers) from the first call until the last job
+        was claimed: while jobs waited in the shared queue for a worker to need them. After
+        that only the jobs already running are left (the drain), whatever a worker does."""
+        last_claim = max(d.started_at or 0.0 for d in self.docs) - self.clock_offset
+        shares = []
+        for calls in self.worker_calls:
+            if not calls:
+                continue
+            start = min(c.start for c in calls)
+            span = last_claim - start
+            if span <= 0:
+                continue
+            busy = sum(max(0.0, min(c.end, last_claim) - max(c.start, start)) for c in calls)
+            shares.append(busy / span)
+        return sum(shares) / len(shares) if shares else 1.0
+
+    def busy_fractions(self) -> list[float]:
+        """Each worker's seconds inside generator calls over its own window."""
+        fractions = []
+        for calls in self.worker_calls:
+            if calls:
+                window = max(c.end for c in calls) - min(c.start for c in calls)
+                fractions.append(sum(c.end - c.start for c in calls) / window if window > 0 else 1.0)
+        return fractions
+
+    def bound(self) -> dict[str, float]:
+        """min(the generators' capacity at the batch sizes they reached, the critic's capacity)."""
+        w = self.workload
+        generators = 0.0
+        for calls in self.worker_calls:
+            counted = calls[:-1] if len(calls) > 1 else calls
+            if counted:
+                per_image = sum(w.call_seconds(len(c.prompts)) for c in counted) / sum(len(c.prompts) for c in counted)
+                generators += 1 / per_image
+        critic = w.critic_ceiling / w.t_critic if w.critic_ceiling and w.t_critic > 0 else math.inf
+        return {"generator_rounds_per_s": generators, "critic_rounds_per_s": critic, "bound": min(generators, critic)}
+
+    def latencies(self) -> dict[str, float]:
+        """Jobs' time in a worker (started → finished), against the lowest a job could take:
+        each round one call at the batch reached plus one critique, nothing waited for."""
+        w = self.workload
+        seconds = [(d.finished_at or 0.0) - (d.started_at or 0.0) for d in self.docs]
+        calls = self.calls
+        mean_call = sum(w.call_seconds(len(c.prompts)) for c in calls) / len(calls)
+        lowest = w.rounds * (mean_call + w.t_critic)
+        p95 = percentile(seconds, 0.95)
+        # Steady state: the jobs claimed once a first job had finished, when every worker had
+        # measured whole round trips and its limits had met the critic's knee. The jobs
+        # claimed before that ride the start-up ramp (slow start overshoots a knee once).
+        first_finish = min(d.finished_at or math.inf for d in self.docs)
+        steady = [s for s, d in zip(seconds, self.docs, strict=True) if (d.started_at or 0.0) >= first_finish]
+        p95_steady = percentile(steady, 0.95) if steady else math.nan
+        return {
+            "p50_s": percentile(seconds, 0.5),
+            "p95_s": p95,
+            "lowest_s": lowest,
+            "p95_over_lowest": p95 / lowest,
+            "steady_jobs": len(steady),
+            "p95_steady_s": p95_steady,
+            "p95_steady_over_lowest": p95_steady / lowest,
+        }
+
     def summary(self) -> dict[str, Any]:
         w = self.workload
         images = sum(len(c.prompts) for c in self.calls)
-        gpu_s = sum(c.end - c.start for c in self.calls)
-        mean_batch = images / len(self.calls)
-        # Over the calls the sustained rate counts, so that the two compare like with like.
-        counted = self.steady_calls()
-        gen_per_image = sum(w.call_seconds(len(c.prompts)) for c in counted) / sum(len(c.prompts) for c in counted)
-        bound = 1 / max(gen_per_image, w.t_critic / w.critic_concurrency)
+        bound = self.bound()
         rounds_per_s = self.steady_rounds_per_s
-        overhead = self.overhead_per_round(minus_queueing=True)
+        busy = self.busy_fractions()
         return {
             "jobs": len(self.docs),
+            "workers": w.workers,
             "rounds_done": self.rounds_done,
             "max_inflight_jobs": w.inflight,
             "max_batch": w.max_batch,
+            "critic_ceiling": w.critic_ceiling,
             "generator_calls": len(self.calls),
-            "mean_batch": mean_batch,
-            "batch_sizes": [len(c.prompts) for c in sorted(self.calls, key=lambda c: c.start)],
+            "mean_batch": images / len(self.calls),
             "window_s": self.window_s,
             "makespan_s": self.makespan_s,
-            "busy_fraction": gpu_s / self.window_s,
-            "gpu_idle_with_work_s": idle_with_work(self.calls),
+            "busy_fraction": min(busy),
+            "busy_fraction_mean": sum(busy) / len(busy),
+            "busy_while_queued": self.busy_while_queued(),
+            "gpu_idle_with_work_s": sum(idle_with_work(calls) for calls in self.worker_calls),
             "rounds_per_s": rounds_per_s,
             "rounds_per_s_end_to_end": self.rounds_done / self.makespan_s,
             "jobs_per_s": len(self.docs) / self.makespan_s,
-            "t_gen_per_image_s": gen_per_image,
-            "bound_rounds_per_s": bound,
-            "ratio_to_bound": rounds_per_s / bound,
-            "overhead_s_per_round_minus_queueing": overhead,
+            "bound_rounds_per_s": bound["bound"],
+            "bound_detail": bound,
+            "ratio_to_bound": rounds_per_s / bound["bound"],
+            "latency": self.latencies(),
+            "most_jobs_held": max(self.max_held),
+            "overhead_s_per_round_minus_queueing": self.overhead_per_round(minus_queueing=True),
             "overhead_breakdown_s": self.overhead_breakdown(),
             "errors": self.errors,
         }
@@ -297,15 +394,16 @@ def dump_tasks() -> None:
         task.print_stack(file=sys.stderr)
 
 
-async def wait_for_worker(client: AsyncClient, worker_id: str) -> None:
-    """Until the gateway's /readyz lists this worker's heartbeat (it is claiming then)."""
+async def wait_for_workers(client: AsyncClient, worker_ids: Sequence[str]) -> None:
+    """Until the gateway's /readyz lists these workers' heartbeats (they are claiming then)."""
     deadline = time.monotonic() + WORKER_START_TIMEOUT_S
     while time.monotonic() < deadline:
         report = await client.ready()
-        if any(w.get("id") == worker_id for w in report.get("workers", [])):
+        seen = {w.get("id") for w in report.get("workers", [])}
+        if set(worker_ids) <= seen:
             return
         await asyncio.sleep(0.05)
-    raise RuntimeError(f"worker {worker_id} did not start in {WORKER_START_TIMEOUT_S:.0f}s")
+    raise RuntimeError(f"workers {list(worker_ids)} did not start in {WORKER_START_TIMEOUT_S:.0f}s")
 
 
 async def wait_all(client: AsyncClient, ids: Sequence[str]) -> list[JobDocument]:
@@ -324,33 +422,47 @@ async def wait_all(client: AsyncClient, ids: Sequence[str]) -> list[JobDocument]
     return docs
 
 
+async def configure_critic(critic_url: str, w: Workload) -> None:
+    """The stand-in's pace for this run: `t_critic` per critique, at most `critic_ceiling` at once."""
+    config = StandinConfig(latency_s=w.t_critic, default=STANDIN_SCORE, max_concurrency=w.critic_ceiling)
+    root = critic_url.removesuffix("/v1")
+    async with httpx.AsyncClient() as http:
+        (await http.post(f"{root}/standin/config", content=config.model_dump_json())).raise_for_status()
+
+
 async def run_workload(
     w: Workload, *, name: str, redis_url: str, prefix: str, gateway_url: str, critic_url: str
 ) -> RunResult:
-    """Start a worker in this process, push `w.jobs` jobs through the gateway, follow them to the end."""
-    settings = Settings(
-        redis_url=redis_url,
-        redis_prefix=prefix,
-        worker_id=f"bench-{name}-{uuid.uuid4().hex[:6]}",
-        generator=f"sim:{w.t_gen}:{w.per_image}",
-        max_batch=w.max_batch,
-        batch_window_ms=w.batch_window_ms,
-        max_inflight_jobs=w.inflight,
-        max_inflight_critiques=w.critic_concurrency,
-        critic_base_url=critic_url,
-        critic_model=StandinConfig().model,
-    )
-    generator = RecordingGenerator(SimulatedGenerator(settings.generator or "", settings))
-    critic = OpenAICritic(settings)
-    worker = Worker(settings, generator, critic, connect_worker(settings, generator))
-    worker_task = asyncio.create_task(worker.run(drain_grace_s=5.0), name=f"bench-worker-{name}")
+    """Start `w.workers` workers in this process, push `w.jobs` jobs through the gateway, follow them to the end."""
+    await configure_critic(critic_url, w)
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_prefix": prefix,
+        "generator": f"sim:{w.t_gen}:{w.per_image}",
+        "max_batch": w.max_batch,
+        "batch_window_ms": w.batch_window_ms,
+        "critic_base_url": critic_url,
+        "critic_model": StandinConfig().model,
+        **({"max_inflight_jobs": w.inflight} if w.inflight is not None else {}),
+        **({"max_inflight_critiques": w.critic_concurrency} if w.critic_concurrency is not None else {}),
+    }
+    workers, generators, critics = [], [], []
+    for n in range(w.workers):
+        settings = Settings(**values, worker_id=f"bench-{name}-{n}-{uuid.uuid4().hex[:6]}")
+        generator = RecordingGenerator(SimulatedGenerator(settings.generator or "", settings))
+        critic = OpenAICritic(settings)
+        workers.append(Worker(settings, generator, critic, connect_worker(settings, generator)))
+        generators.append(generator)
+        critics.append(critic)
+    clock_offset = time.time() - time.perf_counter()
+    tasks = [asyncio.create_task(wk.run(drain_grace_s=5.0), name=f"bench-worker-{wk.id}") for wk in workers]
     loop = {"max_rounds": w.rounds, "threshold": 1.0, "patience": None}
     # Generous: even one job at a time would be done well within it. A job that stalls
     # must fail the benchmark, not hang it.
     limit_s = 60 + 2 * w.jobs * w.rounds * (w.call_seconds(1) + w.t_critic)
     try:
         async with AsyncClient(gateway_url, timeout_s=60.0) as client:
-            await wait_for_worker(client, settings.worker_id)
+            await wait_for_workers(client, [wk.id for wk in workers])
             first_submit = time.time()
             bodies = [
                 {"prompt": f"bench {name} job {i:04d}: a lighthouse at dusk", "loop": loop, "generation": {"seed": i}}
@@ -364,30 +476,66 @@ async def run_workload(
                 dump_tasks()
                 raise RuntimeError(f"{name} run: jobs did not finish in {limit_s:.0f}s (task stacks above)") from None
     finally:
-        worker.stop()
-        await worker_task
-        await critic.aclose()
+        for wk in workers:
+            wk.stop()
+        await asyncio.gather(*tasks)
+        for critic in critics:
+            await critic.aclose()
     errors = [
         f"job {d.id}: {d.status}/{d.stop_reason} after {len(d.rounds)} rounds"
         for d in docs
         if d.status != "succeeded" or d.stop_reason != "max_rounds" or len(d.rounds) != w.rounds
     ]
-    return RunResult(w, docs, generator.calls, first_submit, errors)
+    held = [wk.max_held for wk in workers]
+    return RunResult(w, docs, [g.calls for g in generators], held, first_submit, clock_offset, errors)
 
 
 # --- the benchmark ----------------------------------------------------------------------------
 
 
 async def measure(args: argparse.Namespace, gateway_url: str, critic_url: str, prefix: str) -> dict[str, Any]:
-    concurrent = from_options(Workload, args, inflight=args.jobs)
     where = {"redis_url": args.redis_url, "prefix": prefix, "gateway_url": gateway_url, "critic_url": critic_url}
+    if args.ratios:
+        runs = []
+        for ratio in args.ratios:
+            w = from_options(Workload, args, t_critic=ratio * args.t_gen)
+            result = await run_workload(w, name=f"ratio-{ratio:g}", **where)
+            runs.append({"critic_to_gen": ratio, **result.summary()})
+        return sweep_report(args, runs)
+    concurrent = from_options(Workload, args)
     main = await run_workload(concurrent, name="concurrent", **where)
     seq_jobs = min(args.jobs, 4) if args.seq_jobs is None else args.seq_jobs
     sequential = None
-    if seq_jobs > 0:
+    if seq_jobs > 0 and args.workers == 1:
         baseline = Workload(**{**vars(concurrent), "jobs": seq_jobs, "inflight": 1, "max_batch": 1})
         sequential = await run_workload(baseline, name="sequential", **where)
     return report(args, main, sequential)
+
+
+def _settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "jobs": args.jobs,
+        "rounds": args.rounds,
+        "t_gen": args.t_gen,
+        "t_critic": args.t_critic,
+        "per_image": args.per_image,
+        "max_batch": args.max_batch,
+        "workers": args.workers,
+        "critic_ceiling": args.critic_ceiling,
+        "inflight": args.inflight,
+        "critic_concurrency": args.critic_concurrency,
+        "batch_window_ms": args.batch_window_ms,
+    }
+
+
+def sweep_report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        **run_info("orchestration-sweep", args.redis_url),
+        "note": SIMULATION_NOTE,
+        **_settings_of(args),
+        "runs": runs,
+        "errors": [e for run in runs for e in run["errors"]],
+    }
 
 
 def report(args: argparse.Namespace, main: RunResult, sequential: RunResult | None) -> dict[str, Any]:
@@ -397,20 +545,15 @@ def report(args: argparse.Namespace, main: RunResult, sequential: RunResult | No
     out: dict[str, Any] = {
         **run_info("orchestration", args.redis_url),
         "note": SIMULATION_NOTE,
-        "jobs": args.jobs,
-        "rounds": args.rounds,
-        "t_gen": args.t_gen,
-        "t_critic": args.t_critic,
-        "per_image": args.per_image,
-        "max_batch": args.max_batch,
-        "critic_concurrency": args.critic_concurrency,
-        "batch_window_ms": args.batch_window_ms,
+        **_settings_of(args),
         "busy_fraction": m["busy_fraction"],
         "rounds_per_s": m["rounds_per_s"],
         "rounds_per_s_end_to_end": m["rounds_per_s_end_to_end"],
         "jobs_per_s": m["jobs_per_s"],
         "bound_rounds_per_s": m["bound_rounds_per_s"],
         "ratio_to_bound": m["ratio_to_bound"],
+        "latency": m["latency"],
+        "most_jobs_held": m["most_jobs_held"],
         "mean_batch": m["mean_batch"],
         "gpu_idle_with_work_s": m["gpu_idle_with_work_s"],
         "sequential_computed_rounds_per_s": seq_computed,
@@ -441,9 +584,25 @@ def report(args: argparse.Namespace, main: RunResult, sequential: RunResult | No
     return out
 
 
+def _cells(run: dict[str, Any]) -> dict[str, Any]:
+    latency = run["latency"]
+    return {
+        **run,
+        "overhead_ms": 1000 * run["overhead_s_per_round_minus_queueing"],
+        "p50_s": latency["p50_s"],
+        "p95_s": latency["p95_s"],
+        "lowest_s": latency["lowest_s"],
+        "p95_over_lowest": latency["p95_over_lowest"],
+        "steady_jobs": latency["steady_jobs"],
+        "p95_steady_s": latency["p95_steady_s"],
+        "p95_steady_over_lowest": latency["p95_steady_over_lowest"],
+    }
+
+
 RUN_ROWS = (
-    Column("jobs", "jobs", "{:d}"),
-    Column("max_inflight_jobs", "max_inflight_jobs", "{:d}"),
+    Column("jobs", "jobs queued", "{:d}"),
+    Column("workers", "workers", "{:d}"),
+    Column("most_jobs_held", "most jobs a worker held", "{:d}"),
     Column("max_batch", "max_batch", "{:d}"),
     Column("generator_calls", "generator calls", "{:d}"),
     Column("mean_batch", "mean batch", "{:.2f}"),
@@ -451,72 +610,118 @@ RUN_ROWS = (
     Column("makespan_s", "makespan (first submit → last finish) s", "{:.2f}"),
     Column("rounds_per_s", "rounds/s (sustained)", "{:.3f}"),
     Column("rounds_per_s_end_to_end", "rounds/s (end to end)", "{:.3f}"),
-    Column("jobs_per_s", "jobs/s (end to end)", "{:.3f}"),
-    Column("busy_fraction", "generator busy fraction", "{:.3f}"),
+    Column("busy_fraction", "generator busy fraction (window, lowest worker)", "{:.3f}"),
+    Column("busy_while_queued", "generator busy while jobs were queued", "{:.3f}"),
     Column("gpu_idle_with_work_s", "generator idle while work waited, s", "{:.3f}"),
-    Column("bound_rounds_per_s", "ideal bound rounds/s", "{:.3f}"),
+    Column("bound_rounds_per_s", "bound rounds/s: min(generators, critic)", "{:.3f}"),
     Column("ratio_to_bound", "ratio to bound", "{:.3f}"),
+    Column("p50_s", "job latency in a worker p50, s", "{:.2f}"),
+    Column("p95_s", "job latency p95, s", "{:.2f}"),
+    Column("lowest_s", "lowest latency (no wait), s", "{:.2f}"),
+    Column("p95_over_lowest", "p95 / lowest", "{:.2f}"),
+    Column("steady_jobs", "jobs claimed after the first finished", "{:d}"),
+    Column("p95_steady_s", "their latency p95, s", "{:.2f}"),
+    Column("p95_steady_over_lowest", "their p95 / lowest", "{:.2f}"),
     Column("overhead_ms", "overhead ms/round (minus GPU queueing)", "{:.1f}"),
 )
 
 
 def show(result: dict[str, Any]) -> None:
     """Print the runs side by side, then the targets."""
-    runs = {"concurrent": result["concurrent"]}
-    if "sequential" in result:
-        runs["sequential"] = result["sequential"]
-    for run in runs.values():
-        run["overhead_ms"] = 1000 * run["overhead_s_per_round_minus_queueing"]
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    if "runs" in result:
+        show_sweep(result, console)
+        return
+    runs = {"concurrent": _cells(result["concurrent"])}
+    if "sequential" in result:
+        runs["sequential"] = _cells(result["sequential"])
+    ceiling = f", critic ceiling {result['critic_ceiling']}" if result["critic_ceiling"] else ""
     table = Table(
         title=f"orchestration: {result['jobs']} jobs x {result['rounds']} rounds, t_gen {result['t_gen']}s "
-        f"(+{result['per_image']}s per extra image), t_critic {result['t_critic']}s"
+        f"(+{result['per_image']}s per extra image), t_critic {result['t_critic']}s, "
+        f"{result['workers']} worker(s){ceiling}"
     )
     table.add_column("metric")
     for name in runs:
         table.add_column(name, justify="right")
     for column in RUN_ROWS:
-        table.add_row(column.title, *(column.fmt.format(run[column.key]) for run in runs.values()))
-    console = Console()
+        table.add_row(column.title, *(_cell_text(column, run) for run in runs.values()))
     console.print(table)
 
-    applies = result["t_gen"] == result["t_critic"] and result["jobs"] >= 4
+    bar_e = result["t_gen"] == result["t_critic"] and result["jobs"] >= 4 and result["workers"] == 1
     rows: list[dict[str, Any]] = [
         {
             "metric": "generator busy fraction",
             "value": result["busy_fraction"],
-            "target": ">= 0.95 (J>=4)",
-            "ok": result["busy_fraction"] >= 0.95 if applies else None,
+            "target": ">= 0.95 (t_critic = t_gen, J>=4)",
+            "ok": result["busy_fraction"] >= 0.95 if bar_e else None,
         },
         {
             "metric": "speedup vs sequential, measured",
             "value": result["speedup_vs_sequential"],
-            "target": ">= 1.9 (J>=4)",
-            "ok": result["speedup_vs_sequential"] >= 1.9 if applies else None,
+            "target": ">= 1.9 (t_critic = t_gen, J>=4)",
+            "ok": result["speedup_vs_sequential"] >= 1.9 if bar_e and "sequential" in result else None,
         },
         {"metric": "speedup vs sequential, computed", "value": result["speedup_vs_sequential_computed"]},
         {
-            "metric": "ratio to ideal bound",
+            "metric": "ratio to bound",
             "value": result["ratio_to_bound"],
-            "target": ">= 0.9 (J>=16)",
-            "ok": result["ratio_to_bound"] >= 0.9 if result["jobs"] >= 16 else None,
+            "target": ">= 0.9",
+            "ok": result["ratio_to_bound"] >= 0.9,
         },
+        {"metric": "p95 job latency / lowest, all jobs", "value": result["latency"]["p95_over_lowest"]},
         {
-            "metric": "overhead per round, ms",
-            "value": 1000 * result["overhead_s_per_round"],
-            "target": "<= 20",
-            "ok": result["overhead_s_per_round"] <= 0.02,
+            "metric": "p95 job latency / lowest, steady state",
+            "value": result["latency"]["p95_steady_over_lowest"],
+            "target": "<= 1.5 (with a critic ceiling)",
+            "ok": result["latency"]["p95_steady_over_lowest"] <= 1.5 if result["critic_ceiling"] else None,
         },
         {
             "metric": "overhead / (t_gen + t_critic)",
             "value": result["overhead_fraction"],
-            "target": "<= 0.02",
-            "ok": result["overhead_fraction"] <= 0.02,
+            "target": "<= 0.02 (sequential run)",
+            "ok": result["overhead_fraction"] <= 0.02 if "sequential" in result else None,
         },
     ]
-    print_targets(rows, title="targets (overhead: sequential run)")
+    print_targets(rows, title="targets")
+    console.print(SIMULATION_NOTE)
+    for error in result["errors"]:
+        console.print(f"[red]ERROR[/red]: {error}")
+
+
+def _cell_text(column: Column, run: dict[str, Any]) -> str:
+    value = run.get(column.key)
+    return "-" if value is None else column.fmt.format(value)
+
+
+def show_sweep(result: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    runs = [_cells(run) for run in result["runs"]]
+    table = Table(
+        title=f"orchestration sweep: {result['jobs']} jobs x {result['rounds']} rounds, t_gen {result['t_gen']}s, "
+        f"default settings, t_critic = ratio x t_gen"
+    )
+    table.add_column("metric")
+    for run in runs:
+        table.add_column(f"{run['critic_to_gen']:g}x", justify="right")
+    for column in RUN_ROWS:
+        table.add_row(column.title, *(_cell_text(column, run) for run in runs))
+    console.print(table)
+    rows = [
+        {
+            "metric": f"generator busy while jobs were queued, {run['critic_to_gen']:g}x",
+            "value": run["busy_while_queued"],
+            "target": ">= 0.95",
+            "ok": run["busy_while_queued"] >= 0.95,
+        }
+        for run in runs
+        if run["critic_to_gen"] >= 30
+    ]
+    print_targets(rows, title="targets (defaults, t_critic = 30 and 60 x t_gen)")
     console.print(SIMULATION_NOTE)
     for error in result["errors"]:
         console.print(f"[red]ERROR[/red]: {error}")
@@ -525,18 +730,31 @@ def show(result: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     defaults = Settings()
     parser = argument_parser(__doc__)
-    parser.add_argument("--jobs", type=int, default=16, help="concurrent jobs J (default 16)")
+    parser.add_argument("--jobs", type=int, default=16, help="jobs queued at once J (default 16)")
     add_simulation_options(parser, t_critic=1.0)
     parser.add_argument("--per-image", type=float, default=0.0, help="extra seconds per image beyond the first")
     parser.add_argument("--max-batch", type=int, default=1, help="scheduler max_batch of the concurrent run")
     parser.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms)
     parser.add_argument(
-        "--critic-concurrency", type=int, default=defaults.max_inflight_critiques, help="max_inflight_critiques"
+        "--inflight", type=int, default=None, help="max_inflight_jobs (default: the setting's, a ceiling)"
+    )
+    parser.add_argument(
+        "--critic-concurrency", type=int, default=None, help="max_inflight_critiques (default: the setting's)"
+    )
+    parser.add_argument(
+        "--critic-ceiling", type=int, default=None, help="the stand-in's throughput ceiling: critiques at once"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="workers sharing the queue and the critic")
+    parser.add_argument(
+        "--ratios",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=None,
+        help="a sweep: one run per t_critic/t_gen ratio (e.g. 1,10,30,60), t_critic = ratio x t_gen",
     )
     parser.add_argument("--seq-jobs", type=int, default=None, help="jobs of the measured sequential run (0: skip)")
     args = parser.parse_args(argv)
-    if args.jobs < 1 or args.rounds < 1 or args.max_batch < 1:
-        parser.error("--jobs, --rounds and --max-batch must be >= 1")
+    if args.jobs < 1 or args.rounds < 1 or args.max_batch < 1 or args.workers < 1:
+        parser.error("--jobs, --rounds, --max-batch and --workers must be >= 1")
     return args
 
 

@@ -52,7 +52,12 @@ class SharedSettings(BaseSettings):
         False, description="Answer image requests with a redirect to a presigned S3 URL instead of the bytes."
     )
     result_ttl_s: int = Field(86_400, ge=60, description="How long job documents, events and images live.")
-    max_inflight_critiques: int = Field(16, ge=1, description="Critic requests one process keeps in flight.")
+    max_inflight_critiques: int = Field(
+        256,
+        ge=1,
+        description="Most critic requests one process keeps in flight: a ceiling; a worker's own limit adapts "
+        "below it to the critic's knee (docs/performance.md).",
+    )
     public_url: str | None = Field(None, description="Base URL put in links; default: the request's own base URL.")
     webhook_allow_private: bool = Field(
         False, description="Allow callback URLs on private/loopback addresses (tests, single-host setups)."
@@ -206,7 +211,12 @@ class WorkerSettings(SharedSettings):
     worker_id: str = Field(default_factory=_default_worker_id, description="Consumer name in the Redis group.")
     max_batch: int = Field(4, ge=1, description="Most requests coalesced into one pipeline call.")
     batch_window_ms: float = Field(10.0, ge=0, description="How long the batcher waits for compatible requests.")
-    max_inflight_jobs: int = Field(16, ge=1, description="Jobs one worker runs at once.")
+    max_inflight_jobs: int = Field(
+        256,
+        ge=1,
+        description="Most jobs one worker runs at once: a ceiling (memory, fairness); under it the worker "
+        "claims the jobs its measured stage times say keep the generator busy (docs/performance.md).",
+    )
     heartbeat_s: float = Field(2.0, gt=0, description="Worker heartbeat period.")
     visibility_timeout_s: float = Field(
         60.0, gt=0, description="A claimed job whose worker stopped heartbeating is re-claimed after this."

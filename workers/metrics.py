@@ -26,11 +26,13 @@ CRITIC_INFLIGHT = Gauge("gcr_critic_inflight", "Critic requests in flight.")
 CRITIC_TOKENS = Counter(
     "gcr_critic_tokens_total", "Tokens the reward model read (prompt) and wrote (completion).", ["kind"]
 )
-PROMPTS_CUT = Counter(
-    "gcr_prompts_cut_total", "Round prompts shortened to what the generator's text encoder reads."
-)
+PROMPTS_CUT = Counter("gcr_prompts_cut_total", "Round prompts shortened to what the generator's text encoder reads.")
 CRITIC_ERRORS = Counter("gcr_critic_errors_total", "Critic calls that failed after retries.", ["code"])
 JOBS_INFLIGHT = Gauge("gcr_worker_jobs_inflight", "Jobs this worker is running.")
+JOBS_NEEDED = Gauge(
+    "gcr_worker_jobs_needed", "Jobs this worker's measured stage times say keep its generator busy (Little's law)."
+)
+CRITIQUE_LIMIT = Gauge("gcr_worker_critique_limit", "Critiques this worker keeps in flight now (adaptive, AIMD).")
 JOBS_FINISHED = Counter("gcr_worker_jobs_finished_total", "Jobs this worker finished.", ["status", "reason"])
 ROUNDS = Counter("gcr_worker_rounds_total", "Rounds checkpointed.")
 DEAD_LETTERS = Counter("gcr_worker_dead_letters_total", "Jobs failed after exhausting their attempts.")

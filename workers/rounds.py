@@ -30,6 +30,8 @@ from service.jobs.records import StoredCandidate, StoredJob, StoredRound
 from service.jobs.store import JobStore
 from workers import metrics
 from workers.critics.protocol import Critic
+from workers.critique_limit import CritiqueLimit
+from workers.demand import Demand
 from workers.generators.base import GenRequest, PreviewSink
 from workers.images import decode_image, encode_png
 from workers.job_events import JobEvents
@@ -55,7 +57,8 @@ class RoundResources:
     store: JobStore
     scheduler: GenerationScheduler
     critic: Critic
-    critique_slots: asyncio.Semaphore
+    critiques: CritiqueLimit
+    demand: Demand
     critic_outage_s: float
 
 
@@ -97,6 +100,7 @@ class RoundExecutor:
         prompt, fit = self.fit_prompt(decision.prompt, decision.seeds[0], mode, source)
         await self.events.stage(index, "generating", prompt=prompt)
         t0 = time.monotonic()
+        self.r.demand.back_at_generator(self.job.id)
         async with self.events.watching_cancel():
             results = await self.r.scheduler.generate(
                 [
@@ -107,6 +111,7 @@ class RoundExecutor:
                 cancelled=lambda: self.events.cancelled,
             )
         generate_s = time.monotonic() - t0
+        self.r.demand.left_generator(self.job.id, len(results))
         metrics.STAGE_SECONDS.labels("generate").observe(generate_s)
         self.generator_calls += len(results)
         if await self.events.check_cancel():
@@ -182,9 +187,7 @@ class RoundExecutor:
         png = await self.r.store.get_image(self.job.id, decision.edit_from.round, decision.edit_from.candidate)
         return await asyncio.to_thread(decode_image, png)
 
-    def fit_prompt(
-        self, prompt: str, seed: int, mode: str, source: Image.Image | None
-    ) -> tuple[str, PromptFit | None]:
+    def fit_prompt(self, prompt: str, seed: int, mode: str, source: Image.Image | None) -> tuple[str, PromptFit | None]:
         """`prompt` as the generator's text encoder reads it: a refinement longer than that is
         shortened to the words it reads, and the round records the cut (`prompt_fit`), never
         handed over whole to be cut in silence."""
@@ -279,7 +282,7 @@ class RoundExecutor:
             attempt += 1
 
     async def _critique_once(self, png: bytes) -> Critique | CriticError:
-        async with self.r.critique_slots:
+        async with self.r.critiques.slot():
             metrics.CRITIC_INFLIGHT.inc()
             self.critic_calls += 1
             try:

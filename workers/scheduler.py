@@ -63,6 +63,8 @@ class GenerationScheduler:
 
     def __init__(self, generator: Generator, max_batch: int, batch_window_s: float) -> None:
         self.generator = generator
+        self.on_call: Callable[[int, float], None] | None = None
+        """Hears of every generator call: (batch, seconds). The worker's demand estimate listens."""
         self.max_batch = max(1, min(max_batch, generator.max_batch))
         self.batch_window_s = batch_window_s
         self.busy_s = 0.0
@@ -203,6 +205,8 @@ class GenerationScheduler:
         run_s = time.monotonic() - started
         self.busy_s += run_s
         self.calls += 1
+        if self.on_call is not None:
+            self.on_call(len(batch), run_s)
         metrics.GENERATOR_BUSY_SECONDS.inc(run_s)
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done():

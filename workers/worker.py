@@ -1,11 +1,12 @@
-"""The worker process: claims jobs as capacity frees up and runs them concurrently.
+"""The worker process: claims the jobs its generator needs and runs them concurrently.
 
-One worker owns one generator (one GPU). It keeps at most `max_inflight_jobs`
-jobs, claims only as many queue entries as it can start now (so other workers
-can take the rest), heartbeats so its entries are not taken from it, re-claims
-entries of dead workers after the visibility timeout, sends the webhooks of jobs that
-ended while queued, and on SIGTERM stops claiming, lets running jobs finish for a
-grace period, then releases the rest.
+One worker owns one generator (one GPU). It claims jobs while its generator would
+otherwise idle: as many as its measured stage times say keep it busy (`workers.demand`),
+none while its critiques wait for the critic (`workers.critique_limit`), and never more
+than `max_inflight_jobs`; the rest stay in the shared queue for other workers. It
+heartbeats so its entries are not taken from it, re-claims entries of dead workers after
+the visibility timeout, sends the webhooks of jobs that ended while queued, and on SIGTERM
+stops claiming, lets running jobs finish for a grace period, then releases the rest.
 
 Its connections come in (`WorkerConnections`, made by `connect_worker`); the worker
 closes them when it stops. Tests pass their own, failing ones included.
@@ -38,6 +39,8 @@ from service.settings import WorkerSettings
 from workers import metrics
 from workers.critics.breaker import CircuitBreaker, GuardedCritic
 from workers.critics.protocol import Critic
+from workers.critique_limit import WATCH_S, CritiqueLimit
+from workers.demand import Demand
 from workers.generators.base import Generator, GenRequest
 from workers.rounds import RoundResources
 from workers.runner import JobRunner
@@ -47,6 +50,7 @@ from workers.webhooks import WebhookNotifier
 log = logging.getLogger("gcr.worker")
 
 IDLE_WAIT_S = 0.5
+DEMAND_RECHECK_S = 0.05
 CRITIC_PROBE_S = 2.0
 RECONNECT_MAX_S = 10.0
 OUTBOX_BLOCK_MS = 1_000
@@ -130,13 +134,19 @@ class Worker:
         self.c = connections
         self.breaker = CircuitBreaker(settings.critic_breaker_failures, settings.critic_breaker_cooldown_s)
         self.critic = GuardedCritic(critic, self.breaker)
+        self.critiques = CritiqueLimit(settings.max_inflight_critiques)
         self.scheduler = GenerationScheduler(generator, settings.max_batch, settings.batch_window_ms / 1000)
+        self.demand = Demand(self.scheduler.max_batch)
+        self.scheduler.on_call = self.demand.call_done
+        self.max_held = 0
+        """The most jobs this worker held at once (benchmarks report it)."""
         resources = RoundResources(
             model=self.model,
             store=connections.store,
             scheduler=self.scheduler,
             critic=self.critic,
-            critique_slots=asyncio.Semaphore(settings.max_inflight_critiques),
+            critiques=self.critiques,
+            demand=self.demand,
             critic_outage_s=settings.critic_outage_s,
         )
         self.runner = JobRunner(
@@ -166,6 +176,8 @@ class Worker:
             max_pixels=self.settings.max_output_pixels,
             max_inflight_jobs=self.settings.max_inflight_jobs,
             inflight_jobs=len(self.active),
+            jobs_needed=self.demand.jobs_needed(self.critiques.admits),
+            critique_limit=self.critiques.limit,
             generator_busy_s=round(self.scheduler.busy_s, 3),
             critic="ok" if self.breaker.state == "closed" else "down",
             at=time.time(),
@@ -180,6 +192,7 @@ class Worker:
         background = {
             asyncio.create_task(self._heartbeat_loop(background_done), name="gcr-heartbeat"),
             asyncio.create_task(self._outbox_loop(background_done), name="gcr-webhook-outbox"),
+            asyncio.create_task(self._critic_load_loop(background_done), name="gcr-critique-limit"),
         }
         try:
             await self._claim_loop()
@@ -220,11 +233,16 @@ class Worker:
             await asyncio.sleep(min(1.0, self.settings.critic_breaker_cooldown_s))
             return
         # Half-open: one job at a time, whose critique is the breaker's trial call.
-        limit = self.settings.max_inflight_jobs if self.breaker.state == "closed" else 1
-        free = limit - len(self.active)
-        if free <= 0:
+        cap = self.settings.max_inflight_jobs if self.breaker.state == "closed" else 1
+        needed = self.demand.jobs_needed(self.critiques.admits)
+        metrics.JOBS_NEEDED.set(needed)
+        free = min(cap, needed) - len(self.active)
+        if free <= 0 or self.critiques.saturated:
+            # Enough jobs to keep the generator busy, or the critic is the bottleneck: leave the
+            # rest in the shared queue. What is needed grows while jobs are away: look again soon.
             self._changed.clear()
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), DEMAND_RECHECK_S)
             return
         claims: list[Claim] = []
         now = time.monotonic()
@@ -243,11 +261,14 @@ class Worker:
     def _start(self, claim: Claim) -> None:
         task = asyncio.create_task(self._run_claim(claim), name=f"gcr-job-{claim.job_id}")
         self.active[task] = claim
+        self.max_held = max(self.max_held, len(self.active))
         metrics.JOBS_INFLIGHT.set(len(self.active))
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self.active.pop(task, None)
+        claim = self.active.pop(task, None)
+        if claim is not None:
+            self.demand.gone(claim.job_id)
         metrics.JOBS_INFLIGHT.set(len(self.active))
         self._changed.set()
 
@@ -350,6 +371,16 @@ class Worker:
                 log.warning("webhook outbox: %s; retrying", exc.message)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(done.wait(), self.settings.heartbeat_s)
+
+    async def _critic_load_loop(self, done: asyncio.Event) -> None:
+        """Every WATCH_S, one step of the critique limit, from the critic's queue (or latency)."""
+        while not done.is_set():
+            await self.critiques.adjust(await self.critic.load())
+            metrics.CRITIQUE_LIMIT.set(self.critiques.limit)
+            if not self.critiques.saturated:
+                self._changed.set()  # claims wait for a free critic: it may be free now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), WATCH_S)
 
     async def probe_critic(self) -> None:
         """While the breaker is not closed, ask the critic's `GET /models` every CRITIC_PROBE_S:

@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -64,6 +65,14 @@ _RETRY_ERRORS: tuple[type[Exception], ...] = (
     httpx.RemoteProtocolError,
     httpx.ConnectTimeout,
 )
+
+
+@dataclass(frozen=True)
+class CriticLoad:
+    """What the critic's engine is doing: requests it decodes now, and requests that wait."""
+
+    running: int
+    waiting: int
 
 
 class _Answer:
@@ -121,6 +130,7 @@ class OpenAICritic:
                 raise ValueError(f"critic template {name!r} is missing (have: {sorted(self.templates)})")
         self._regexes = _reask_regexes(settings, self.templates) if settings.critic_structured_outputs else {}
         self.backoff_base_s = backoff_base_s
+        self._no_metrics = False
         # An attribute, so that a test can watch the waits.
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         headers = {}
@@ -286,6 +296,23 @@ class OpenAICritic:
                 return min(retry_after, RETRY_AFTER_CAP_S)
         return self._backoff(attempt)
 
+    async def load(self) -> CriticLoad | None:
+        """Requests the critic's engine runs and keeps waiting (vLLM's gauges on the server's
+        `/metrics`): any waiting, and the critic is past its batch knee. None where the server
+        publishes no such gauge (not vLLM); then it is not asked again. Never raises."""
+        if self._no_metrics:
+            return None
+        root = self.settings.critic_base_url.rstrip("/").removesuffix("/v1")
+        timeout = min(PROBE_TIMEOUT_S, self.settings.critic_timeout_s)
+        try:
+            response = await self._http.get(f"{root}/metrics", timeout=timeout)
+        except httpx.HTTPError:
+            return None
+        load = engine_load(response.text) if response.status_code == 200 else None
+        if load is None and response.status_code in (200, 404):
+            self._no_metrics = True  # it answered, without the gauge: a server that has none
+        return load
+
     async def probe(self) -> dict[str, Any] | bool:
         """`GET {base}/models`: its JSON when the endpoint answers 200, else False. Never raises."""
         try:
@@ -325,6 +352,19 @@ def _refusal(status: int, message: str) -> CriticError:
                 f"the critic refused the critique (HTTP {status}): {cause}. The server said: {message}"
             )
     return CriticError(f"critic refused the request (HTTP {status}): {message}")
+
+
+def engine_load(metrics_text: str) -> CriticLoad | None:
+    """vLLM's `vllm:num_requests_running` and `vllm:num_requests_waiting`, each summed over its
+    series (one per served model); None when the text has no waiting gauge."""
+    totals: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    if "vllm:num_requests_waiting" not in totals:
+        return None
+    return CriticLoad(int(totals.get("vllm:num_requests_running", 0)), int(totals["vllm:num_requests_waiting"]))
 
 
 def _read_answer(response: httpx.Response) -> _Answer:

@@ -33,9 +33,13 @@ FAIRNESS = ("high", "normal", "high", "high", "low", "high", "normal", "high")
 
 # Re-claim entry ARGV[3] only if ARGV[2] still holds it: with no idle (ARGV[4] == '') for
 # itself (keep-alive), or handed to ARGV[5] looking idle for ARGV[4] ms (release).
+# 0: another consumer holds it now; -1: nobody does (its job ended: the entry is gone).
 _TOUCH = """
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2])
-if #held == 0 then return 0 end
+if #held == 0 then
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1) == 0 then return -1 end
+  return 0
+end
 if ARGV[4] == '' then
   redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
 else
@@ -175,11 +179,13 @@ class JobQueue:
 
     @translate_errors
     async def keep_alive(self, consumer: str, claims: list[Claim]) -> list[Claim]:
-        """Reset the idle time of entries this worker still holds; returns those it no longer does
-        (another worker took them over after a stall: they must not be taken back)."""
+        """Reset the idle time of entries this worker still holds; returns those another worker
+        holds now (it took them over after a stall: they must not be taken back). An entry nobody
+        holds any more (its job just ended) is not lost."""
         lost = []
         for claim in claims:
-            if not await self._touch(keys=[claim.stream], args=[CONSUMER_GROUP, consumer, claim.entry_id, "", ""]):
+            touched = await self._touch(keys=[claim.stream], args=[CONSUMER_GROUP, consumer, claim.entry_id, "", ""])
+            if touched == 0:
                 lost.append(claim)
         return lost
 

@@ -33,6 +33,8 @@ class WorkerHeartbeat(BaseModel):
     max_pixels: int | None = Field(None, description="GCR_MAX_OUTPUT_PIXELS: the largest size it generates.")
     max_inflight_jobs: int | None = None
     inflight_jobs: int = 0
+    jobs_needed: int | None = Field(None, description="The jobs its measured stage times say keep it busy.")
+    critique_limit: int | None = Field(None, description="The critiques it keeps in flight now (adaptive).")
     generator_busy_s: float = 0.0
     critic: Literal["ok", "down"] = "ok"
     at: float = 0.0

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -28,6 +31,7 @@ from service.servers import serving
 from tests.stack import Stack
 from workers.critics.standin import create_app as create_standin
 from workers.critics.standin_config import StandinConfig
+from workers.critique_limit import INITIAL
 from workers.generators.base import NO_HOOKS, GenRequest, StepHooks
 from workers.scheduler import GenerationScheduler
 
@@ -275,6 +279,59 @@ async def test_a_worker_at_capacity_leaves_new_jobs_to_another_worker(stack: Sta
     assert quick.status == "succeeded" and quick.worker == "w1"
     assert (await stack.client.get(slow)).status == "running", "w0 is still busy with the slow job"
     assert (await stack.wait(slow)).worker == "w0"
+
+
+# --- demand-driven claiming and the critique limit ----------------------------------------------
+
+TWO_ROUNDS = {"max_rounds": 2, "threshold": 1.0, "patience": None}
+
+
+async def statuses(stack: Stack, ids: Sequence[str]) -> list[str]:
+    return [(await stack.client.get(job_id)).status for job_id in ids]
+
+
+async def test_a_worker_claims_what_its_generator_needs_and_leaves_the_rest_to_others(stack: Stack) -> None:
+    # A critique five generations long, one image a call: the generator needs some 7 jobs to
+    # stay busy (Little's law, workers/demand.py); the safety cap, max_inflight_jobs, is left
+    # at its default of 256.
+    await stack.configure_critic(StandinConfig(latency_s=0.5))
+    first = await stack.start_worker(generator=QUICK, model_name="sim", max_batch=1)
+    ids = [await stack.submit(f"demand job {i}", loop=TWO_ROUNDS) for i in range(40)]
+    await asyncio.sleep(2.0)
+    assert 4 <= len(first.active) <= 14, f"holds {len(first.active)} jobs"
+    assert (await statuses(stack, ids)).count("queued") >= 20, "jobs it does not need stay in the shared queue"
+
+    second = await stack.start_worker(generator=QUICK, model_name="sim", max_batch=1)
+    docs = [await stack.wait(job_id, timeout_s=60) for job_id in ids]
+    assert all(d.status == "succeeded" for d in docs)
+    ran = {d.worker for d in docs}
+    assert ran == {first.id, second.id}, "the second worker found jobs left for it"
+    assert first.max_held <= 14 and second.max_held <= 14
+
+
+async def test_the_critique_limit_settles_at_the_critics_ceiling(stack: Stack) -> None:
+    # The critic answers two at a time (the rest queue, as in vLLM past its batch knee): the
+    # worker's limit starts at 4, meets the queue, and keeps the critic's two slots busy
+    # without a standing queue; its jobs stay few, the rest wait in the shared queue.
+    await stack.configure_critic(StandinConfig(latency_s=0.3, max_concurrency=2))
+    worker = await stack.start_worker(generator=QUICK, model_name="sim", max_batch=1)
+    ids = [await stack.submit(f"ceiling job {i}", loop=TWO_ROUNDS) for i in range(24)]
+    base = stack.critic_url.removesuffix("/v1")
+    waiting: list[float] = []
+    async with httpx.AsyncClient() as http:
+        while any(s not in ("succeeded", "failed") for s in await statuses(stack, ids)):
+            text = (await http.get(f"{base}/metrics")).text
+            gauge = re.search(r"vllm:num_requests_waiting\{[^}]*\} (\S+)", text)
+            assert gauge is not None, text
+            waiting.append(float(gauge[1]))
+            await asyncio.sleep(0.1)
+    docs = [await stack.wait(job_id) for job_id in ids]
+    assert all(d.status == "succeeded" for d in docs)
+    assert worker.critiques.limit <= 3
+    settled = waiting[len(waiting) // 2 :]
+    assert statistics.mean(settled) <= 1.0, f"the critic kept a queue: {settled}"
+    # Slow start overshoots the knee once (claims run one doubling ahead, plus a job ready).
+    assert worker.max_held <= 2 * INITIAL + 1, f"held {worker.max_held} of the 24 jobs"
 
 
 # --- queue claims: fairness across priorities -------------------------------------------------------

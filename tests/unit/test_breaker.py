@@ -31,6 +31,9 @@ class Scripted:
     async def probe(self) -> bool:
         return True
 
+    async def load(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         pass
 

@@ -7,6 +7,7 @@ the tiny diffusers pipelines (real code path, random weights, 32 px).
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from prometheus_client import REGISTRY
 
 from gcr.types import IMAGE_FAITHFULNESS, JobDocument, TokenUsage
 from service.cli.vllm_dev import VllmServer
-from service.critic.client import OpenAICritic
+from service.critic.client import CriticLoad, OpenAICritic
 from service.errors import CritiqueUnparseable
 from service.settings import Settings
 from tests.stack import Stack
@@ -187,3 +188,25 @@ async def test_the_served_model_and_its_health_answer(vllm: VllmServer) -> None:
         assert (await http.get(f"{vllm.root_url}/health")).status_code == 200
         models = (await http.get(f"{vllm.base_url}/models")).json()
     assert [m["id"] for m in models["data"]] == [SERVED_NAME]
+
+
+async def test_the_critique_limit_reads_vllms_own_load_gauges(vllm: VllmServer) -> None:
+    critic = OpenAICritic(Settings(critic_base_url=vllm.base_url, **critic_settings(vllm)))
+    body = {
+        "model": SERVED_NAME,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 400,
+        "ignore_eos": True,
+    }
+    try:
+        assert await critic.load() == CriticLoad(running=0, waiting=0)
+        async with httpx.AsyncClient(timeout=120) as http:
+            answer = asyncio.create_task(http.post(f"{vllm.base_url}/chat/completions", json=body))
+            seen = CriticLoad(running=0, waiting=0)
+            while not answer.done() and seen.running == 0:
+                seen = await critic.load() or seen
+                await asyncio.sleep(0.02)
+            assert (await answer).status_code == 200
+        assert seen.running == 1, "vLLM's /metrics counts the request it decodes"
+    finally:
+        await critic.aclose()

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from gcr.types import Critique, Mode
+from service.critic.client import CriticLoad
 from service.errors import CriticError, CriticTimeout, CriticUnavailable
 from workers.critics.protocol import Critic
 
@@ -89,6 +90,9 @@ class GuardedCritic:
 
     async def probe(self) -> dict[str, Any] | bool:
         return await self.inner.probe()
+
+    async def load(self) -> CriticLoad | None:
+        return await self.inner.load()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

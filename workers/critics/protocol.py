@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from gcr.types import Critique, Mode
+from service.critic.client import CriticLoad
 
 
 class Critic(Protocol):
@@ -21,6 +22,11 @@ class Critic(Protocol):
 
     async def probe(self) -> dict[str, Any] | bool:
         """Whether the critic answers now (its model list, or True); False when it does not. Never raises."""
+        ...
+
+    async def load(self) -> CriticLoad | None:
+        """What the critic's engine runs and keeps waiting (vLLM's gauges); None where the server
+        publishes no such numbers. Never raises."""
         ...
 
     async def aclose(self) -> None: ...

@@ -1,7 +1,7 @@
 """A STAND-IN critic: a real HTTP server that answers like RationalRewards, without a model.
 
 It speaks the OpenAI chat-completions subset vLLM serves (`POST /v1/chat/completions`,
-`GET /v1/models`) and answers in the exact RationalRewards output format with
+`GET /v1/models`, and vLLM's load gauges on `GET /metrics`) and answers in the exact RationalRewards output format with
 deterministic, configured scores (`StandinConfig`), so that the loop, the worker
 and the client can be tested end to end over HTTP where the GPU and the weights
 would be. Its answers are not judgments: the model name is `gcr-standin-critic`
@@ -18,6 +18,10 @@ Control endpoints, not part of the OpenAI API: `GET /standin/stats` (request
 counters, the last request with image data elided, and the last JUDGED_KEPT requests'
 instruction, mode, round, candidate, generator and image sizes), `GET|POST /standin/config`
 (replace the config at run time; resets the counters).
+
+Its pace: each answer takes `latency_s`; with `max_concurrency` C at most C answers are
+worked on at once and the rest wait in line, first come first served, so that latency
+grows with the critiques in flight past C as vLLM's does past its batch knee.
 """
 
 from __future__ import annotations
@@ -229,6 +233,9 @@ class _Standin:
 
     def reset(self, config: StandinConfig) -> None:
         self.config = config
+        self.running = 0
+        self.waiting = 0
+        self._ceiling = asyncio.Semaphore(config.max_concurrency) if config.max_concurrency else None
         self.requests = 0
         self.by_instruction: Counter[str] = Counter()
         self.fault_uses = [0] * len(config.faults)
@@ -261,9 +268,9 @@ class _Standin:
                 if fault.kind == "timeout":
                     await _sleep_unless_disconnected(request, fault.timeout_s)
                     break
-                await asyncio.sleep(config.latency_s)
+                await self._decode(config.latency_s)
                 return _completion(config.model, GARBAGE_ANSWER, judged)
-        await asyncio.sleep(config.latency_s)
+        await self._decode(config.latency_s)
         entry, refine = config.entry(judged.instruction, judged.round, judged.candidate)
         answer = write_answer(
             judged.instruction,
@@ -275,6 +282,39 @@ class _Standin:
             score_first=judged.score_first,
         )
         return _completion(config.model, answer, judged)
+
+    async def _decode(self, seconds: float) -> None:
+        """The model's time on one answer: under a ceiling, its turn comes first (FIFO)."""
+        ceiling = self._ceiling
+        if ceiling is None:
+            self.running += 1
+            try:
+                await asyncio.sleep(seconds)
+            finally:
+                self.running -= 1
+            return
+        self.waiting += 1
+        try:
+            await ceiling.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.running -= 1
+            ceiling.release()
+
+    async def metrics(self, request: Request) -> Response:
+        """The two load series of vLLM's `/metrics`, in its names: what a worker's critique limit reads."""
+        name = self.config.model
+        text = (
+            "# TYPE vllm:num_requests_running gauge\n"
+            f'vllm:num_requests_running{{model_name="{name}"}} {float(self.running)}\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f'vllm:num_requests_waiting{{model_name="{name}"}} {float(self.waiting)}\n'
+        )
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request) -> Response:
         model = {"id": self.config.model, "object": "model", "created": 0, "owned_by": STANDIN_FINGERPRINT}
@@ -365,6 +405,7 @@ def create_app(config: StandinConfig | None = None) -> Starlette:
         Route("/v1/chat/completions", state.chat, methods=["POST"]),
         Route("/v1/models", state.models, methods=["GET"]),
         Route("/health", state.health, methods=["GET"]),
+        Route("/metrics", state.metrics, methods=["GET"]),
         Route("/standin/stats", state.stats, methods=["GET"]),
         Route("/standin/config", state.get_config, methods=["GET"]),
         Route("/standin/config", state.set_config, methods=["POST"]),

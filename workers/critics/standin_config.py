@@ -6,7 +6,7 @@ Example (JSON, the body of `POST /standin/config`)::
      "rules": [{"instruction": "red cat", "rounds": [0.4, [0.6, 0.9], 0.95]},
                {"instruction": "sign", "rounds": [{"overall": 0.8, "scores": {"text_rendering": 2}}],
                 "refine": false}],
-     "latency_s": 0.2,
+     "latency_s": 0.2, "max_concurrency": 8,
      "faults": [{"kind": "status", "status": 503, "times": 2}]}
 
 Round 0 of "red cat" scores 0.4; round 1 scores 0.6 for candidate 0 and 0.9 for
@@ -92,6 +92,13 @@ class StandinConfig(_Strict):
     default: ScoreSpec = Field(default_factory=lambda: ScoreEntry(overall=0.5))
     rules: list[StandinRule] = Field(default_factory=list)
     latency_s: float = Field(default=0.0, ge=0, description="Sleep per request: the reward model's decode time.")
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="A throughput ceiling: at most this many critiques are answered at once (each taking "
+        "`latency_s`); the others wait in line, as requests do past vLLM's batch knee, and `/metrics` counts "
+        "them as vLLM does (`vllm:num_requests_waiting`). None: no ceiling.",
+    )
     faults: list[Fault] = Field(default_factory=list)
 
     def entry(self, instruction: str, round_index: int, candidate: int) -> tuple[ScoreEntry, bool]:
