@@ -18,6 +18,7 @@ from service.errors import GcrError
 from service.gateway.app import create_app
 from service.jobs.connection import connect
 from service.jobs.keys import Keys
+from service.jobs.queue import JobQueue
 from service.jobs.registry import WorkerHeartbeat, WorkerRegistry
 from service.servers import free_port
 from service.settings import Settings
@@ -103,6 +104,8 @@ class Stack:
         registry = WorkerRegistry(self._redis(), Keys(self.settings.redis_prefix))
         # By default it announces the stack's model: a real worker started later claims what it let in.
         model = model or self.settings.model_name or self.settings.generator
+        # Its queues' consumer groups, as a real worker makes them before its first heartbeat.
+        await JobQueue(self._redis(), Keys(self.settings.redis_prefix), model, modes).ensure_groups()
         heartbeat = WorkerHeartbeat(id=worker_id, model=model, modes=list(modes), generator="none")
 
         async def beat() -> None:

@@ -206,13 +206,18 @@ def body_limits(settings: GatewaySettings) -> dict[str, int]:
 
 
 async def _expire_unclaimed(state: GatewayState) -> None:
-    """End queued jobs that no worker claimed within GCR_QUEUE_TIMEOUT_S (every replica runs this)."""
-    period = min(5.0, state.settings.queue_timeout_s / 4)
+    """End jobs that no worker claimed within GCR_QUEUE_TIMEOUT_S: queued ones, and running
+    ones whose worker stopped with no worker of their model to take them over (every replica
+    runs this)."""
+    timeout_s = state.settings.queue_timeout_s
+    period = min(5.0, timeout_s / 4)
     while True:
         await asyncio.sleep(period)
         try:
-            for job_id in await state.lifecycle.expire_unclaimed(state.settings.queue_timeout_s):
-                log.warning("job %s expired: no worker claimed it in %.0fs", job_id, state.settings.queue_timeout_s)
+            for job_id in await state.lifecycle.expire_unclaimed(timeout_s):
+                log.warning("job %s expired: no worker claimed it in %.0fs", job_id, timeout_s)
+            for job_id in await state.lifecycle.expire_orphaned(timeout_s):
+                log.warning("job %s ended: its worker stopped and none took it over in %.0fs", job_id, timeout_s)
         except GcrError as exc:
             log.warning("could not expire unclaimed jobs: %s", exc.message)
 

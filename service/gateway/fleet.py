@@ -296,13 +296,26 @@ class Fleet:
         stale_s = self.settings.worker_stale_s
         report["workers"] = [w.model_dump() for w in workers]
         ready_workers = [w for w in workers if w.ready]
-        down = bool(ready_workers) and all(w.critic == "down" for w in ready_workers)
+        try:
+            # A queue whose consumer group is gone (Redis lost its data) is claimed by nobody
+            # until a worker makes the group again: its workers do not count as ready.
+            groupless = await self.queue.groupless((w.model, m) for w in ready_workers if w.model for m in w.modes)
+        except GcrError as exc:
+            report["reason"] = exc.message
+            return report
+        claiming = [w for w in ready_workers if not any((w.model, m) in groupless for m in w.modes)]
+        down = bool(claiming) and all(w.critic == "down" for w in claiming)
         report["critic"] = "down" if down else "ok"
         report["modes"] = {mode: mode_readiness(mode, workers, stale_s) for mode in MODES}
         report["models"] = model_readiness(workers)
-        report["ready"] = bool(ready_workers) and not down
+        report["ready"] = bool(claiming) and not down
         if not ready_workers:
             report["reason"] = no_worker_message(None, workers, stale_s)
+        elif not claiming:
+            report["reason"] = (
+                "no worker's queue has its consumer group (Redis lost its data?): workers make them "
+                "again at their next claim"
+            )
         elif down:
             report["reason"] = "every worker reports the critic down (circuit breaker open)"
         return report

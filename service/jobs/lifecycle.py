@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import redis.asyncio as redis
 from pydantic import BaseModel
+from redis import exceptions as redis_exceptions
 
-from gcr.types import PRIORITIES, JobError, JobEvent, Round
+from gcr.types import MODES, PRIORITIES, JobError, JobEvent, Round
 from service.errors import QueueFull
 from service.jobs.artifacts import ArtifactStore
 from service.jobs.connection import translate_errors
@@ -167,6 +168,28 @@ return outcome
 """
 )
 
+# A running job whose stream entry nobody has held for ARGV[2] ms (its worker stopped, and
+# no worker of its model took it over) ends like an unclaimed one: expired, or succeeded
+# with the best image of the rounds it finished.
+# ARGV: id, min idle ms, now, ttl, maxlen, group, error
+_ORPHAN = (
+    _LIB
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 'gone' end
+local entry = decoded(KEYS[1], 'queue')
+if entry == cjson.null then return 'gone' end
+local idle = redis.call('XPENDING', entry.stream, ARGV[6], 'IDLE', ARGV[2], entry.entry_id, entry.entry_id, 1)
+if #idle == 0 then return 'held' end
+local best = redis.call('HGET', KEYS[1], 'best')
+local outcome = 'expired'
+if best and best ~= 'null' then outcome = 'succeeded' end
+redis.call('HSET', KEYS[1], 'status', cjson.encode(outcome), 'stop_reason', '"unclaimed"',
+           'stage', 'null', 'finished_at', ARGV[3], 'error', ARGV[7])
+close(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], true)
+return outcome
+"""
+)
+
 # Admission and enqueue in one step, so concurrent submits cannot overshoot the queue cap.
 # KEYS: job, queued index, all jobs, queue stream, the tenant's jobs, queued-since index.
 # ARGV: cap (0: none), ttl, queue order, created_at, id, oldest kept, model, mode, priority, field pairs...
@@ -290,6 +313,7 @@ class JobLifecycle:
         self._end = client.register_script(_END)
         self._cancel = client.register_script(_CANCEL)
         self._expire = client.register_script(_EXPIRE)
+        self._orphan = client.register_script(_ORPHAN)
         self._create = client.register_script(_CREATE)
         self._start = client.register_script(_START)
         self._hop = client.register_script(_HOP)
@@ -360,6 +384,50 @@ class JobLifecycle:
             if outcome in ("expired", "succeeded"):
                 ended.append(job_id)
         return ended
+
+    @translate_errors
+    async def expire_orphaned(self, max_idle_s: float, batch: int = 100) -> list[str]:
+        """End the running jobs whose queue entry no worker has held for `max_idle_s`: their
+        worker stopped (its heartbeat keeps the entry fresh) and no worker of their model took
+        them over (a re-claim does too), so without this they would stay `running` for good.
+        They end as unclaimed ones do, with the rounds they finished.
+
+        Safe to run from every gateway replica at once: each job ends once."""
+        ended: list[str] = []
+        models = sorted(m.decode() for m in await self.redis.smembers(self.keys.models()))
+        streams = [self.keys.queue(model, mode, p) for model in models for mode in MODES for p in PRIORITIES]
+        for stream in streams:
+            try:
+                stale = await self.redis.xpending_range(
+                    stream, CONSUMER_GROUP, "-", "+", batch, idle=int(max_idle_s * 1000)
+                )
+            except redis_exceptions.ResponseError:  # no stream or group: nothing pending there
+                continue
+            for pending in stale:
+                entry = await self.redis.xrange(stream, pending["message_id"], pending["message_id"])
+                if not entry:
+                    continue
+                job_id = entry[0][1][b"job"].decode()
+                error = await self._orphaned_error(job_id, max_idle_s)
+                args = [job_id, int(max_idle_s * 1000), _encode(time.time()), self.ttl_s, EVENTS_MAXLEN]
+                outcome = await self._orphan(keys=self._ending_keys(job_id), args=[*args, CONSUMER_GROUP, error])
+                if outcome.decode() in ("expired", "succeeded"):
+                    ended.append(job_id)
+        return ended
+
+    async def _orphaned_error(self, job_id: str, max_idle_s: float) -> str:
+        worker, raw = await self.redis.hmget(self.keys.job(job_id), ["worker", "queue"])
+        waits = json.loads(raw) if raw else None
+        model = f"model {waits['model']!r}" if isinstance(waits, dict) else "its model"
+        who = f"its worker {json.loads(worker)!s}" if worker else "its worker"
+        return _encode(
+            JobError(
+                code="unclaimed",
+                message=f"{who} stopped, and no worker of {model} took the job over within {max_idle_s:.0f}s "
+                "(GCR_QUEUE_TIMEOUT_S); the rounds it finished are kept",
+                retryable=True,
+            )
+        )
 
     async def _unclaimed_error(self, job_id: str, max_wait_s: float) -> JobError:
         raw = await self.redis.hget(self.keys.job(job_id), "queue")

@@ -240,5 +240,21 @@ class JobQueue:
         }
 
     @idempotent_read
+    async def groupless(self, queues: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of these (model, mode) queues, those where a priority's stream has no consumer group:
+        nothing claims from them until a worker makes it again (Redis lost its data)."""
+        names = sorted({(model, mode, priority) for model, mode in queues for priority in PRIORITIES})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xinfo_groups(self.keys.queue(*name))
+            replies = await pipe.execute(raise_on_error=False)  # no stream: an error, no group either
+        missing = set()
+        for (model, mode, _priority), groups in zip(names, replies, strict=True):
+            names_of = {g.get("name") for g in groups} if isinstance(groups, list) else set()
+            if CONSUMER_GROUP.encode() not in names_of:
+                missing.add((model, mode))
+        return missing
+
+    @idempotent_read
     async def ping(self) -> None:
         await self.redis.ping()

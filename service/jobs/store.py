@@ -18,6 +18,7 @@ from service.errors import NotFound
 from service.jobs.artifacts import ArtifactStore
 from service.jobs.connection import idempotent_read, translate_errors
 from service.jobs.keys import Keys
+from service.jobs.listener import stream_position
 from service.jobs.records import StoredJob, StoredRound
 
 if TYPE_CHECKING:
@@ -147,6 +148,16 @@ class JobStore:
             return None
         entry_id, payload = entries[0]
         return entry_id.decode(), JobEvent.model_validate_json(payload[b"event"])
+
+    @idempotent_read
+    async def sent_event(self, job_id: str, entry_id: str) -> bool:
+        """Whether the job's stream could have sent `entry_id`: it holds that entry, or the id is
+        older than the oldest it keeps (trimmed since)."""
+        key = self.keys.events(job_id)
+        if await self.redis.xrange(key, entry_id, entry_id, count=1):
+            return True
+        oldest = await self.redis.xrange(key, "-", "+", count=1)
+        return bool(oldest) and stream_position(entry_id) < stream_position(oldest[0][0].decode())
 
     @idempotent_read
     async def _read_events(self, job_id: str, after: str, block_ms: int | None) -> list[tuple[str, JobEvent]]:

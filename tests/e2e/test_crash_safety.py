@@ -180,3 +180,26 @@ async def test_a_job_hopping_to_a_killed_edit_worker_finishes_with_each_round_on
             ("edit", "editor"),
         ]
     assert all(d.worker == "survivor-editor" for d in docs if d.attempts > 1)
+
+
+async def test_a_running_job_whose_only_worker_died_ends_with_its_rounds(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    # The worker of the job's model is SIGKILLed mid-job and none comes back: after the
+    # queue timeout the job ends, as an unclaimed one does, with the rounds it finished.
+    async with Stack(redis_url, redis_prefix, standin_url, queue_timeout_s=3.0) as stack:
+        await stack.register_idle_worker()  # admits the jobs; claims nothing
+        await stack.configure_critic(StandinConfig(latency_s=0.3))
+        job_id = await stack.submit("orphaned", loop={"max_rounds": 20, "threshold": 1.0, "patience": None})
+        proc = worker_process(stack, "only-one")
+        try:
+            async with asyncio.timeout(30):
+                while len((await stack.client.get(job_id)).rounds) < 2:
+                    await asyncio.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        doc = await stack.wait(job_id, timeout_s=20)
+    assert doc.status == "succeeded" and doc.stop_reason == "unclaimed", (doc.status, doc.stop_reason)
+    assert doc.error is not None and "its worker only-one stopped" in doc.error.message
+    assert len(doc.rounds) >= 2 and doc.best is not None

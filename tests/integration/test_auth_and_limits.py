@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import struct
@@ -9,6 +10,7 @@ import zlib
 from collections.abc import AsyncIterator
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 
@@ -121,6 +123,38 @@ async def test_idempotency_key_returns_the_same_job(stack: Stack) -> None:
     assert first.status_code == 202 and again.status_code == 200
     assert first.json()["id"] == again.json()["id"]
     assert other.status_code == 422 and other.json()["error"]["field"] == "Idempotency-Key"
+
+
+def solid_png(colour: str) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_an_idempotency_key_is_bound_to_the_uploaded_image_too(stack: Stack) -> None:
+    await stack.start_worker()
+    red, blue = solid_png("red"), solid_png("blue")
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+
+        async def native(image: bytes) -> httpx.Response:
+            request = {"request": '{"prompt": "make it green", "mode": "edit", "loop": {"max_rounds": 1}}'}
+            files = {"source_image": ("src.png", image, "image/png")}
+            return await http.post("/generate", data=request, files=files, headers={"Idempotency-Key": "img-1"})
+
+        async def openai(image: bytes) -> httpx.Response:
+            files = {"image": ("src.png", image, "image/png")}
+            data = {"prompt": "make it green", "gcr": '{"loop": {"max_rounds": 1}}'}
+            return await http.post("/v1/images/edits", data=data, files=files, headers={"Idempotency-Key": "img-2"})
+
+        first, again, other = await native(red), await native(red), await native(blue)
+        assert (first.status_code, again.status_code) == (202, 200) and first.json()["id"] == again.json()["id"]
+        assert other.status_code == 422 and other.json()["error"]["field"] == "Idempotency-Key"
+
+        first, again, other = await openai(red), await openai(red), await openai(blue)
+        assert (first.status_code, again.status_code) == (200, 200), first.text
+        assert first.headers["X-Gcr-Job-Id"] == again.headers["X-Gcr-Job-Id"]
+        assert other.status_code == 400, other.text
+        assert "Idempotency-Key" in other.json()["error"]["message"]
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -261,3 +295,46 @@ async def test_oversized_bodies_are_refused_before_they_are_read(
             assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
             long_instruction = await http.post("/critique", json={"instruction": "x" * 5000, "image": "AAAA"})
             assert long_instruction.status_code == 422
+
+
+async def test_a_burst_of_large_uploads_is_decoded_a_few_at_a_time(
+    redis_url: str, redis_prefix: str, standin_url: str
+) -> None:
+    """Small files that declare many pixels each cost their full size decoded: twelve at once
+    took a gateway from 514 MB to 1,032 MB. Decoded a few at a time, the gateway (this
+    process) grows by what `DECODE_THREADS` images take, not by what twelve do."""
+    from service.gateway import uploads
+
+    out = io.BytesIO()
+    Image.new("RGB", (4096, 4096)).save(out, format="PNG")
+    small_but_large = out.getvalue()
+    assert len(small_but_large) < 100_000  # 48 MB of pixels once decoded
+    process = psutil.Process()
+    async with Stack(redis_url, redis_prefix, standin_url, rate_limit_burst=100) as stack:
+        await stack.register_idle_worker()
+        before = peak = process.memory_info().rss
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, process.memory_info().rss)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        "/generate",
+                        data={"request": f'{{"prompt": "edit {i}", "mode": "edit"}}'},
+                        files={"source_image": ("big.png", small_but_large, "image/png")},
+                    )
+                    for i in range(12)
+                )
+            )
+        watcher.cancel()
+    assert [a.status_code for a in answers] == [202] * 12
+    grown_mb = (peak - before) / 2**20
+    # Each decode holds the pixels, their RGB copy and the PNG written again (~150 MB for
+    # 4096x4096); all twelve at once grew this process by ~800 MB.
+    assert grown_mb < 200 * uploads.DECODE_THREADS, f"the gateway grew by {grown_mb:.0f} MB"

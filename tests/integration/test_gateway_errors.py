@@ -72,6 +72,17 @@ async def test_bad_v1_fields_are_a_400_in_openais_shape(stack: Stack, body: dict
     assert refused.value.response.headers["x-should-retry"] == "false"
 
 
+async def test_deeply_nested_gcr_json_in_a_v1_edit_is_a_400_not_a_500(stack: Stack) -> None:
+    await stack.start_worker()
+    async with _openai(stack) as client:
+        for deep in ("[" * 100_000 + "]" * 100_000, '{"loop": ' * 5_000 + "1" + "}" * 5_000):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.images.edit(
+                    image=("src.png", _noise_png(32), "image/png"), prompt="make it blue", extra_body={"gcr": deep}
+                )
+            assert refused.value.param == "gcr" and "recursion limit" in refused.value.message
+
+
 class _ExplodingMiddleware:
     """Raises on one path, outside every route: where plain-text 500s came from."""
 

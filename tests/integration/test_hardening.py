@@ -162,3 +162,27 @@ async def test_a_declared_body_that_never_arrives_is_answered_408(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
     assert b'"code":"request_timeout"' in body
+
+
+async def test_a_wait_cut_by_a_redis_outage_answers_the_job_not_a_retryable_503(
+    own_redis: RestartableRedis, standin_url: str
+) -> None:
+    url, (start, kill) = own_redis
+    async with Stack(url, "gcr-wait-blip", standin_url) as stack:
+        await stack.register_idle_worker()  # the job stays queued: the wait runs to its end
+        async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+            answer = asyncio.create_task(
+                http.post("/generate", json={"prompt": "waited on"}, headers={"Prefer": "wait=3"})
+            )
+            async with asyncio.timeout(10):
+                while not (await http.get("/admin/jobs")).json()["jobs"]:  # until it is stored
+                    await asyncio.sleep(0.05)
+            kill()
+            response = await answer
+            start()
+        # The job exists and runs on: its document, without Preference-Applied, and no invitation
+        # to retry (which would make a second job).
+        assert response.status_code == 202, response.text
+        assert "Preference-Applied" not in response.headers and response.headers.get("x-should-retry") != "true"
+        job_id = response.json()["id"]
+        assert (await stack.client.get(job_id)).status == "queued"

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import openai
+
 from service.settings import Settings
 from tests.stack import Stack
 from workers.critics.standin_config import StandinConfig, StandinRule
@@ -72,3 +74,19 @@ async def test_a_round_generates_from_what_the_encoder_reads_and_records_the_cut
         refined = first.candidates[0].critique.refined_request  # type: ignore[union-attr]
         assert refined is not None and refined.startswith(second.prompt) and len(refined) > len(second.prompt)
         assert doc.best is not None and doc.best.prompt == second.prompt
+
+
+async def test_the_v1_answer_says_the_clients_prompt_was_cut(
+    redis_url: str, redis_prefix: str, standin_url: str, tiny_cache_dir: Path
+) -> None:
+    async with Stack(
+        redis_url, redis_prefix, standin_url, generator="tiny:sd", cache_dir=tiny_cache_dir, generator_device="cpu"
+    ) as stack:
+        await stack.start_worker()
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused") as client:
+            short = await client.images.generate(prompt="a red apple", extra_body={"gcr": {"loop": {"max_rounds": 1}}})
+            long = await client.images.generate(prompt=LONG, extra_body={"gcr": {"loop": {"max_rounds": 1}}})
+    assert (short.model_extra or {})["gcr"]["prompt_cut"] is None
+    cut = (long.model_extra or {})["gcr"]["prompt_cut"]
+    assert cut["encoder"] == "CLIPTokenizer" and cut["limit"] == 77 and cut["tokens"] > 77
+    assert long.data is not None and LONG == f"{long.data[0].revised_prompt} {cut['dropped']}"

@@ -139,7 +139,16 @@ async def test_last_event_id_is_bounded_and_a_finished_stream_ends(stack: Stack)
         async with http.stream("GET", f"/jobs/{job_id}/events") as response:
             async for line in response.aiter_lines():
                 lines.append(line)
-        end_id = [line for line in lines if line.startswith("id: ")][-1].removeprefix("id: ")
+        ids = [line.removeprefix("id: ") for line in lines if line.startswith("id: ")]
+        end_id = ids[-1]
+        # An id between two it sent, that it never sent: a 422 as the docs say, not a replay.
+        ms, seq = ids[0].split("-")
+        never = f"{ms}-{int(seq) + 1000}" if f"{ms}-{int(seq) + 1000}" not in ids else f"{int(ms) + 1}-999"
+        invented = await http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": never})
+        assert invented.status_code == 422 and "was not sent" in invented.json()["error"]["message"]
+        # An id it sent: the events after it.
+        resumed = await http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": ids[0]})
+        assert resumed.status_code == 200 and f"id: {ids[0]}" not in resumed.text and "event: end" in resumed.text
         started = time.monotonic()
         again = await http.get(f"/jobs/{job_id}/events", headers={"Last-Event-ID": end_id})
         assert again.status_code == 200 and "event: end" in again.text

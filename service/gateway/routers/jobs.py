@@ -167,6 +167,8 @@ async def job_events(
             f"Last-Event-ID {last_event_id} was not sent by this job's stream (it has no events yet)",
             field="Last-Event-ID",
         )
+    if last_event_id is not None and not await state.store.sent_event(job_id, last_event_id):
+        raise InvalidInput(f"Last-Event-ID {last_event_id} was not sent by this job's stream", field="Last-Event-ID")
     base = links.base_url(request, state.settings)
     slot = state.streams.take(caller.key_id)  # decided before the stream starts
     try:

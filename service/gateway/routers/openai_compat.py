@@ -29,7 +29,7 @@ from fastapi import APIRouter, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from gcr.types import TERMINAL_STATUSES, OpenAIErrorResponse
+from gcr.types import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
 from service.errors import GcrError, InternalError, InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
 from service.gateway import links
 from service.gateway.auth import Principal
@@ -89,7 +89,15 @@ def _gcr_extra(job: StoredJob, base: str) -> dict[str, Any]:
         "stop_reason": doc.stop_reason,
         "rounds": len(doc.rounds),
         "best": doc.best.model_dump() if doc.best else None,
+        # The client's own prompt, longer than the generator's text encoder reads: what it read
+        # is each item's `revised_prompt`; this says so, with the words left out.
+        "prompt_cut": _prompt_cut(doc),
     }
+
+
+def _prompt_cut(doc: JobDocument) -> dict[str, Any] | None:
+    fit = doc.rounds[0].prompt_fit if doc.rounds else None
+    return fit.model_dump() if fit is not None and fit.cut else None
 
 
 def _no_image(doc: StoredJob) -> JobFailed:
@@ -263,9 +271,14 @@ async def images_edits(
     if len(source) > limit:
         raise PayloadTooLarge(f"image is larger than {limit} bytes", field="image")
     try:
-        options = GcrOptions.model_validate(json.loads(gcr)) if gcr else GcrOptions()
-    except (ValueError, ValidationError) as exc:
-        raise InvalidInput(f"gcr must be a JSON object of loop, generation, priority: {exc}", field="gcr") from exc
+        # pydantic's own parser: it bounds nesting (json.loads raised RecursionError, a 500).
+        options = GcrOptions.model_validate_json(gcr) if gcr else GcrOptions()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'gcr'}: {error['msg']}" for error in exc.errors()[:3]
+        )
+        message = f"gcr must be a JSON object of loop, generation, priority ({problems})"
+        raise InvalidInput(message, field="gcr") from exc
     fields = {
         "prompt": prompt,
         "model": model,
