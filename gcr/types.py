@@ -9,6 +9,7 @@ fields with defaults, and roll out gateways before relying on them.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,7 +19,6 @@ from pydantic import (
     Field,
     PlainSerializer,
     SerializerFunctionWrapHandler,
-    field_validator,
     model_serializer,
 )
 
@@ -83,9 +83,23 @@ def known_dimensions(scores: dict[str, float]) -> dict[str, float]:
 
 
 class ClientBody(BaseModel):
-    """Base of everything a client sends: unknown fields are an error, not ignored."""
+    """Base of everything a client sends: unknown fields are an error, not ignored, and types
+    are strict: a boolean is not a number, "3" is not 3 and "yes" is not true (a client that
+    sends them has a bug we should not guess around); no NaN or infinity either."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def blank(text: str) -> bool:
+    """No visible character: only spaces, and the invisible ones (zero-width spaces and
+    joiners, byte-order marks, control characters) that `str.strip` leaves."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc", "Zs") for ch in text)
+
+
+def _visible(value: str) -> str:
+    if blank(value):
+        raise ValueError("is blank (no visible character)")
+    return value
 
 
 class GenerationParams(ClientBody):
@@ -144,7 +158,9 @@ class LoopParams(ClientBody):
 class GenerateRequest(ClientBody):
     """Body of `POST /generate`."""
 
-    prompt: str = Field(min_length=1, description="The instruction; every round is judged against it.")
+    prompt: Annotated[str, AfterValidator(_visible)] = Field(
+        min_length=1, description="The instruction; every round is judged against it."
+    )
     mode: Mode = "t2i"
     model: str | None = Field(
         None,
@@ -170,18 +186,11 @@ class GenerateRequest(ClientBody):
         "round), `completed` (the job ended). Default: completed only.",
     )
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt is blank")
-        return value
-
 
 class CritiqueRequest(ClientBody):
     """Body of `POST /critique`: judge one client-supplied image."""
 
-    instruction: str = Field(min_length=1)
+    instruction: Annotated[str, AfterValidator(_visible)] = Field(min_length=1)
     image: str = Field(description="The image to judge, base64 or a data: URI.")
     source_image: str | None = Field(None, description="Edit mode: the source image.")
     mode: Mode | None = Field(None, description="Default: `edit` when a source image is given, else `t2i`.")

@@ -145,6 +145,10 @@ class StoreUnavailable(GcrError):
     code = "store_unavailable"
 
 
+class StoreFull(StoreUnavailable):
+    """Redis refuses writes: it reached its maxmemory (noeviction). Reads still work."""
+
+
 class StoreError(GcrError):
     """Redis answered, and refused a command for good (WRONGTYPE, a script error): retrying
     will not help. A worker that keeps hitting one with a job dead-letters the job."""

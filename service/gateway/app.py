@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gcr.types import ErrorBody, ErrorResponse
+from gcr.types import ErrorBody
 from service.errors import GcrError, RateLimited, Unauthorized
 from service.gateway import http_metrics
 from service.gateway.bodies import JSON_OVERHEAD_BYTES
 from service.gateway.body_limit import BodyLimitMiddleware
+from service.gateway.error_bodies import error_answer
 from service.gateway.fleet import Fleet
 from service.gateway.job_service import JobService
 from service.gateway.routers import admin, critique, health, jobs, openai_compat, studio
@@ -49,33 +50,11 @@ RETRY_AFTER_S = 5
 REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
-def _openai_type(status: int) -> str:
-    if status == 401:
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    return "invalid_request_error" if status < 500 else "server_error"
-
-
 def _error_response(
     request: Request, status: int, body: ErrorBody, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    """One error body per API: ours, or OpenAI's shape on /v1 (so the `openai` package raises
-    its own exception classes with our message). Every answer says whether a retry can help in
-    `x-should-retry`, the header the `openai` package obeys (`retryable` in our body)."""
-    headers = {"x-should-retry": "true" if body.retryable else "false", **(headers or {})}
-    if not request.url.path.startswith("/v1/"):
-        return JSONResponse(status_code=status, content=ErrorResponse(error=body).model_dump(), headers=headers)
-    if status == 422:
-        status = 400  # OpenAI answers every invalid request 400 (`BadRequestError` in the package)
-    error = {
-        "message": body.message,
-        "type": _openai_type(status),
-        "param": body.field,
-        "code": body.code,
-        **body.model_dump(include={"retryable", "choices", "request_id"}),
-    }
-    return JSONResponse(status_code=status, content={"error": error}, headers=headers)
+    status, content, shaped = error_answer(request.url.path, status, body)
+    return JSONResponse(status_code=status, content=content, headers={**shaped, **(headers or {})})
 
 
 def _validation_field(loc: tuple[Any, ...]) -> str:
@@ -127,7 +106,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        field = _validation_field(tuple(first.get("loc", ())))
+        # A body that is not JSON at all names no field (its loc is a character offset).
+        field = None if first.get("type") == "json_invalid" else _validation_field(tuple(first.get("loc", ())))
         message = "; ".join(f"{_validation_field(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors)
         return _error_response(request, 422, ErrorBody(code="invalid_input", message=message, field=field or None))
 

@@ -4,19 +4,22 @@ One limit per route, enforced while the body streams in: a declared Content-Leng
 over the route's limit is answered 413 at once, and a body without one (chunked) is
 counted as it arrives and cut off at the limit, so no route ever buffers more than
 its own limit. Routes not named get `default_bytes`. A body that stops arriving (a
-Content-Length with nothing behind it) is answered 408 after `timeout_s`. Both
-answers have the API's error shape (`service.gateway.app` turns the HTTPException into it).
+Content-Length with nothing behind it) is answered 408 after `timeout_s`. Every answer
+has its API's error shape (OpenAI's on /v1): the 413 at once from `error_bodies`, the
+others as an HTTPException that `service.gateway.app` turns into it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gcr.types import ErrorBody, ErrorResponse
+from gcr.types import ErrorBody
+from service.gateway.error_bodies import error_answer
 
 
 class BodyLimitMiddleware:
@@ -33,7 +36,7 @@ class BodyLimitMiddleware:
         limit = self.limits.get(scope["path"], self.default_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._refuse(send, limit)
+            await self._refuse(scope, send, limit)
             return
         seen = 0
         complete = False
@@ -57,14 +60,19 @@ class BodyLimitMiddleware:
 
         await self.app(scope, counted, send)
 
-    async def _refuse(self, send: Send, limit: int) -> None:
+    async def _refuse(self, scope: Scope, send: Send, limit: int) -> None:
         error = ErrorBody(code="payload_too_large", message=f"request body is larger than {limit} bytes")
-        body = ErrorResponse(error=error).model_dump_json().encode()
+        status, content, headers = error_answer(scope["path"], 413, error)
+        body = json.dumps(content).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *((name.encode(), value.encode()) for name, value in headers.items()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gcr.types import MODES, GenerateRequest
-from service.errors import GcrError, InvalidInput, NoWorker, UnknownModel
+from service.errors import GcrError, InvalidInput, NoWorker, StoreFull, UnknownModel
 from service.jobs.queue import JobQueue
 from service.jobs.registry import WorkerHeartbeat, WorkerRegistry
 from service.settings import GatewaySettings
@@ -288,8 +288,13 @@ class Fleet:
         try:
             await self.queue.ping()
             report["redis"] = "ok"
+            await self.queue.probe_write()
             workers = await self.registry.live(self.settings.worker_stale_s)
             report["queued"] = await self.queue.queued_count()
+        except StoreFull as exc:
+            report["redis"] = "full"
+            report["reason"] = exc.message
+            return report
         except GcrError as exc:
             report["reason"] = exc.message
             return report

@@ -60,9 +60,10 @@ class GcrOptions(BaseModel):
 
 
 class ImageGenerationRequest(BaseModel):
-    """OpenAI's `POST /images/generations` body (fields gcr has no use for are ignored)."""
+    """OpenAI's `POST /images/generations` body (fields gcr has no use for are ignored); strict
+    types as in gcr's own bodies (`gcr.types.ClientBody`): `stream: "yes"` is not true."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     prompt: str = Field(min_length=1)
     model: str | None = None
     n: int = Field(1, ge=1, le=8)
@@ -95,11 +96,11 @@ def _generation(body: ImageGenerationRequest) -> dict[str, Any]:
         value = getattr(body, extra)
         if value is None:
             continue
-        if generation.get(name, value) != value:
+        if name in generation and generation[name] != value:
             raise InvalidInput(f"{extra} and gcr.generation.{name} disagree; send one of them", field=extra)
         generation[name] = value
     for name, value in _size(body.size).items():
-        if generation.get(name, value) != value:
+        if name in generation and generation[name] != value:
             raise InvalidInput(f"size and gcr.generation.{name} disagree; send one of them", field="size")
         generation[name] = value
     return generation

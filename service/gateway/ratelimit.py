@@ -6,11 +6,15 @@ replicas with skewed clocks still agree.
 
 from __future__ import annotations
 
+import logging
+
 import redis.asyncio as redis
 
-from service.errors import RateLimited
-from service.jobs.connection import translate_errors
+from service.errors import RateLimited, StoreFull
+from service.jobs.connection import idempotent_read
 from service.jobs.keys import Keys
+
+log = logging.getLogger("gcr.gateway")
 
 _TAKE = """
 local rate = tonumber(ARGV[1])
@@ -34,15 +38,30 @@ class RateLimiter:
         self.keys = keys
         self.per_s = per_s
         self.burst = burst
+        self.redis = client
         self._take = client.register_script(_TAKE)
 
-    @translate_errors
     async def take(self, key_id: str) -> None:
-        """Take one token for `key_id`, or raise `RateLimited` with how long to wait."""
+        """Take one token for `key_id`, or raise `RateLimited` with how long to wait.
+
+        A Redis that is full (maxmemory) refuses the bucket's write: the request goes through
+        unlimited rather than failing (reads still work then; writes fail on their own, saying
+        why), and the gateway logs it."""
         if self.per_s <= 0:
             return
-        wait = float(await self._take(keys=[self.keys.rate_limit(key_id)], args=[self.per_s, self.burst]))
+        try:
+            wait = await self._wait_s(key_id)
+        except StoreFull as exc:
+            log.warning("rate limit not applied to key %s: %s", key_id, exc.message)
+            return
         if wait > 0:
             raise RateLimited(
                 f"rate limit of {self.per_s:g} requests/s (burst {self.burst}) exceeded", retry_after_s=wait
             )
+
+    # Run again on a fresh connection after a connection error, as reads are: a take that ran
+    # twice costs one token more, while a pooled connection gone stale after a Redis restart
+    # failed the request.
+    @idempotent_read
+    async def _wait_s(self, key_id: str) -> float:
+        return float(await self._take(keys=[self.keys.rate_limit(key_id)], args=[self.per_s, self.burst]))

@@ -26,7 +26,7 @@ import redis as redis_sync
 import redis.asyncio as redis
 from redis import exceptions as redis_exceptions
 
-from service.errors import StoreError, StoreUnavailable
+from service.errors import StoreError, StoreFull, StoreUnavailable
 from service.jobs.keys import Keys
 
 P = ParamSpec("P")
@@ -78,9 +78,25 @@ _TRANSIENT_REFUSALS = {
 }
 
 
+# redis-py strips the code of these replies and raises a class of its own instead (a script's
+# refusal too: "OOM command not allowed when used memory > 'maxmemory'" arrives as an
+# OutOfMemoryError saying "command not allowed ...").
+_REFUSAL_CLASSES: tuple[tuple[type[Exception], str], ...] = (
+    (redis_exceptions.OutOfMemoryError, "OOM"),
+    (redis_exceptions.ReadOnlyError, "READONLY"),
+    (redis_exceptions.TryAgainError, "TRYAGAIN"),
+    (redis_exceptions.MasterDownError, "MASTERDOWN"),
+    (redis_exceptions.ClusterDownError, "CLUSTERDOWN"),
+)
+
+
 def refusal_kind(exc: redis_exceptions.ResponseError) -> str:
-    """The error reply's code: its first word (`WRONGTYPE`, `OOM`, `ERR`, ...), also when
-    redis-py wraps it in a pipeline's message ("Command # 2 (...) of pipeline caused error: ...")."""
+    """The error reply's code (`WRONGTYPE`, `OOM`, `ERR`, ...): from redis-py's class for the
+    codes it strips, else the reply's first word, also when redis-py wraps it in a pipeline's
+    message ("Command # 2 (...) of pipeline caused error: ...")."""
+    for cls, kind in _REFUSAL_CLASSES:
+        if isinstance(exc, cls):
+            return kind
     message = str(exc)
     wrapped = re.search(r"of pipeline caused error: (\S+)", message)
     return wrapped[1] if wrapped else (message.split(" ", 1)[0] or "ERR")
@@ -90,6 +106,8 @@ def unavailable(exc: Exception) -> StoreUnavailable | StoreError:
     """Ours, for the client: no address, no credentials (the cause stays chained)."""
     if isinstance(exc, redis_exceptions.ResponseError):
         kind = refusal_kind(exc)
+        if kind == "OOM":
+            return StoreFull(_TRANSIENT_REFUSALS[kind])
         if kind in _TRANSIENT_REFUSALS:
             return StoreUnavailable(_TRANSIENT_REFUSALS[kind])
         return StoreError(f"the job store refused a command for good ({kind}); see the logs")

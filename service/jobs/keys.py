@@ -65,6 +65,10 @@ class Keys:
         """`SCAN MATCH` pattern of every key under this prefix (clean-up of a dev stack or a test)."""
         return f"{self.prefix}:*"
 
+    def write_probe(self) -> str:
+        """String, expiring: what `/readyz` writes to learn whether Redis takes writes."""
+        return f"{self.prefix}:write-probe"
+
     def rate_limit(self, key_id: str) -> str:
         """Hash: one API key's token bucket."""
         return f"{self.prefix}:ratelimit:{key_id}"

@@ -258,3 +258,9 @@ class JobQueue:
     @idempotent_read
     async def ping(self) -> None:
         await self.redis.ping()
+
+    @idempotent_read
+    async def probe_write(self) -> None:
+        """A tiny expiring write: `StoreFull` when Redis refuses writes (maxmemory reached), as
+        every submit and every job's progress would then be refused."""
+        await self.redis.set(self.keys.write_probe(), b"1", ex=60)

@@ -12,6 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as redis
+from redis import exceptions as redis_exceptions
 
 from gcr.types import JobEvent, WebhookStatus
 from service.errors import NotFound
@@ -49,11 +50,12 @@ class JobStore:
     @idempotent_read
     async def get(self, job_id: str) -> StoredJob:
         """The whole record, rounds included; `NotFound` for unknown or expired ids."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.job(job_id))
-            pipe.lrange(self.keys.rounds(job_id), 0, -1)
-            pipe.zrank(self.keys.queued_index(), job_id)
-            fields, rounds, rank = await pipe.execute()
+        try:
+            fields, rounds, rank = await self._read_record(job_id, at_once=True)
+        except redis_exceptions.OutOfMemoryError:
+            # A full Redis refuses a MULTI even of reads (it would queue them): read the keys one
+            # after the other. No write can fall between them: a full Redis refuses those too.
+            fields, rounds, rank = await self._read_record(job_id, at_once=False)
         if not fields:
             raise NotFound.job(job_id)
         doc = {k.decode(): json.loads(v) for k, v in fields.items()}
@@ -61,6 +63,13 @@ class JobStore:
         if doc.get("status") == "queued" and rank is not None:
             doc["queue_position"] = rank
         return StoredJob.model_validate(doc)
+
+    async def _read_record(self, job_id: str, *, at_once: bool) -> list[Any]:
+        async with self.redis.pipeline(transaction=at_once) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.lrange(self.keys.rounds(job_id), 0, -1)
+            pipe.zrank(self.keys.queued_index(), job_id)
+            return list(await pipe.execute())
 
     @idempotent_read
     async def get_field(self, job_id: str, name: str) -> Any:

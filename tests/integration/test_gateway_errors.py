@@ -14,6 +14,7 @@ from PIL import Image
 from starlette.types import Receive, Scope, Send
 
 from service.gateway.app import create_app
+from service.gateway.bodies import JSON_OVERHEAD_BYTES
 from service.servers import serving
 from tests.stack import Stack
 
@@ -125,3 +126,51 @@ async def test_a_clients_request_id_is_kept(exploding_gateway: str) -> None:
     async with httpx.AsyncClient(base_url=exploding_gateway) as http:
         response = await http.get("/boom-in-route", headers={"X-Request-Id": "trace-42"})
     assert response.json()["error"]["request_id"] == "trace-42" == response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/generate", {"prompt": "x", "loop": {"max_rounds": True}}, "loop.max_rounds"),
+        ("/generate", {"prompt": "x", "loop": {"max_rounds": "3"}}, "loop.max_rounds"),
+        ("/generate", {"prompt": "x", "generation": {"width": "64"}}, "generation.width"),
+        ("/generate", {"prompt": "x", "loop": {"history": "yes"}}, "loop.history"),
+        ("/generate", {"prompt": "\u200b\u200b \ufeff"}, "prompt"),
+        ("/critique", {"instruction": "\u200b", "image": "aGVsbG8="}, "instruction"),
+        ("/v1/images/generations", {"prompt": "x", "stream": "yes"}, "stream"),
+        ("/v1/images/generations", {"prompt": "\u200b"}, "prompt"),
+    ],
+)
+async def test_types_are_strict_and_invisible_text_is_blank(
+    stack: Stack, path: str, body: dict[str, object], field: str
+) -> None:
+    await stack.start_worker()
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        response = await http.post(path, json=body)
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    assert (error.get("field") or error.get("param")) == field, error
+
+
+async def test_v1_errors_name_what_was_wrong(stack: Stack) -> None:
+    await stack.start_worker()
+    async with httpx.AsyncClient(base_url=stack.url) as http:
+        generations = "/v1/images/generations"
+        headers = {"content-type": "application/json"}
+        nan = await http.post(generations, content=b'{"prompt": "x", "guidance_scale": NaN}', headers=headers)
+        assert nan.status_code == 400 and nan.json()["error"]["param"] == "guidance_scale", nan.text
+        assert "disagree" not in nan.json()["error"]["message"]
+
+        broken = await http.post(generations, content=b'{"prompt": "x",', headers=headers)
+        assert broken.status_code == 400 and broken.json()["error"]["param"] is None, broken.text
+
+        files = {"image": ("src.png", _noise_png(32), "image/png")}
+        empty = await http.post("/v1/images/edits", data={"prompt": ""}, files=files)
+        assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt", empty.text
+        assert "Field required" not in empty.json()["error"]["message"]
+
+        too_large = await http.post(generations, content=b" " * (JSON_OVERHEAD_BYTES + 1), headers=headers)
+        assert too_large.status_code == 413
+        assert too_large.json()["error"]["type"] == "invalid_request_error", too_large.text
+        assert too_large.json()["error"]["code"] == "payload_too_large"
+        assert too_large.headers["x-should-retry"] == "false"

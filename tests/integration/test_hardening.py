@@ -100,7 +100,8 @@ async def test_after_a_redis_restart_the_first_requests_succeed_and_streams_ride
     own_redis: RestartableRedis, standin_url: str
 ) -> None:
     url, (start, kill) = own_redis
-    async with Stack(url, "gcr-restart", standin_url) as stack:
+    # The rate limiter on: each request also writes its token bucket.
+    async with Stack(url, "gcr-restart", standin_url, rate_limit_per_s=1000, rate_limit_burst=1000) as stack:
         await stack.start_worker(generator="sim:0.2")
         job_id = await stack.submit("through a restart", loop={"max_rounds": 6, "threshold": 1.0, "patience": None})
         types: list[str] = []
@@ -119,6 +120,11 @@ async def test_after_a_redis_restart_the_first_requests_succeed_and_streams_ride
             start()
             answers = await asyncio.gather(*(http.get(f"/jobs/{job_id}") for _ in range(40)))
             assert [a.status_code for a in answers] == [200] * 40
+            # Writes too.
+            submits = await asyncio.gather(
+                *(http.post("/generate", json={"prompt": f"after {i}", "loop": {"max_rounds": 1}}) for i in range(20))
+            )
+            assert [a.status_code for a in submits] == [202] * 20, [a.text for a in submits if a.status_code != 202]
         await asyncio.wait_for(follower, timeout=60)
         assert "error" not in types and types[-1] == "end"
         assert (await stack.client.get(job_id)).status == "succeeded"

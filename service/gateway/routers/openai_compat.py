@@ -29,7 +29,7 @@ from fastapi import APIRouter, Form, Header, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from gcr.types import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse
+from gcr.types import TERMINAL_STATUSES, JobDocument, OpenAIErrorResponse, blank
 from service.errors import GcrError, InternalError, InvalidInput, JobFailed, JobStillRunning, PayloadTooLarge
 from service.gateway import links
 from service.gateway.auth import Principal
@@ -247,7 +247,7 @@ async def images_edits(
     jobs: Jobs,
     caller: Caller,
     image: Annotated[list[UploadFile], Form(description="The source image (PNG, JPEG or WebP); one.")],
-    prompt: Annotated[str, Form(min_length=1)],
+    prompt: Annotated[str | None, Form(description="The edit instruction.")] = None,
     model: Annotated[str | None, Form()] = None,
     n: Annotated[int, Form(ge=1, le=8)] = 1,
     size: Annotated[str | None, Form()] = None,
@@ -266,6 +266,8 @@ async def images_edits(
     """OpenAI `images.edit` (multipart): the loop in edit mode on the uploaded image."""
     if len(image) != 1:
         raise InvalidInput(f"send exactly one image; got {len(image)}", field="image")
+    if not prompt or blank(prompt):  # an empty form field arrives as missing: say what it is
+        raise InvalidInput("prompt is empty: send the edit instruction", field="prompt")
     limit = state.settings.max_image_bytes
     source = await image[0].read(limit + 1)
     if len(source) > limit:
