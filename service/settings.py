@@ -232,6 +232,11 @@ class WorkerSettings(SharedSettings):
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Port of the worker's /metrics and /livez (its liveness probe); 0: off."
     )
+    worker_metrics_host: str = Field(
+        "127.0.0.1",
+        description="Address that port listens on: this host only by default; `0.0.0.0` where a scraper or a "
+        "probe reaches it from outside (the compose files and the Kubernetes manifests set that).",
+    )
     critic_outage_s: float = Field(
         300.0,
         ge=0,

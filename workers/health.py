@@ -31,7 +31,7 @@ MAX_REQUEST_BYTES = 16 * 1024
 class HealthServer:
     """Serves `/metrics` and `/livez` on `port` from the running event loop."""
 
-    def __init__(self, port: int, alive: LivenessCheck, host: str = "0.0.0.0") -> None:
+    def __init__(self, port: int, alive: LivenessCheck, host: str = "127.0.0.1") -> None:
         self.port = port
         self.host = host
         self.alive = alive

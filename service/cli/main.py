@@ -148,7 +148,11 @@ async def run_worker(settings: WorkerSettings) -> None:
     _on_stop_signals(loop, lambda _signum: worker.stop())
     health = None
     if settings.worker_metrics_port:
-        health = HealthServer(settings.worker_metrics_port, lambda: worker.scheduler.alive(settings.worker_stall_s))
+        health = HealthServer(
+            settings.worker_metrics_port,
+            lambda: worker.scheduler.alive(settings.worker_stall_s),
+            host=settings.worker_metrics_host,
+        )
         await health.start()
     try:
         await worker.run(drain_grace_s=settings.drain_grace_s)

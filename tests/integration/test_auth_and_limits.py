@@ -45,6 +45,18 @@ async def test_requests_need_a_known_key(secured: Stack) -> None:
         assert (await http.get("/healthz")).status_code == 200
 
 
+async def test_readyz_tells_anyone_whether_and_only_an_admin_why(secured: Stack) -> None:
+    await secured.start_worker()
+    async with httpx.AsyncClient(base_url=secured.url) as http:
+        for headers in ({}, bearer(ALICE), bearer("wrong")):
+            public = await http.get("/readyz", headers=headers)
+            assert public.status_code == 200 and public.json()["ready"] is True
+            assert not {"workers", "models", "modes", "queued", "streams"} & set(public.json()), public.json()
+            assert "w0" not in public.text and "torch" not in public.text
+        admin = (await http.get("/readyz", headers=bearer(ADMIN))).json()
+    assert [w["id"] for w in admin["workers"]] == ["w0"] and admin["queued"] == 0 and "models" in admin
+
+
 async def test_another_tenants_job_answers_404_everywhere(secured: Stack) -> None:
     await secured.start_worker()
     async with httpx.AsyncClient(base_url=secured.url) as http:

@@ -429,6 +429,7 @@ def test_gpu_reservations() -> None:
     base = services(load_compose(BASE))
     assert gpu_devices(base["worker"]) and gpu_devices(base["vllm"])
     assert env(base["worker"])["GCR_WORKER_METRICS_PORT"] == "9100"
+    assert env(base["worker"])["GCR_WORKER_METRICS_HOST"] == "0.0.0.0", "Prometheus scrapes it from its container"
     assert env(base["worker"])["GCR_GENERATOR"] == "black-forest-labs/FLUX.1-schnell"
     assert gpu_devices(services(load_combination("edit"))["worker-edit"])
     dev = load_combination("dev")
