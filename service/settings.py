@@ -205,8 +205,8 @@ class WorkerSettings(SharedSettings):
         None,
         ge=16 * 16,
         description="Largest width x height this worker generates: the memory check assumes it, and the "
-        "gateway refuses larger jobs for its model. Unset: no cap (the API's 2048x2048), and the check "
-        "assumes the model's default size.",
+        "gateway refuses larger jobs for its model. Unset: 512x512 for a pipeline on the CPU (a bigger one "
+        "takes minutes a step), else no cap (the API's 2048x2048), and the check assumes the model's default size.",
     )
     worker_id: str = Field(default_factory=_default_worker_id, description="Consumer name in the Redis group.")
     max_batch: int = Field(4, ge=1, description="Most requests coalesced into one pipeline call.")

@@ -120,6 +120,20 @@ def connect_worker(
     )
 
 
+CPU_MAX_PIXELS = 512 * 512
+"""A CPU worker's largest image unless GCR_MAX_OUTPUT_PIXELS says otherwise: a 2048x2048 job
+on a CPU dev worker ran for 17 minutes, minutes between two denoising steps (where a cancel
+takes effect)."""
+
+
+def output_pixel_cap(settings: WorkerSettings, generator: Generator) -> int | None:
+    """GCR_MAX_OUTPUT_PIXELS; unset, `CPU_MAX_PIXELS` for a pipeline on the CPU, else none (the
+    API's 2048x2048). The heartbeat carries it: the gateway refuses larger jobs at submit."""
+    if settings.max_output_pixels is not None:
+        return settings.max_output_pixels
+    return CPU_MAX_PIXELS if str(generator.runtime.get("device", "")).startswith("cpu") else None
+
+
 class Worker:
     """Claims and runs jobs until `stop()` is called."""
 
@@ -131,6 +145,7 @@ class Worker:
         self.model = served_model(settings, generator.name)
         self.generator = generator
         self.defaults = generation_defaults(generator)
+        self.max_pixels = output_pixel_cap(settings, generator)
         self.c = connections
         self.breaker = CircuitBreaker(settings.critic_breaker_failures, settings.critic_breaker_cooldown_s)
         self.critic = GuardedCritic(critic, self.breaker)
@@ -173,7 +188,7 @@ class Worker:
             modes=sorted(self.generator.modes),
             runtime=dict(self.generator.runtime),
             defaults=self.defaults,
-            max_pixels=self.settings.max_output_pixels,
+            max_pixels=self.max_pixels,
             max_inflight_jobs=self.settings.max_inflight_jobs,
             inflight_jobs=len(self.active),
             jobs_needed=self.demand.jobs_needed(self.critiques.admits),

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import httpx
 from PIL import Image
 
 from tests.stack import Stack
+from workers.worker import CPU_MAX_PIXELS
+
+pytest_plugins = ("tests.generator_fixtures",)
 
 
 def _png() -> str:
@@ -83,3 +87,20 @@ async def test_a_job_larger_than_its_workers_were_sized_for_is_refused_at_submit
         # One side given: the other is the worker's default (64 for the simulator).
         wide = {"prompt": "a fox", "generation": {"width": 1024}, "loop": {"max_rounds": 1}}
         assert (await http.post("/generate", json=wide)).status_code == 202
+
+
+async def test_a_cpu_worker_is_capped_at_512x512_unless_told(
+    redis_url: str, redis_prefix: str, standin_url: str, tiny_cache_dir: Path
+) -> None:
+    """A 2048x2048 job on a CPU dev worker ran for 17 minutes, past any cancel."""
+    tiny = {"generator": "tiny:sd", "cache_dir": tiny_cache_dir, "generator_device": "cpu"}
+    async with Stack(redis_url, redis_prefix, standin_url, **tiny) as stack:
+        worker = await stack.start_worker()
+        assert worker.max_pixels == CPU_MAX_PIXELS
+        async with httpx.AsyncClient(base_url=stack.url) as http:
+            big = await http.post("/generate", json={"prompt": "a fox", "generation": {"width": 2048, "height": 2048}})
+            assert big.status_code == 422 and "at most 262144 pixels (e.g. 512x512)" in big.json()["error"]["message"]
+            fits = {"prompt": "a fox", "generation": {"width": 512, "height": 512}, "loop": {"max_rounds": 1}}
+            assert (await http.post("/generate", json=fits)).status_code == 202
+    async with Stack(redis_url, redis_prefix, standin_url, **tiny, max_output_pixels=1024 * 1024) as stack:
+        assert (await stack.start_worker()).max_pixels == 1024 * 1024

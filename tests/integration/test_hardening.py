@@ -8,6 +8,7 @@ import io
 from collections.abc import AsyncIterator, Callable
 
 import httpx
+import openai
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -192,3 +193,29 @@ async def test_a_wait_cut_by_a_redis_outage_answers_the_job_not_a_retryable_503(
         assert "Preference-Applied" not in response.headers and response.headers.get("x-should-retry") != "true"
         job_id = response.json()["id"]
         assert (await stack.client.get(job_id)).status == "queued"
+
+
+async def test_v1_waits_and_streams_ride_out_a_redis_outage(own_redis: RestartableRedis, standin_url: str) -> None:
+    url, (start, kill) = own_redis
+    async with Stack(url, "gcr-v1-blip", standin_url) as stack:
+        await stack.start_worker(generator="sim:0.3")
+        loop = {"gcr": {"loop": {"max_rounds": 4, "threshold": 1.0, "patience": None}}}
+        async with openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", timeout=120) as client:
+            waited = asyncio.create_task(client.images.generate(prompt="waited through", extra_body=loop))
+            streamed: list[str] = []
+
+            async def stream() -> None:
+                async for event in await client.images.generate(
+                    prompt="streamed through", stream=True, partial_images=3, extra_body=loop
+                ):
+                    streamed.append(event.type)
+
+            streaming = asyncio.create_task(stream())
+            await asyncio.sleep(0.8)  # both jobs are running
+            kill()
+            await asyncio.sleep(8)  # longer than a wait used to last
+            start()
+            result = await asyncio.wait_for(waited, 60)
+            await asyncio.wait_for(streaming, 60)
+    assert result.data and result.data[0].b64_json
+    assert streamed[-1] == "image_generation.completed", streamed

@@ -140,7 +140,10 @@ def test_a_worker_stopped_while_loading_exits_at_once_even_as_pid_1() -> None:
 
 async def test_the_metrics_port_listens_on_this_host_only_unless_told() -> None:
     assert Settings().worker_metrics_host == "127.0.0.1"
-    server = HealthServer(free_port(), lambda: True)
+    async def alive() -> tuple[bool, str]:
+        return True, "ok"
+
+    server = HealthServer(free_port(), alive)
     await server.start()
     try:
         assert server._server is not None
