@@ -9,6 +9,7 @@ streams must not keep a process alive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -26,6 +27,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server inside a process that owns its signals (the dev stack, tests).
+
+    uvicorn's own `serve` takes SIGINT and SIGTERM for itself while it runs: it stopped
+    the gateway (the port closed) and left the rest of `gcr up` running, and where the
+    shell ignores SIGINT (a background job of a non-interactive shell) its re-raise after
+    the shutdown did nothing either. Here the process decides: it stops this server, and
+    everything else, through the block that started it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def config(app: Any, port: int, host: str = "127.0.0.1", **options: Any) -> uvicorn.Config:
@@ -50,7 +65,7 @@ async def start(server: uvicorn.Server) -> asyncio.Task[None]:
 @asynccontextmanager
 async def serving(app: Any, port: int | None = None, **options: Any) -> AsyncIterator[str]:
     """`app` on a loopback port of this event loop for the length of the block; yields its URL."""
-    server = uvicorn.Server(config(app, port or free_port(), **options))
+    server = EmbeddedServer(config(app, port or free_port(), **options))
     task = await start(server)
     try:
         yield f"http://127.0.0.1:{server.config.port}"

@@ -62,7 +62,7 @@ class Stack:
 
     async def __aenter__(self) -> Stack:
         port = free_port()
-        self._server = uvicorn.Server(servers.config(create_app(self.settings), port))
+        self._server = servers.EmbeddedServer(servers.config(create_app(self.settings), port))
         self._server_task = await servers.start(self._server)
         self.url = f"http://127.0.0.1:{port}"
         self.client = AsyncClient(self.url, max_retries=0)

@@ -6,18 +6,23 @@ For people, rounds count from 1 ("round 1" is the first); the JSON keeps `index`
 from __future__ import annotations
 
 import base64
+import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from gcr import AsyncClient
 from gcr.errors import APIConnectionError, GcrError
 from gcr.types import JobDocument, Round
 
-console = Console(stderr=True)
+PIPED_WIDTH = 160
+# Piped or logged (no terminal), rich would lay tables out at 80 columns, a word per line of
+# a prompt: give them room instead. A terminal keeps its own width.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else PIPED_WIDTH)
 
 
 def build_request(
@@ -67,7 +72,7 @@ def rounds_table(doc: JobDocument) -> Table:
         table.add_row(
             str(r.index + 1),
             describe_action(r),
-            r.prompt[:60] + ("…" if len(r.prompt) > 60 else "") + cut,
+            Text(shortened(r.prompt) + cut),  # text, not markup: "[refined r1 c0]" is no style tag
             scores,
             "" if r.chosen is None else str(r.chosen + 1),
             "" if r.delta is None else f"{r.delta:+.3f}",
@@ -75,6 +80,11 @@ def rounds_table(doc: JobDocument) -> Table:
             f"{r.timings.critique_ms / 1000:.2f}",
         )
     return table
+
+
+def shortened(prompt: str, head: int = 44, tail: int = 20) -> str:
+    """A long prompt's start and end: a refinement's changes are often at its end."""
+    return prompt if len(prompt) <= head + tail + 1 else f"{prompt[:head]}…{prompt[-tail:]}"
 
 
 def describe_action(round_: Round) -> str:
@@ -113,8 +123,16 @@ async def follow(client: AsyncClient, job_id: str) -> JobDocument:
 
 
 async def submit_and_follow(
-    url: str, body: dict[str, Any], *, wait: bool, out: Path, as_json: bool, api_key: str | None = None
+    url: str,
+    body: dict[str, Any],
+    *,
+    wait: bool,
+    out: Path,
+    as_json: bool,
+    api_key: str | None = None,
+    studio_link: bool = True,
 ) -> int:
+    replaced = ""
     async with AsyncClient(url, api_key=api_key) as client:
         try:
             job = await client.submit(body)
@@ -123,6 +141,7 @@ async def submit_and_follow(
                 return 0
             doc = await follow(client, job.id)
             if doc.best is not None:
+                replaced = " (it replaced the file there)" if out.exists() else ""
                 out.write_bytes(await client.best_image(doc.id))
         except APIConnectionError as exc:
             # One line however narrow the terminal: rich would wrap a long URL and reason.
@@ -136,11 +155,12 @@ async def submit_and_follow(
     if doc.best:
         console.print(
             f"best: round {doc.best.round + 1} candidate {doc.best.candidate + 1}, "
-            f"overall {doc.best.overall:.3f} -> saved {out}"
+            f"overall {doc.best.overall:.3f} -> saved {out}{replaced}"
         )
     if doc.error:
         console.print(f"[red]{doc.error.code}[/red]: {doc.error.message}")
-    console.print(f"studio: {url.rstrip('/')}/studio/jobs/{doc.id}", soft_wrap=True)
+    if studio_link:
+        console.print(f"studio: {url.rstrip('/')}/studio/jobs/{doc.id}", soft_wrap=True)
     if as_json:
         print(doc.model_dump_json(indent=2))
     return 0 if doc.status == "succeeded" else 1

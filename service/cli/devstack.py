@@ -122,17 +122,21 @@ async def run_dev_stack(
     once: bool = False,
     edit_generator: str | None = DEV_EDIT_GENERATOR,
     critic: CriticKind = "standin",
+    as_json: bool = False,
 ) -> int:
     """`gcr up --dev [--demo]`: serve until interrupted. With `demo`, first run the demo job and
     keep serving, so that its links (the studio page, the images) work; with `once` too,
-    return the demo's exit code instead (scripts)."""
+    return the demo's exit code instead (scripts). `as_json`: the finished demo job as JSON
+    on stdout, after its table."""
     if not port_is_free(port):
         raise RuntimeError(f"port {port} is in use; pass --port to choose another")
-    # SIGTERM stops the stack the way Ctrl-C does: the stack's context managers delete its keys.
+    # SIGINT and SIGTERM stop the whole stack, its context managers deleting its keys; SIGINT
+    # too where the shell started this with SIGINT ignored (a background job of a script).
     main = asyncio.current_task()
     if main is not None:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signum, main.cancel)
     stack = dev_stack(
         generator, port=port, critic_latency_s=critic_latency_s, edit_generator=edit_generator, critic=critic
     )
@@ -147,10 +151,13 @@ async def run_dev_stack(
         console.print(
             f"gcr dev stack: gateway {url}, generator {generator}{editing}, {judge}, auth off", soft_wrap=True
         )
-        console.print(f"studio: {url}/studio   API docs: {url}/docs", soft_wrap=True)
+        if not once:  # with --once the stack is gone when the demo ends, and its links with it
+            console.print(f"studio: {url}/studio   API docs: {url}/docs", soft_wrap=True)
         if demo:
             console.print(f"demo job: {DEMO_PROMPT!r}")
-            code = await submit_and_follow(url, DEMO_REQUEST, wait=True, out=Path("gcr-demo.png"), as_json=True)
+            code = await submit_and_follow(
+                url, DEMO_REQUEST, wait=True, out=Path("gcr-demo.png"), as_json=as_json, studio_link=not once
+            )
             if once:
                 return code
             # The job, its images and its studio page live as long as this stack: say so.
@@ -246,7 +253,7 @@ async def dev_stack(
         gateway: uvicorn.Server | None = None
         gateway_task: asyncio.Task[None] | None = None
         try:
-            gateway = uvicorn.Server(servers.config(create_app(stack_settings), port or free_port()))
+            gateway = servers.EmbeddedServer(servers.config(create_app(stack_settings), port or free_port()))
             gateway_task = await servers.start(gateway)
             for worker, task in zip(workers, worker_tasks, strict=True):
                 await _until_visible(worker, task)

@@ -358,6 +358,7 @@ def model_defaults(model: str, as_json: bool) -> None:
     help="Seconds the stand-in critic takes per critique; RationalRewards on a GPU takes 10-60.",
 )
 @click.option("--once", is_flag=True, help="With --demo: exit with the demo job's status instead of serving on.")
+@click.option("--json", "as_json", is_flag=True, help="With --demo: also print the finished job as JSON (stdout).")
 @click.option(
     "--critic",
     type=click.Choice(["standin", "vllm"]),
@@ -374,6 +375,7 @@ def up(
     demo: bool,
     critic_latency: float,
     once: bool,
+    as_json: bool,
     critic: str,
 ) -> None:
     """Run the whole stack on this machine: Redis (if none answers), gateway, workers, a critic."""
@@ -396,6 +398,7 @@ def up(
                 once=once,
                 edit_generator=None if edit_generator == "none" else edit_generator,
                 critic="vllm" if critic == "vllm" else "standin",
+                as_json=as_json,
             )
         )
     except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C or SIGTERM: the stack cleaned up

@@ -115,3 +115,58 @@ async def test_the_demo_keeps_serving_its_job_and_prints_the_studio(redis_url: s
         with contextlib.suppress(redis_sync.RedisError):
             assert list(client.scan_iter(match=f"{prefix}-dev-*")) == []
         client.close()
+
+
+def up_command(port: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "up", "--dev", "--port", str(port), "--generator", "sim:0.05", *extra]
+
+
+async def test_the_demo_once_prints_no_dead_link_and_json_only_when_asked(redis_url: str) -> None:
+    env = {**os.environ, "GCR_REDIS_URL": redis_url, "GCR_REDIS_PREFIX": f"gcr-once-{uuid.uuid4().hex[:8]}"}
+    outputs = []
+    for extra in ((), ("--json",)):
+        proc = await asyncio.create_subprocess_exec(
+            *up_command(free_port(), "--demo", "--once", "--critic-latency", "0.1", *extra),
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=120)
+        assert proc.returncode == 0, stderr.decode()[-3000:]
+        outputs.append((stdout.decode(), stderr.decode()))
+    (plain_out, plain_err), (json_out, _) = outputs
+    assert plain_out == "", "the job's JSON is opt-in (--json)"
+    assert JobDocument.model_validate_json(json_out).status == "succeeded"
+    assert "studio:" not in plain_err, "--once exits with the demo: its links die with it"
+    # Piped, the table has room: a refined prompt's row keeps its start and its end (the
+    # stand-in's tag, which rich once took for markup and dropped) on one line.
+    assert re.search(r"a red bicycle .*\[refined r\d c\d\]", plain_err), plain_err
+
+
+async def test_gcr_up_started_in_the_background_of_a_script_stops_on_sigint(redis_url: str) -> None:
+    # A non-interactive shell starts background jobs with SIGINT ignored.
+    prefix = f"gcr-bg-{uuid.uuid4().hex[:8]}"
+    proc = await asyncio.create_subprocess_exec(
+        *up_command(free_port(), "--edit-generator", "none"),
+        cwd=ROOT,
+        env={**os.environ, "GCR_REDIS_URL": redis_url, "GCR_REDIS_PREFIX": prefix},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(60):
+            while b"serving until Ctrl-C" not in (line := await proc.stderr.readline()):
+                assert line, "gcr up ended before it served"
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), timeout=15)
+        assert proc.returncode == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    client = redis_sync.Redis.from_url(redis_url)
+    assert list(client.scan_iter(match=f"{prefix}-dev-*")) == [], "its keys are deleted"
+    client.close()
