@@ -258,3 +258,59 @@ async def test_a_cut_prompt_and_an_unjudged_round_say_so(stack: Stack, browser: 
     await expect(page.locator("svg.chart")).to_have_attribute(
         "aria-label", "Overall score by round: round 1 0.420, round 2 –; threshold 0.9"
     )
+
+
+async def test_the_new_job_form_sets_model_size_and_strategy(stack: Stack, browser: object) -> None:
+    from playwright.async_api import Browser, expect
+
+    assert isinstance(browser, Browser)
+    await stack.start_worker()
+    page = await browser.new_page()
+    await page.goto(f"{stack.url}/studio")
+    model = stack.settings.generator or ""
+    await expect(page.locator(f"#model option[value='{model}']")).to_have_count(1)  # from GET /v1/models
+    await page.fill("#prompt", "a kingfisher on a reed")
+    await page.select_option("#model", model)
+    await page.select_option("#size", "64x64")
+    await page.select_option("#strategy", "auto")
+    await page.click("button.primary")
+    await page.wait_for_url(re.compile(r"/studio/jobs/"))
+    job = await stack.client.get(page.url.rsplit("/", 1)[1])
+    assert job.spec.model == model and job.spec.loop.strategy == "auto"
+    assert (job.spec.generation.width, job.spec.generation.height) == (64, 64)
+    # The key field shows its whole placeholder.
+    fits = await page.goto(f"{stack.url}/studio") and await page.eval_on_selector(
+        "#api-key",
+        """e => { const c = document.createElement("canvas").getContext("2d"); const st = getComputedStyle(e);
+                  c.font = `${st.fontSize} ${st.fontFamily}`;
+                  return c.measureText(e.placeholder).width <= e.clientWidth - parseFloat(st.paddingLeft)
+                         - parseFloat(st.paddingRight); }""",
+    )
+    assert fits
+
+
+async def test_a_job_page_says_it_is_loading_and_its_score_header_fits_one_line(stack: Stack, browser: object) -> None:
+    import asyncio
+
+    from playwright.async_api import Browser, Route, expect
+
+    assert isinstance(browser, Browser)
+    job_id = await finished_job(stack, [0.42, 0.61], threshold=0.9)
+    page = await browser.new_page(viewport={"width": 720, "height": 900})  # a laptop's half screen
+    release = asyncio.Event()
+
+    async def slow(route: Route) -> None:
+        await release.wait()
+        await route.continue_()
+
+    await page.route(lambda url: url.endswith(f"/jobs/{job_id}") and "/studio/" not in url, slow)  # the API only
+    await page.goto(f"{stack.url}/studio/jobs/{job_id}", wait_until="domcontentloaded")
+    await expect(page.locator("#summary")).to_contain_text("Loading the job")
+    release.set()
+    await expect(page.locator("#summary .status")).to_have_text("succeeded")
+    await expect(page.locator("#summary")).not_to_contain_text("Loading")
+    lines = await page.eval_on_selector(
+        ".dims th:nth-child(2)",
+        "th => { const r = document.createRange(); r.selectNodeContents(th); return r.getClientRects().length; }",
+    )
+    assert lines == 1, "the 'score (1–4)' header wraps"

@@ -1,7 +1,7 @@
 // The studio's front page: the key, a submit form, and this key's jobs, newest first.
 "use strict";
 
-document.getElementById("key-section").append(keyForm(loadJobs));
+document.getElementById("key-section").append(keyForm(() => { loadJobs(); loadModels(); }));
 
 // The source image belongs to edits only: shown, and required, in edit mode.
 const modeField = document.getElementById("mode");
@@ -9,6 +9,7 @@ function showSourceField() {
   const editing = modeField.value === "edit";
   document.getElementById("source-field").hidden = !editing;
   document.getElementById("source").required = editing;
+  document.getElementById("size-field").hidden = editing; // an edit's size follows its source
 }
 modeField.addEventListener("change", showSourceField);
 showSourceField(); // a restored form (back button) may come back in edit mode
@@ -37,8 +38,14 @@ document.getElementById("submit-form").addEventListener("submit", async (event) 
       candidates_per_round: Number(form.candidates.value),
       patience: Number(form.patience.value),
       seed_policy: form.seed_policy.value,
+      strategy: form.strategy.value,
     },
   };
+  if (form.model.value) body.model = form.model.value;
+  if (form.size.value && form.mode.value === "t2i") {
+    const [width, height] = form.size.value.split("x").map(Number);
+    body.generation = { width, height };
+  }
   try {
     if (form.mode.value === "edit") {
       if (!form.source.files.length) throw new Error("an edit needs a source image");
@@ -68,5 +75,20 @@ async function loadJobs() {
   }
 }
 
+// The models live workers serve (GET /v1/models), for the model field; the fleet's
+// default stays the first choice.
+async function loadModels() {
+  const select = document.getElementById("model");
+  try {
+    const { data } = await api("/v1/models");
+    const chosen = select.value;
+    select.replaceChildren(select.options[0], ...data.map((model) => el("option", { value: model.id }, model.id)));
+    select.value = data.some((model) => model.id === chosen) ? chosen : "";
+  } catch (failure) {
+    // No key yet, or no worker: the default stays, and submitting says what is wrong.
+  }
+}
+
 loadJobs();
+loadModels();
 setInterval(loadJobs, 3000);

@@ -220,6 +220,7 @@ async function load() {
     await render(job);
   } catch (failure) {
     document.getElementById("job-error").textContent = failure.message;
+    document.querySelector("#summary .loading")?.remove(); // the error says why nothing came
   }
 }
 
