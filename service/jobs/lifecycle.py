@@ -105,6 +105,16 @@ end
 local function terminal(status)
   return status ~= '"queued"' and status ~= '"running"'
 end
+-- No worker will run the job (any more): expired, or succeeded with the best image it has.
+local function end_unclaimed(job_id, now, ttl, maxlen, group, err)
+  local best = redis.call('HGET', KEYS[1], 'best')
+  local outcome = 'expired'
+  if best and best ~= 'null' then outcome = 'succeeded' end
+  redis.call('HSET', KEYS[1], 'status', cjson.encode(outcome), 'stop_reason', '"unclaimed"',
+             'stage', 'null', 'finished_at', now, 'error', err)
+  close(job_id, now, ttl, maxlen, group, true)
+  return outcome
+end
 """.replace("OUTBOX_MAXLEN", str(OUTBOX_MAXLEN))
 
 # ARGV: id, guard (owner: only its worker; any: whoever holds it; settle: only if it ended),
@@ -158,13 +168,7 @@ if status ~= '"queued"' then
 end
 local since = redis.call('ZSCORE', KEYS[4], ARGV[1])
 if since and tonumber(since) > tonumber(ARGV[2]) then return 'not_due' end
-local best = redis.call('HGET', KEYS[1], 'best')
-local outcome = 'expired'
-if best and best ~= 'null' then outcome = 'succeeded' end
-redis.call('HSET', KEYS[1], 'status', cjson.encode(outcome), 'stop_reason', '"unclaimed"',
-           'stage', 'null', 'finished_at', ARGV[3], 'error', ARGV[7])
-close(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], true)
-return outcome
+return end_unclaimed(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 """
 )
 
@@ -180,13 +184,7 @@ local entry = decoded(KEYS[1], 'queue')
 if entry == cjson.null then return 'gone' end
 local idle = redis.call('XPENDING', entry.stream, ARGV[6], 'IDLE', ARGV[2], entry.entry_id, entry.entry_id, 1)
 if #idle == 0 then return 'held' end
-local best = redis.call('HGET', KEYS[1], 'best')
-local outcome = 'expired'
-if best and best ~= 'null' then outcome = 'succeeded' end
-redis.call('HSET', KEYS[1], 'status', cjson.encode(outcome), 'stop_reason', '"unclaimed"',
-           'stage', 'null', 'finished_at', ARGV[3], 'error', ARGV[7])
-close(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], true)
-return outcome
+return end_unclaimed(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 """
 )
 

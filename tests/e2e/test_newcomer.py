@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
@@ -104,16 +103,30 @@ async def test_the_demo_keeps_serving_its_job_and_prints_the_studio(redis_url: s
             assert doc["status"] == "succeeded" and doc["best"]["image_url"]
             assert (await http.get(doc["best"]["image_url"])).status_code == 200
             assert (await http.get(f"/studio/jobs/{job_page.group(1)}")).status_code == 200
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), timeout=30)
-        assert proc.returncode == 0
+        await stops_on(proc, signal.SIGTERM, within_s=30)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        client = redis_sync.Redis.from_url(redis_url)
-        with contextlib.suppress(redis_sync.RedisError):
-            assert list(client.scan_iter(match=f"{prefix}-dev-*")) == []
+        await stopped(proc)
+    assert_keys_deleted(redis_url, prefix)
+
+
+async def stops_on(proc: asyncio.subprocess.Process, signum: int, within_s: float) -> None:
+    """`gcr up` stops cleanly (exit 0) within `within_s` of `signum`."""
+    proc.send_signal(signum)
+    await asyncio.wait_for(proc.wait(), timeout=within_s)
+    assert proc.returncode == 0
+
+
+async def stopped(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+def assert_keys_deleted(redis_url: str, prefix: str) -> None:
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        assert list(client.scan_iter(match=f"{prefix}-dev-*")) == [], "the dev stack deletes its keys"
+    finally:
         client.close()
 
 
@@ -160,13 +173,7 @@ async def test_gcr_up_started_in_the_background_of_a_script_stops_on_sigint(redi
         async with asyncio.timeout(60):
             while b"serving until Ctrl-C" not in (line := await proc.stderr.readline()):
                 assert line, "gcr up ended before it served"
-        proc.send_signal(signal.SIGINT)
-        await asyncio.wait_for(proc.wait(), timeout=15)
-        assert proc.returncode == 0
+        await stops_on(proc, signal.SIGINT, within_s=15)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    client = redis_sync.Redis.from_url(redis_url)
-    assert list(client.scan_iter(match=f"{prefix}-dev-*")) == [], "its keys are deleted"
-    client.close()
+        await stopped(proc)
+    assert_keys_deleted(redis_url, prefix)
