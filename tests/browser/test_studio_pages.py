@@ -116,10 +116,10 @@ async def test_the_source_field_shows_in_edit_mode_only_and_overlaps_nothing(sta
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     await page.goto(f"{stack.url}/studio")
     source = page.get_by_label("Source image")
-    await expect(page.get_by_label("Mode")).to_have_value("t2i")
+    await expect(page.get_by_label("Mode", exact=True)).to_have_value("t2i")
     await expect(source).to_be_hidden()
 
-    await page.get_by_label("Mode").select_option("edit")
+    await page.get_by_label("Mode", exact=True).select_option("edit")
     await expect(source).to_be_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     for width in (1280, 760, 420):
@@ -132,7 +132,8 @@ async def test_the_source_field_shows_in_edit_mode_only_and_overlaps_nothing(sta
                 found = await control.bounding_box()
                 assert found is not None
                 boxes[await control.get_attribute("id")] = (found["x"], found["y"], found["width"], found["height"])
-        assert "source" in boxes and "max_rounds" in boxes and len(boxes) == 8
+        assert {"source", "model", "strategy", "max_rounds"} <= set(boxes) and len(boxes) == 10
+        assert "size" not in boxes, "an edit's size follows its source"
         for (a, box_a), (b, box_b) in combinations(boxes.items(), 2):
             assert not overlaps(box_a, box_b), f"at {width}px, {a} overlaps {b}: {box_a} {box_b}"
         right = form_box["x"] + form_box["width"] + 0.5
@@ -140,7 +141,7 @@ async def test_the_source_field_shows_in_edit_mode_only_and_overlaps_nothing(sta
             assert form_box["x"] <= x and x + w <= right, f"{name} spills out of the form at {width}px"
         await page.screenshot(path=str(ARTIFACTS / f"studio-form-{width}.png"), full_page=True)
 
-    await page.get_by_label("Mode").select_option("t2i")
+    await page.get_by_label("Mode", exact=True).select_option("t2i")
     await expect(source).to_be_hidden()
 
 
