@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -24,7 +25,7 @@ from service.servers import free_port
 from service.settings import Settings
 from workers.critics.standin_config import StandinConfig
 from workers.generators import load_generator
-from workers.worker import Worker, connect_worker
+from workers.worker import Worker, WorkerConnections, connect_worker
 
 
 class Stack:
@@ -124,12 +125,21 @@ class Stack:
             self._redis_client = connect(self.settings.redis_url)
         return self._redis_client
 
-    async def start_worker(self, *, wait: bool = True, redis_client: Any = None, **overrides: Any) -> Worker:
-        """A worker of the stack's settings with `overrides`; `redis_client` replaces its Redis client."""
+    async def start_worker(
+        self,
+        *,
+        wait: bool = True,
+        redis_client: Any = None,
+        adapt: Callable[[WorkerConnections], WorkerConnections] | None = None,
+        **overrides: Any,
+    ) -> Worker:
+        """A worker of the stack's settings with `overrides`; `redis_client` replaces its Redis
+        client, and `adapt` may swap any of its connections for a failing one."""
         settings = self.settings.model_copy(update={"worker_id": f"w{len(self.workers)}", **overrides})
         generator = await asyncio.to_thread(load_generator, settings)
         critic = OpenAICritic(settings)
-        worker = Worker(settings, generator, critic, connect_worker(settings, generator, redis_client))
+        connections = connect_worker(settings, generator, redis_client)
+        worker = Worker(settings, generator, critic, adapt(connections) if adapt else connections)
         task = asyncio.create_task(worker.run(drain_grace_s=2.0))
         self.workers.append((worker, task, critic))
         if wait:

@@ -263,7 +263,12 @@ class Worker:
         now = time.monotonic()
         if now - self._last_reclaim >= self.settings.heartbeat_s:
             self._last_reclaim = now
-            claims += await self.c.queue.reclaim(self.id, self.settings.visibility_timeout_s, free)
+            # An entry of this worker's own looks idle when its keep-alive came late (a stalled
+            # event loop, a slow Redis): re-claiming it only refreshes it. Starting it again would
+            # run the job twice here, each start counting an attempt, until it is dead-lettered.
+            held = {(claim.stream, claim.entry_id) for claim in self.active.values()}
+            reclaimed = await self.c.queue.reclaim(self.id, self.settings.visibility_timeout_s, free)
+            claims += [claim for claim in reclaimed if (claim.stream, claim.entry_id) not in held]
         claims += await self.c.queue.claim(self.id, free - len(claims))
         for claim in claims:
             self._start(claim)
