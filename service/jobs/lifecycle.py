@@ -61,6 +61,16 @@ local function append(events, maxlen, job_id, now, kind, data)
   redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'event',
     cjson.encode({type = kind, job_id = job_id, at = tonumber(now), data = data}))
 end
+-- Running and still held by `worker`: the fence on every write a worker makes.
+local function owned(job, worker)
+  return redis.call('HGET', job, 'status') == '"running"' and redis.call('HGET', job, 'worker') == worker
+end
+-- Queue the job on `stream` and record where it waits (`records.QueueEntry`).
+local function enqueue(job, stream, job_id, model, mode, priority, at)
+  local entry = redis.call('XADD', stream, '*', 'job', job_id)
+  redis.call('HSET', job, 'queue', cjson.encode({stream = stream, entry_id = entry, model = model,
+             mode = mode, priority = priority, queued_at = tonumber(at)}))
+end
 local function leave_queue(job, queued, since, job_id, group)
   redis.call('ZREM', queued, job_id)
   redis.call('ZREM', since, job_id)
@@ -92,14 +102,16 @@ local function close(job_id, now, ttl, maxlen, group, to_outbox)
     end
   end
 end
--- A job that already ended: out of the queue for good, and its `end` re-sent if the stream lacks it.
-local function settle(job_id, now, maxlen, group)
+-- A job that already ended: out of the queue for good, and its `end` re-sent if the stream lacks it
+-- (a stream it makes, for a job ended by an older version or a lost write, expires as `close`'s do).
+local function settle(job_id, now, ttl, maxlen, group)
   leave_queue(KEYS[1], KEYS[3], KEYS[4], job_id, group)
   local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
   if #last > 0 and cjson.decode(last[1][2][2]).type == 'end' then return 'already' end
   local data = ending(KEYS[1])
   append(KEYS[2], maxlen, job_id, now, 'status', data)
   append(KEYS[2], maxlen, job_id, now, 'end', data)
+  if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ttl) end
   return 'resent'
 end
 local function terminal(status)
@@ -124,9 +136,9 @@ _END = (
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
-if terminal(status) then return settle(ARGV[1], ARGV[4], ARGV[6], ARGV[7]) end
+if terminal(status) then return settle(ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7]) end
 if ARGV[2] == 'settle' then return 'open' end
-if ARGV[2] == 'owner' and (status ~= '"running"' or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[3]) then
+if ARGV[2] == 'owner' and not owned(KEYS[1], ARGV[3]) then
   return 'not_owner'
 end
 for i = 8, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -150,7 +162,7 @@ elseif status == '"running"' then
   redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
   return 'requested'
 end
-settle(ARGV[1], ARGV[2], ARGV[4], ARGV[5])
+settle(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 return 'terminal'
 """
 )
@@ -163,6 +175,9 @@ _EXPIRE = (
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= '"queued"' then
+  -- Running or ended: already out of the queued index. Its record expired while queued: an id
+  -- left there would count against the queue cap for good.
+  redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
   return 'gone'
 end
@@ -191,12 +206,12 @@ return end_unclaimed(ARGV[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
 # Admission and enqueue in one step, so concurrent submits cannot overshoot the queue cap.
 # KEYS: job, queued index, all jobs, queue stream, the tenant's jobs, queued-since index.
 # ARGV: cap (0: none), ttl, queue order, created_at, id, oldest kept, model, mode, priority, field pairs...
-_CREATE = """
+_CREATE = (
+    _LIB
+    + """
 if tonumber(ARGV[1]) > 0 and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
 for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local entry = redis.call('XADD', KEYS[4], '*', 'job', ARGV[5])
-redis.call('HSET', KEYS[1], 'queue', cjson.encode({stream = KEYS[4], entry_id = entry, model = ARGV[7],
-           mode = ARGV[8], priority = ARGV[9], queued_at = tonumber(ARGV[4])}))
+enqueue(KEYS[1], KEYS[4], ARGV[5], ARGV[7], ARGV[8], ARGV[9], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[5])
 redis.call('ZADD', KEYS[6], ARGV[4], ARGV[5])
@@ -207,65 +222,72 @@ redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
 redis.call('EXPIRE', KEYS[5], ARGV[2])
 return 1
 """
+)
 
 # KEYS: job, queued index, queued-since index, events, rounds.
 # ARGV: id, worker, now, max attempts, count the attempt (1|0), ttl, maxlen
-_START = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'missing', '0'} end
-if status ~= '"queued"' and status ~= '"running"' then return {'terminal', '0'} end
-local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-if ARGV[5] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
+_START = (
+    _LIB
+    + """
+-- Out of the queued indexes whatever follows (an id whose record expired included).
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', '0'} end
+if terminal(status) then return {'terminal', '0'} end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if ARGV[5] == '1' then attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
 if attempts > tonumber(ARGV[4]) then return {'exhausted', tostring(attempts)} end
 redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[2])
 if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
   redis.call('HSET', KEYS[1], 'started_at', ARGV[3])
 end
 local data = {status = 'running', attempt = attempts, resumed_rounds = redis.call('LLEN', KEYS[5])}
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'event',
-  cjson.encode({type = 'status', job_id = ARGV[1], at = tonumber(ARGV[3]), data = data}))
+append(KEYS[4], ARGV[7], ARGV[1], ARGV[3], 'status', data)
 redis.call('EXPIRE', KEYS[4], ARGV[6])
 return {'ok', tostring(attempts)}
 """
+)
 
 # Hand a running job owned by ARGV[1] to another model's stream and let go of the entry
 # this worker held, in one step: the job is queued on exactly one stream whatever crashes.
 # A hop is progress, not a failed attempt: the next start's count is taken back here.
 # KEYS: job, queued index, target stream, held stream, events, queued-since index.
 # ARGV: worker, id, queue order, held entry, group, now, model, mode, priority, status event, maxlen
-_HOP = """
-if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+_HOP = (
+    _LIB
+    + """
+if not owned(KEYS[1], ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'status', '"queued"', 'stage', '"queued"', 'worker', 'null')
 if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') > 0 then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
 redis.call('ZADD', KEYS[6], ARGV[6], ARGV[2])
-local entry = redis.call('XADD', KEYS[3], '*', 'job', ARGV[2])
-redis.call('HSET', KEYS[1], 'queue', cjson.encode({stream = KEYS[3], entry_id = entry, model = ARGV[7],
-           mode = ARGV[8], priority = ARGV[9], queued_at = tonumber(ARGV[6])}))
+enqueue(KEYS[1], KEYS[3], ARGV[2], ARGV[7], ARGV[8], ARGV[9], ARGV[6])
 redis.call('XACK', KEYS[4], ARGV[5], ARGV[4])
 redis.call('XDEL', KEYS[4], ARGV[4])
 redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[11], '*', 'event', ARGV[10])
 return 1
 """
+)
 
 # Apply field updates only while the job runs and is owned by ARGV[1].
-_OWNED_SET = """
-if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+_OWNED_SET = (
+    _LIB
+    + """
+if not owned(KEYS[1], ARGV[1]) then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
+)
 
 # Append round ARGV[2] at index ARGV[1] exactly once, if the job is still ours, with its event.
 # KEYS: rounds, job, events. ARGV: index, round, worker, ttl, round event, maxlen, field pairs...
-_CHECKPOINT = """
-if redis.call('HGET', KEYS[2], 'status') ~= '"running"' then return -1 end
-if redis.call('HGET', KEYS[2], 'worker') ~= ARGV[3] then return -1 end
+_CHECKPOINT = (
+    _LIB
+    + """
+if not owned(KEYS[2], ARGV[3]) then return -1 end
 local n = redis.call('LLEN', KEYS[1])
 if n > tonumber(ARGV[1]) then return 0 end
 if n < tonumber(ARGV[1]) then return -2 end
@@ -275,6 +297,7 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], '*', 'event', ARGV[5])
 return n + 1
 """
+)
 
 
 def queue_order(job: StoredJob) -> int:

@@ -116,6 +116,39 @@ async def test_a_repeated_ending_resends_a_missing_end(parts: Parts) -> None:
     assert pending["pending"] == 0 and await parts.entries() == 0
 
 
+async def test_a_settled_jobs_new_event_stream_expires_with_it(parts: Parts) -> None:
+    """A job ended by an older version (no events at all): the stream the re-sent `end` makes
+    expires, as every stream an ending writes does."""
+    job = await parts.job("no-events-0000001")
+    await parts.client.delete(parts.keys.events(job.id))
+    await parts.client.hset(parts.keys.job(job.id), mapping={"status": '"succeeded"', "stop_reason": '"accepted"'})
+    assert await parts.lifecycle.settle(job.id) == "resent"
+    assert [e.type for e in await parts.events(job.id)] == ["status", "end"]
+    assert 0 < await parts.client.ttl(parts.keys.events(job.id)) <= 600
+
+
+async def test_a_queued_job_whose_record_expired_leaves_the_queue_and_its_cap(parts: Parts) -> None:
+    """GCR_RESULT_TTL_S shorter than GCR_QUEUE_TIMEOUT_S: the record of a queued job expires
+    first. Its id must not stay in the queued index, where it would fill the queue cap for good."""
+    job = await parts.job("vanished-00000001")
+    await parts.client.delete(parts.keys.job(job.id))
+    await asyncio.sleep(0.05)
+    assert await parts.lifecycle.expire_unclaimed(max_wait_s=0.01) == []
+    assert await parts.client.zcard(parts.keys.queued_index()) == 0
+    assert await parts.client.zcard(parts.keys.queued_since()) == 0
+    spec = GenerateRequest(prompt="p", model="sim", generation=GenerationParams(seed=1))
+    await parts.lifecycle.create(
+        StoredJob(id="after-it-0000001", status="queued", spec=spec, created_at=time.time(), owner="t"), queue_max=1
+    )
+
+
+async def test_a_worker_that_claims_a_job_whose_record_expired_takes_it_out_of_the_queue(parts: Parts) -> None:
+    job = await parts.job("vanished-00000002")
+    await parts.client.delete(parts.keys.job(job.id))
+    assert (await parts.lifecycle.start(job.id, "A", 3))[0] == "missing"
+    assert await parts.client.zcard(parts.keys.queued_index()) == 0
+
+
 async def test_a_running_job_cannot_be_settled(parts: Parts) -> None:
     job = await parts.job("running-000000001")
     await parts.queue.claim("A", 1)
