@@ -263,7 +263,7 @@ class Fleet:
     async def queue_stats(self) -> dict[str, Any]:
         """The queue per model: jobs waiting for a worker, jobs claimed, ready workers; then
         each stream (`mode:priority`) of each model, and the live workers."""
-        workers = await self.registry.live(self.settings.worker_stale_s)
+        workers = await self.workers(fresh=True)
         streams = await self.queue.stream_stats(w.model for w in workers if w.model is not None)
         served = served_models(workers)
         models = {
@@ -289,7 +289,7 @@ class Fleet:
             await self.queue.ping()
             report["redis"] = "ok"
             await self.queue.probe_write()
-            workers = await self.registry.live(self.settings.worker_stale_s)
+            workers = await self.workers(fresh=True)
             report["queued"] = await self.queue.queued_count()
         except StoreFull as exc:
             report["redis"] = "full"
