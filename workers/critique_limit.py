@@ -39,6 +39,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from service.critic.client import CriticLoad
+from service.errors import CriticUnavailable
 
 INITIAL = 4
 WATCH_S = 0.25
@@ -87,10 +88,17 @@ class CritiqueLimit:
                 self.waiting -= 1
             self.inflight += 1
         started = self._clock()
+        answered = True
         try:
             yield
+        except CriticUnavailable:
+            # Refused before the critic saw it (connection refused, breaker open): milliseconds
+            # that say nothing of its latency, and that would pass for the fastest critiques.
+            answered = False
+            raise
         finally:
-            self._record(self._clock() - started)
+            if answered:
+                self._record(self._clock() - started)
             async with self._freed:
                 self.inflight -= 1
                 self._freed.notify_all()

@@ -282,15 +282,16 @@ class RoundExecutor:
             attempt += 1
 
     async def _critique_once(self, png: bytes) -> Critique | CriticError:
-        async with self.r.critiques.slot():
-            metrics.CRITIC_INFLIGHT.inc()
-            self.critic_calls += 1
-            try:
-                return await self.r.critic.critique(
-                    self.spec.prompt, png, source_image=self.source_png, mode=self.spec.mode
-                )
-            except CriticError as exc:
-                metrics.CRITIC_ERRORS.labels(exc.code).inc()
-                return exc
-            finally:
-                metrics.CRITIC_INFLIGHT.dec()
+        try:
+            async with self.r.critiques.slot():  # it sees the error: a refusal is no latency sample
+                metrics.CRITIC_INFLIGHT.inc()
+                self.critic_calls += 1
+                try:
+                    return await self.r.critic.critique(
+                        self.spec.prompt, png, source_image=self.source_png, mode=self.spec.mode
+                    )
+                finally:
+                    metrics.CRITIC_INFLIGHT.dec()
+        except CriticError as exc:
+            metrics.CRITIC_ERRORS.labels(exc.code).inc()
+            return exc

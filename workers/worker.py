@@ -395,7 +395,10 @@ class Worker:
     async def _critic_load_loop(self, done: asyncio.Event) -> None:
         """Every WATCH_S, one step of the critique limit, from the critic's queue (or latency)."""
         while not done.is_set():
-            await self.critiques.adjust(await self.critic.load())
+            try:
+                await self.critiques.adjust(await self.critic.load())
+            except Exception:  # a dead loop would freeze the limit, and with it every claim
+                log.exception("reading the critic's load failed; retrying")
             metrics.CRITIQUE_LIMIT.set(self.critiques.limit)
             if not self.critiques.saturated:
                 self._changed.set()  # claims wait for a free critic: it may be free now

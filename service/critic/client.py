@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -361,7 +362,12 @@ def engine_load(metrics_text: str) -> CriticLoad | None:
     for line in metrics_text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            if math.isfinite(value):  # NaN would break `int` below, and `load` never raises
+                totals[name] = totals.get(name, 0.0) + value
     if "vllm:num_requests_waiting" not in totals:
         return None
     return CriticLoad(int(totals.get("vllm:num_requests_running", 0)), int(totals["vllm:num_requests_waiting"]))

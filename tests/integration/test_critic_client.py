@@ -19,7 +19,7 @@ from openai.types.chat import ChatCompletion
 from PIL import Image, PngImagePlugin
 
 from service.critic import client as client_module
-from service.critic.client import OpenAICritic
+from service.critic.client import CriticLoad, OpenAICritic, engine_load
 from service.critic.parser import critique_regex, parse_critique
 from service.critic.templates import data_uri, load_templates
 from service.errors import CriticError, CriticTimeout, CriticUnavailable, CritiqueUnparseable, InvalidInput
@@ -466,3 +466,15 @@ def test_standin_config_is_validated_and_resets_counters(standin: StandinHandle)
     }
     answer = standin.post("/chat/completions", _chat_body(png())).json()
     assert answer["model"] == "other-name"
+
+
+def test_vllms_load_gauges_summed_over_models_and_nan_skipped() -> None:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="a"} 2.0\n'
+        'vllm:num_requests_running{model_name="b"} 1.0\n'
+        'vllm:num_requests_waiting{model_name="a"} NaN\n'
+        'vllm:num_requests_waiting{model_name="b"} 3.0\n'
+    )
+    assert engine_load(text) == CriticLoad(running=3, waiting=3)
+    assert engine_load("process_cpu_seconds_total 1.5\n") is None  # not vLLM: no gauge

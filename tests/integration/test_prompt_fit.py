@@ -4,6 +4,7 @@ reads, and the round records the cut (never a silent truncation inside the pipel
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -90,3 +91,28 @@ async def test_the_v1_answer_says_the_clients_prompt_was_cut(
     cut = (long.model_extra or {})["gcr"]["prompt_cut"]
     assert cut["encoder"] == "CLIPTokenizer" and cut["limit"] == 77 and cut["tokens"] > 77
     assert long.data is not None and LONG == f"{long.data[0].revised_prompt} {cut['dropped']}"
+
+
+def test_fitting_a_prompt_leaves_the_pipelines_tokenizer_alone(tiny_sd: DiffusersGenerator) -> None:
+    """The loop fits prompts on the event loop while the pipeline tokenizes on the generator's
+    thread. With one shared (Rust-backed) tokenizer, a fit's call without truncation reset the
+    pipeline's settings mid-call: about 1 in 80 pipeline encodings came back unpadded and uncut."""
+    pipe_tokenizer = tiny_sd._pipe.tokenizer
+    long = " ".join(["a red bicycle against a blue wall in the morning light"] * 60)
+    lengths: set[int] = set()
+    done = threading.Event()
+
+    def pipeline_calls() -> None:
+        while not done.is_set():
+            ids = pipe_tokenizer([long], padding="max_length", max_length=77, truncation=True).input_ids
+            lengths.add(len(ids[0]))
+
+    thread = threading.Thread(target=pipeline_calls)
+    thread.start()
+    try:
+        for _ in range(600):
+            tiny_sd.fit_prompt(GenRequest(prompt=long, seed=0))
+    finally:
+        done.set()
+        thread.join()
+    assert lengths == {77}

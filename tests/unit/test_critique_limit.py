@@ -6,7 +6,10 @@ import asyncio
 import random
 import statistics
 
+import pytest
+
 from service.critic.client import CriticLoad
+from service.errors import CriticUnavailable
 from workers.critique_limit import DECREASE, PROBE_AFTER, SMOOTHING, CritiqueLimit
 
 
@@ -129,3 +132,18 @@ async def test_slow_start_lets_claims_run_one_doubling_ahead() -> None:
     assert limit.admits == 8, "the limit grows only once critiques wait: claims must get there first"
     limit = CritiqueLimit(ceiling=6, initial=4)
     assert limit.admits == 6
+
+
+async def test_a_refused_critique_is_no_latency_sample() -> None:
+    """A critique refused before the critic saw it (connection refused, breaker open) comes back
+    in milliseconds: as a sample it would pass for the critic's latency through an outage."""
+    clock = Clock()
+    limit = CritiqueLimit(ceiling=8, initial=4, clock=clock)
+    async with limit.slot():
+        clock.now += 5.0
+    for _ in range(3):
+        with pytest.raises(CriticUnavailable):
+            async with limit.slot():
+                clock.now += 0.002
+                raise CriticUnavailable("the critic is unreachable")
+    assert limit.latency_s == 5.0 and limit.inflight == 0

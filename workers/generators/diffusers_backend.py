@@ -37,6 +37,7 @@ Decisions, in one place:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -55,7 +56,7 @@ from workers.generators.decoding import can_decode, decode_one_by_one, prepare_v
 from workers.generators.loading import FolderDefaults, load_pipeline, one_line, runtime_info, takes_image
 from workers.generators.model_defaults import ModelDefaults, lookup
 from workers.generators.previews import preview_data_uri
-from workers.generators.prompt_fit import fit_prompt, reading_encoder
+from workers.generators.prompt_fit import ReadingEncoder, fit_prompt, reading_encoder
 from workers.generators.sizing import edit_size
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ class DiffusersGenerator:
         self._known = model_defaults or ModelDefaults(model="")
         self._class = type(pipeline).__name__
         self._params = inspect.signature(type(pipeline).__call__).parameters
+        self._fit_encoders: dict[int | None, ReadingEncoder | None] = {}
+        """`fit_prompt`'s encoder per sequence length, made once."""
         self._edit_max_edge = min(settings.edit_max_edge, self._defaults.max_edge or settings.edit_max_edge)
         self.name = name or model or self._class
         self.modes = frozenset({"edit"}) if takes_image(type(pipeline)) else frozenset({"t2i"})
@@ -177,7 +180,15 @@ class DiffusersGenerator:
     def fit_prompt(self, request: GenRequest) -> tuple[str, PromptFit] | None:
         """The prompt as this pipeline's widest text encoder reads it (`prompt_fit`)."""
         sequence_length = request.extra.get("max_sequence_length") or self._known.max_sequence_length
-        encoder = reading_encoder(self._pipe, self._params, sequence_length)
+        if sequence_length not in self._fit_encoders:
+            encoder = reading_encoder(self._pipe, self._params, sequence_length)
+            # A tokenizer of its own: this runs on the event loop while the pipeline calls its
+            # tokenizer on the generator's thread, and a Rust-backed tokenizer keeps truncation
+            # and padding as shared state (a call without them left the pipeline's unpadded).
+            self._fit_encoders[sequence_length] = (
+                None if encoder is None else dataclasses.replace(encoder, tokenizer=copy.deepcopy(encoder.tokenizer))
+            )
+        encoder = self._fit_encoders[sequence_length]
         return None if encoder is None else fit_prompt(encoder, request.prompt)
 
     def _native_size(self) -> int:

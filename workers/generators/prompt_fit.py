@@ -28,7 +28,7 @@ _UNBOUNDED = 1_000_000
 
 
 @dataclass(frozen=True)
-class _Encoder:
+class ReadingEncoder:
     tokenizer: Any
     limit: int
 
@@ -40,7 +40,7 @@ class _Encoder:
         return len(self.tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
 
 
-def reading_encoder(pipe: Any, call_params: Any, max_sequence_length: int | None) -> _Encoder | None:
+def reading_encoder(pipe: Any, call_params: Any, max_sequence_length: int | None) -> ReadingEncoder | None:
     """The pipeline's main text encoder's tokenizer, with its limit; None without one.
 
     A tokenizer that is not CLIP's (T5 in FLUX and SD3, Qwen2.5-VL's in Qwen-Image) is the
@@ -50,8 +50,8 @@ def reading_encoder(pipe: Any, call_params: Any, max_sequence_length: int | None
     sequence_length = max_sequence_length
     if sequence_length is None and sequence_default is not None and isinstance(sequence_default.default, int):
         sequence_length = sequence_default.default
-    clip: list[_Encoder] = []
-    main: list[_Encoder] = []
+    clip: list[ReadingEncoder] = []
+    main: list[ReadingEncoder] = []
     for attribute in _TOKENIZER_ATTRIBUTES:
         tokenizer = getattr(pipe, attribute, None)
         if tokenizer is None or not callable(tokenizer):
@@ -61,11 +61,11 @@ def reading_encoder(pipe: Any, call_params: Any, max_sequence_length: int | None
         if sequence_length is not None and not is_clip:
             limit = sequence_length
         if limit < _UNBOUNDED:
-            (clip if is_clip else main).append(_Encoder(tokenizer, limit))
+            (clip if is_clip else main).append(ReadingEncoder(tokenizer, limit))
     return max(main or clip, key=lambda e: e.limit, default=None)
 
 
-def fit_prompt(encoder: _Encoder, prompt: str) -> tuple[str, PromptFit]:
+def fit_prompt(encoder: ReadingEncoder, prompt: str) -> tuple[str, PromptFit]:
     """`prompt` as the encoder reads it: whole if it fits, else its longest run of whole
     words that does (found by bisection over word boundaries), and the record of it."""
     tokens = encoder.count(prompt)
