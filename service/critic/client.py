@@ -335,7 +335,8 @@ _LIMITS = (
     (
         re.compile(r"maximum context length|exceeds the model's|input length", re.IGNORECASE),
         "the critique is longer than the critic's context (the instruction, the template and the images): "
-        "raise vLLM's --max-model-len, or lower GCR_CRITIC_MAX_IMAGE_EDGE",
+        "raise vLLM's --max-model-len, or lower GCR_CRITIC_MAX_IMAGE_EDGE or GCR_CRITIC_MAX_TOKENS "
+        "(the answer's room counts too)",
     ),
     (
         re.compile(r"at most \d+ image|image\(s\) may be provided|limit_mm_per_prompt", re.IGNORECASE),

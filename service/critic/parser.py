@@ -147,19 +147,27 @@ class _Reading:
     blocks: list[_Block] = field(default_factory=list)
 
 
-def strip_thinking(raw: str, labels: dict[str, str] | None = None) -> str:
+def strip_thinking(raw: str, labels: dict[str, str]) -> str:
     """The answer without a reasoning block; '' when the model never stopped thinking.
 
     The block ends at the last `</think>` that an answer follows (a section or dimension
     header after it): drafts of the format inside the reasoning are dropped with it, and a
     stray `</think>` a model wrote into its answer's text (seen from a random-weight Qwen3-VL)
-    does not cut the answer off."""
+    does not cut the answer off. Without such a header, the text is an answer only if it opens
+    with one (its `</think>` was stray); else the block ends at the last `</think>`, and the
+    drafts before it are never read as the answer."""
     text = raw.replace("\r\n", "\n").replace("\r", "\n")
-    index = _label_index(()) if labels is None else labels
     ends = [m.end() for m in re.finditer("</think>", text)]
+    # From the last `</think>` back, each looks only as far as the next one: the text after
+    # that was looked at already (linear in the answer, however many a model writes).
+    until = len(text)
     for end in reversed(ends):
-        if any(_opens_answer(line, index) for line in text[end:].split("\n")):
+        if any(_opens_answer(line, labels) for line in text[end:until].split("\n")):
             return text[end:]
+        until = end - len("</think>")
+    first_line = text.lstrip().split("\n", 1)[0]
+    if ends and not _opens_answer(first_line, labels):
+        return text[ends[-1] :]
     if text.lstrip().startswith("<think>"):
         return ""
     return text
@@ -394,8 +402,11 @@ def clean_request(text: str) -> str | None:
         stripped = text.strip("*_ \n\t")
         for left, right in _WRAPPERS:
             if len(stripped) > len(left) + len(right) and stripped.startswith(left) and stripped.endswith(right):
-                stripped = stripped[len(left) : -len(right)]
-                break
+                inner = stripped[len(left) : -len(right)]
+                # One pair around the whole text: `'Hello' on a board, 'Bye'` is two quotes.
+                if left not in inner:
+                    stripped = inner
+                    break
         stripped = stripped.strip()
         if stripped == text:
             break

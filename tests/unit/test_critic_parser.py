@@ -9,6 +9,7 @@ it must say is missing.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,8 @@ def test_an_answer_lacking_a_required_dimension_is_incomplete(template: str, raw
         ("`a cat`", "a cat"),
         ("'a cat'", "a cat"),
         ('a "quoted" word stays', 'a "quoted" word stays'),
+        ("'Hello' on a board, 'Bye' below", "'Hello' on a board, 'Bye' below"),
+        ('"OPEN" on the door, "CLOSED" inside', '"OPEN" on the door, "CLOSED" inside'),
         ("a  double  space stays", "a  double  space stays"),
         ("<|im_end|>", None),
     ],
@@ -211,3 +214,18 @@ def test_an_answer_lacking_a_required_dimension_is_incomplete(template: str, raw
 def test_a_refined_request_is_cleaned_of_what_wraps_it(written: str, request_: str | None) -> None:
     raw = _t2i_answer("no text") + f"# User Request Refinement:\n## Refined Request: {written}"
     assert parse_critique(raw, TEMPLATES["t2i"].dimensions).refined_request == request_
+
+
+def test_drafts_in_the_reasoning_are_never_read_as_the_answer() -> None:
+    # A thinking model whose template opened `<think>` itself: the output starts inside the
+    # reasoning, drafts the format there, and answers after `</think>` with no format at all.
+    raw = "Let me draft the judgement first.\n" + _t2i_answer("none") + "</think>\nI cannot judge this image."
+    with pytest.raises(CritiqueUnparseable):
+        parse_critique(raw, TEMPLATES["t2i"].dimensions)
+
+
+def test_many_think_tags_are_read_in_linear_time() -> None:
+    raw = _t2i_answer("none") + "</think>\n" * 4000
+    start = time.perf_counter()
+    assert parse_critique(raw, TEMPLATES["t2i"].dimensions).score("text_rendering") == 2.0
+    assert time.perf_counter() - start < 1.0  # quadratic: ~2.5 s here
