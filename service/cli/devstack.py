@@ -212,8 +212,12 @@ async def dev_stack(
         redis_url = resources.enter_context(local_redis(base.redis_url))
         resources.callback(_delete_keys, redis_url, prefix)
         if critic == "vllm":
-            server = await asyncio.to_thread(_start_vllm, base.cache_dir)
+            server = await asyncio.to_thread(_vllm_server, base.cache_dir)
+            server.start()
+            # Stopped however the wait ends: Ctrl-C during the minute it takes to start must not
+            # leave it running (its own session: the terminal's signal does not reach it).
             resources.callback(server.stop)
+            log.info("vllm serve answered after %.0f s", await asyncio.to_thread(server.wait_ready))
             critic_settings = {
                 "critic_base_url": server.base_url,
                 "critic_model": SERVED_NAME,
@@ -271,8 +275,8 @@ async def dev_stack(
             await critic_client.aclose()
 
 
-def _start_vllm(cache_dir: Path) -> VllmServer:
-    """The real `vllm serve` on the tiny critic (built into `cache_dir` once), ready to answer."""
+def _vllm_server(cache_dir: Path) -> VllmServer:
+    """The real `vllm serve` on the tiny critic (built into `cache_dir` once), not started yet."""
     from workers.critics.tiny_model import SERVED_NAME, build_tiny_critic
 
     vllm_binary()  # before building anything: VllmMissing says how to install it
@@ -283,13 +287,6 @@ def _start_vllm(cache_dir: Path) -> VllmServer:
         serve_args(deployed_args("compose"), model, free_port(), SERVED_NAME), cache_dir / "vllm-dev.log"
     )
     console.print(f"starting vllm serve on the tiny critic (about a minute on a CPU; log: {server.log_path})")
-    server.start()
-    try:
-        ready_s = server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
-    log.info("vllm serve answered after %.0f s", ready_s)
     return server
 
 

@@ -22,9 +22,9 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
 
@@ -39,8 +39,8 @@ GPU_ONLY_FLAGS = ("--gpu-memory-utilization",)
 
 Source = Literal["compose", "k8s"]
 
-# The CPU build's own settings (../shared/MACHINE.md): a KV cache of 1 GiB (the default
-# takes far more), the loopback address, and no hub.
+# The CPU build's own settings: a KV cache of 1 GiB (the default takes far more), the
+# loopback address, and no hub.
 _CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1", "HF_HUB_OFFLINE": "1"}
 _DEFAULT = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}")
 
@@ -113,8 +113,6 @@ class VllmServer:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    ready_s: float | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
@@ -133,8 +131,8 @@ class VllmServer:
         binary = vllm_binary()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
-        env = {**os.environ, **_CPU_ENV, **self.extra_env}
-        self.started_at, self.ready_s = time.monotonic(), None
+        env = {**os.environ, **_CPU_ENV}
+        self.started_at = time.monotonic()
         # Its own process group: vLLM's engine runs in child processes, which a kill must reach.
         self.proc = subprocess.Popen(
             [str(binary), "serve", *self.args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -151,12 +149,20 @@ class VllmServer:
                 )
             try:
                 if httpx.get(f"{self.root_url}/health", timeout=2).status_code == 200:
-                    self.ready_s = time.monotonic() - self.started_at
-                    return self.ready_s
+                    return time.monotonic() - self.started_at
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"vllm serve was not ready within {timeout_s:g} s; its log: {self.log_path}")
+
+    def run_until_ready(self) -> float:
+        """`start`, then `wait_ready` (its seconds); stopped again if it never gets ready."""
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as a crash or an OOM kill would."""
@@ -187,13 +193,3 @@ class VllmServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
-
-    def metrics(self) -> dict[str, Any]:
-        """Prometheus series of `/metrics` whose names start with `vllm:`, name -> summed value."""
-        values: dict[str, Any] = {}
-        for line in httpx.get(f"{self.root_url}/metrics", timeout=5).text.splitlines():
-            if line.startswith("vllm:"):
-                name, _, value = line.rpartition(" ")
-                key = name.split("{", 1)[0]
-                values[key] = values.get(key, 0.0) + float(value)
-        return values

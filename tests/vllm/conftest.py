@@ -43,12 +43,7 @@ def start_vllm(model: Path, name: str, *, source: str = "compose", replace: dict
     """A `vllm serve` of `model` with a deployment's arguments (`source`), ready to answer."""
     args = serve_args(deployed_args(source), model, free_port(), SERVED_NAME, replace)  # type: ignore[arg-type]
     server = VllmServer(args, LOGS / f"{name}.log")
-    server.start()
-    try:
-        server.wait_ready()
-    except BaseException:
-        server.stop()
-        raise
+    server.run_until_ready()
     return server
 
 

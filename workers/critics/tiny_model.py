@@ -17,8 +17,10 @@ Nothing is downloaded:
 - the image processor has Qwen3-VL's values (patch 16, merge 2, mean and std 0.5).
 
 Seeds and the corpus are fixed, so every build writes the same bytes (tested).
-What mattered for vLLM to load it is written down in ../shared/MACHINE.md, "A tiny
-Qwen3-VL that `vllm serve` loads".
+What mattered for vLLM to load it: `rope_parameters` whose `mrope_section` sums to half
+the head size, with `mrope_interleaved`; a vision `out_hidden_size` equal to the text
+hidden size and `deepstack_visual_indexes` within the vision depth; the config's image,
+video and vision start/end ids taken from the tokenizer; `tokenizer_class` Qwen2Tokenizer.
 """
 
 from __future__ import annotations
@@ -213,8 +215,11 @@ def build_tiny_critic(out_dir: Path) -> Path:
         tie_word_embeddings=False,
     )
     config.architectures = ["Qwen3VLForConditionalGeneration"]
-    torch.manual_seed(_SEED)
-    model: Any = Qwen3VLForConditionalGeneration(config)  # transformers' stubs type `.to` oddly
+    # The global seed is restored afterwards, as tiny generators do: a build inside a test
+    # must not change the random stream of whatever runs next.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        model: Any = Qwen3VLForConditionalGeneration(config)  # transformers' stubs type `.to` oddly
     model = model.to(torch.bfloat16).eval()
     # Written beside, then moved in: an interrupted build never leaves a half folder behind.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
