@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,6 +67,12 @@ def job_error(exc: GcrError) -> JobError:
     return JobError(code=exc.code, message=exc.message, retryable=exc.retryable)
 
 
+def calls_of(rounds: Sequence[StoredRound]) -> tuple[int, int]:
+    """Generator and critic calls that checkpointed rounds record: one image a candidate, one
+    critique an image (what a job resumed elsewhere counts from)."""
+    return sum(len(r.candidates) for r in rounds), sum(1 for r in rounds for c in r.candidates if c.has_image)
+
+
 class RoundExecutor:
     """Runs the rounds of one job on this worker; counts its generator and critic calls."""
 
@@ -85,8 +91,7 @@ class RoundExecutor:
         self.deadline_passed = deadline_passed
         self.source_png: bytes | None = source[0] if source is not None else None
         self.source_image: Image.Image | None = source[1] if source is not None else None
-        self.generator_calls = sum(len(r.candidates) for r in job.rounds)
-        self.critic_calls = sum(1 for r in job.rounds for c in r.candidates if c.has_image)
+        self.generator_calls, self.critic_calls = calls_of(job.rounds)
 
     @property
     def on_own_model(self) -> bool:

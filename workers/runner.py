@@ -31,7 +31,7 @@ from workers import metrics
 from workers.images import decode_image
 from workers.job_events import JobEvents
 from workers.loop import Continue, LoopPolicy
-from workers.rounds import RoundExecutor, RoundResources, job_error
+from workers.rounds import RoundExecutor, RoundResources, calls_of, job_error
 from workers.webhooks import WebhookEvent, WebhookNotifier
 
 if TYPE_CHECKING:
@@ -214,10 +214,14 @@ class _Driver:
             status = "succeeded"
         first = self.rounds[0].overall if self.rounds else None
         executor = self.executor
+        # No executor: the job ended before running a round here (a resumed edit whose source expired).
+        generator_calls, critic_calls = (
+            (executor.generator_calls, executor.critic_calls) if executor else calls_of(self.rounds)
+        )
         summary = JobSummary(
             rounds_used=len(self.rounds),
-            generator_calls=executor.generator_calls if executor else sum(len(r.candidates) for r in self.rounds),
-            critic_calls=executor.critic_calls if executor else 0,
+            generator_calls=generator_calls,
+            critic_calls=critic_calls,
             first_round_overall=first,
             best_overall=best.overall if best else None,
             gain=None if best is None or first is None else best.overall - first,

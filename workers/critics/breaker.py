@@ -93,6 +93,3 @@ class GuardedCritic:
 
     async def load(self) -> CriticLoad | None:
         return await self.inner.load()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()

@@ -1,4 +1,6 @@
-"""What a worker needs of a critic: judge an image, say whether it answers, close.
+"""What a worker needs of a critic: judge an image, say whether it answers, and how loaded it is.
+
+Whoever makes a critic closes it (the CLI, the tests): the worker only uses it.
 
 `service.critic.client.OpenAICritic` (RationalRewards over vLLM, or any OpenAI-compatible
 vision endpoint) is the real one; `workers.critics.breaker.GuardedCritic` wraps one in a
@@ -28,5 +30,3 @@ class Critic(Protocol):
         """What the critic's engine runs and keeps waiting (vLLM's gauges); None where the server
         publishes no such numbers. Never raises."""
         ...
-
-    async def aclose(self) -> None: ...
