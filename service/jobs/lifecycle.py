@@ -36,7 +36,7 @@ from service.errors import QueueFull
 from service.jobs.artifacts import ArtifactStore
 from service.jobs.connection import translate_errors
 from service.jobs.keys import CONSUMER_GROUP, Keys
-from service.jobs.records import StoredJob
+from service.jobs.records import QueueEntry, StoredJob
 from service.jobs.store import EVENTS_MAXLEN
 
 if TYPE_CHECKING:
@@ -312,6 +312,13 @@ def _encode(value: Any) -> str:
     return json.dumps(value)
 
 
+def _queue_entry(raw: bytes | None) -> QueueEntry | None:
+    """Where a job waits, from its `queue` field; None when it waits nowhere (or has no record)."""
+    if not raw or raw == b"null":
+        return None
+    return QueueEntry.model_validate_json(raw)
+
+
 def _pairs(fields: Mapping[str, Any]) -> list[str]:
     """Flattened for a Lua script's ARGV: key1, value1, key2, value2, ..."""
     return [item for key, value in fields.items() for item in (key, _encode(value))]
@@ -429,35 +436,28 @@ class JobLifecycle:
                 if not entry:
                     continue
                 job_id = entry[0][1][b"job"].decode()
-                error = await self._orphaned_error(job_id, max_idle_s)
+                error = _encode(await self._orphaned_error(job_id, max_idle_s))
                 args = [job_id, int(max_idle_s * 1000), _encode(time.time()), self.ttl_s, EVENTS_MAXLEN]
                 outcome = await self._orphan(keys=self._ending_keys(job_id), args=[*args, CONSUMER_GROUP, error])
                 if outcome.decode() in ("expired", "succeeded"):
                     ended.append(job_id)
         return ended
 
-    async def _orphaned_error(self, job_id: str, max_idle_s: float) -> str:
+    async def _orphaned_error(self, job_id: str, max_idle_s: float) -> JobError:
         worker, raw = await self.redis.hmget(self.keys.job(job_id), ["worker", "queue"])
-        waits = json.loads(raw) if raw else None
-        model = f"model {waits['model']!r}" if isinstance(waits, dict) else "its model"
+        waits = _queue_entry(raw)
+        model = f"model {waits.model!r}" if waits else "its model"
         who = f"its worker {json.loads(worker)!s}" if worker else "its worker"
-        return _encode(
-            JobError(
-                code="unclaimed",
-                message=f"{who} stopped, and no worker of {model} took the job over within {max_idle_s:.0f}s "
-                "(GCR_QUEUE_TIMEOUT_S); the rounds it finished are kept",
-                retryable=True,
-            )
+        return JobError(
+            code="unclaimed",
+            message=f"{who} stopped, and no worker of {model} took the job over within {max_idle_s:.0f}s "
+            "(GCR_QUEUE_TIMEOUT_S); the rounds it finished are kept",
+            retryable=True,
         )
 
     async def _unclaimed_error(self, job_id: str, max_wait_s: float) -> JobError:
-        raw = await self.redis.hget(self.keys.job(job_id), "queue")
-        waits = json.loads(raw) if raw else None
-        where = (
-            f"model {waits['model']!r} in mode {waits['mode']!r} ({waits['priority']} priority)"
-            if isinstance(waits, dict)
-            else "its model"
-        )
+        waits = _queue_entry(await self.redis.hget(self.keys.job(job_id), "queue"))
+        where = f"model {waits.model!r} in mode {waits.mode!r} ({waits.priority} priority)" if waits else "its model"
         return JobError(
             code="unclaimed",
             message=f"no worker claimed this job within {max_wait_s:.0f}s (GCR_QUEUE_TIMEOUT_S); "
